@@ -1,0 +1,1 @@
+"""dyvte: dynamic visual-token exit for Hugging Face multimodal LLMs."""
