@@ -1,0 +1,277 @@
+"""The withdrawal engine: a stock Hugging Face MLLM run layer by layer, each sample dropping its visual tokens
+at its own exit layer.
+
+`exit_layer = k` means decoder layers `0..k-1` see the visual tokens and layers `k..L-1` do not: from layer `k`
+on, the sample's visual tokens are gone from the hidden states, the attention and the KV cache. Text tokens keep
+their original positions (rotary is computed once for the whole prompt, then gathered), so `k = L` is exactly
+the stock model and `k = 0` is the text-only prompt at its original positions.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import ModelOutput
+
+from .adapters import get_adapter
+from .cache import WithdrawalCache
+from .subbatch import SubBatch, attention_mask
+
+
+@dataclass
+class VisualExitOutput(ModelOutput):
+    """`logits` [B, T, V] aligned with the input (values at withdrawn visual positions are undefined)."""
+
+    logits: torch.Tensor | None = None
+    past_key_values: WithdrawalCache | None = None
+    exit_layer: torch.Tensor | None = None
+    visual_mask: torch.Tensor | None = None
+
+
+class _KVCapture:
+    """Stands in for the cache during one prefill layer call, keeping that call's keys and values."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
+class VisualExit:
+    """Wraps a stock transformers MLLM; `engine(**inputs, exit_layer=...)` and `engine.generate(...)`.
+
+    The model is not modified: the adapter reads its embeddings and vision features through the model's own
+    methods and the engine calls its decoder layers directly.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.adapter = get_adapter(model)
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    def resolve_exit_layer(self, exit_layer, batch_size: int, device: torch.device) -> torch.Tensor:
+        """`None`, an int, or one value per sample, checked against `[0, num_layers]`; returns LongTensor [B]."""
+        if exit_layer is None:
+            exit_layer = self.num_layers
+        exit_layer = torch.as_tensor(exit_layer, device=device)
+        if exit_layer.is_floating_point():
+            raise ValueError(f"exit_layer must hold integers, got dtype {exit_layer.dtype}.")
+        if exit_layer.dim() == 0:
+            exit_layer = exit_layer.expand(batch_size)
+        if exit_layer.shape != (batch_size,):
+            raise ValueError(
+                f"exit_layer must be one int or one per sample (shape [{batch_size}]), got shape "
+                f"{list(exit_layer.shape)}."
+            )
+        bad = ((exit_layer < 0) | (exit_layer > self.num_layers)).nonzero().squeeze(1).tolist()
+        if bad:
+            raise ValueError(
+                f"exit_layer of sample {bad[0]} is {int(exit_layer[bad[0]])}, outside [0, {self.num_layers}] "
+                f"(0 = text only, {self.num_layers} = the full model)."
+            )
+        return exit_layer.long()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        exit_layer=None,
+        use_cache: bool = True,
+        **vision_inputs,
+    ) -> VisualExitOutput:
+        """Prefill with per-sample exit; logits for every input position."""
+        return self.prefill(
+            input_ids, attention_mask, position_ids, exit_layer, use_cache=use_cache, last_only=False, **vision_inputs
+        )
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        exit_layer,
+        use_cache: bool = True,
+        last_only: bool = False,
+        **vision_inputs,
+    ) -> VisualExitOutput:
+        """Run the decoder in at most two sub-batches per layer: samples still with visual tokens, and the rest.
+
+        With `last_only`, logits are [B, 1, V] at each sample's last kept prompt token (what generation needs).
+        """
+        batch, length = input_ids.shape
+        device = input_ids.device
+        exit_layer = self.resolve_exit_layer(exit_layer, batch, device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embedded = self.adapter.embed(input_ids, **vision_inputs)
+        hidden = embedded.inputs_embeds
+        visual_mask = embedded.visual_mask
+        if position_ids is None:
+            position_ids = self.adapter.prefill_position_ids(input_ids, attention_mask)
+        cos, sin = self.adapter.rotary(hidden, position_ids)
+        positions = torch.arange(length, device=device).expand(batch, length)
+        index = positions.masked_fill(attention_mask == 0, -1)
+
+        with_visual = SubBatch(torch.arange(batch, device=device), hidden, index, cos, sin)
+        text_only: SubBatch | None = None
+        keys, values, key_valid = [], [], []
+        for layer_idx, layer in enumerate(self.adapter.layers):
+            leaving = exit_layer[with_visual.rows] == layer_idx
+            if leaving.any():
+                moved = with_visual.compact(leaving, ~self._visual_slots(with_visual, visual_mask))
+                text_only = moved if text_only is None else SubBatch.concat([text_only, moved])
+                with_visual = with_visual.select(~leaving)
+            calls = []
+            for sub in (with_visual, text_only):
+                if sub is None or len(sub) == 0:
+                    continue
+                capture = _KVCapture()
+                sub.hidden = layer(
+                    sub.hidden,
+                    attention_mask=self._prefill_mask(sub),
+                    position_embeddings=(sub.cos, sub.sin),
+                    past_key_values=capture,
+                    use_cache=True,
+                )
+                calls.append((sub, capture))
+            if use_cache:
+                layer_keys, layer_values, layer_valid = _gather_layer_cache(calls, batch)
+                keys.append(layer_keys), values.append(layer_values), key_valid.append(layer_valid)
+
+        subs = [sub for sub in (with_visual, text_only) if sub is not None and len(sub) > 0]
+        logits = self._last_logits(subs, batch) if last_only else self._all_logits(subs, batch, length)
+        cache = WithdrawalCache(keys, values, key_valid) if use_cache else None
+        return VisualExitOutput(logits=logits, past_key_values=cache, exit_layer=exit_layer, visual_mask=visual_mask)
+
+    @staticmethod
+    def _visual_slots(sub: SubBatch, visual_mask: torch.Tensor) -> torch.Tensor:
+        return visual_mask[sub.rows[:, None], sub.index.clamp(min=0)] & sub.valid
+
+    def _prefill_mask(self, sub: SubBatch) -> torch.Tensor | None:
+        if self.adapter.attn_implementation == "sdpa" and bool(sub.valid.all()):
+            return None  # plain causal: SDPA's fused kernel, no mask tensor
+        return attention_mask(sub.valid, sub.hidden.dtype)
+
+    def _all_logits(self, subs: list[SubBatch], batch: int, length: int) -> torch.Tensor:
+        hidden = subs[0].hidden.new_zeros(batch, length, subs[0].hidden.shape[-1])
+        for sub in subs:
+            row, slot = sub.valid.nonzero(as_tuple=True)
+            hidden[sub.rows[row], sub.index[row, slot]] = self.adapter.norm(sub.hidden[row, slot])
+        return self.adapter.lm_head(hidden)
+
+    def _last_logits(self, subs: list[SubBatch], batch: int) -> torch.Tensor:
+        hidden = subs[0].hidden.new_zeros(batch, subs[0].hidden.shape[-1])
+        for sub in subs:
+            last = sub.index.argmax(dim=1)  # the last real token: padding has index -1
+            hidden[sub.rows] = sub.hidden[torch.arange(len(sub), device=last.device), last]
+        return self.adapter.lm_head(self.adapter.norm(hidden))[:, None]
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, position_ids: torch.Tensor, cache: WithdrawalCache) -> torch.Tensor:
+        """One new token per sample ([B]) at `position_ids` ([B]); one call per layer whatever the exits."""
+        hidden = self.adapter.embed_tokens(tokens[:, None])
+        cos, sin = self.adapter.rotary(hidden, position_ids[:, None])
+        masks = cache.add_step(hidden.dtype)
+        for layer, mask in zip(self.adapter.layers, masks):
+            hidden = layer(
+                hidden, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=cache, use_cache=True
+            )
+        return self.adapter.lm_head(self.adapter.norm(hidden))[:, -1]
+
+    def generate(self, exit_layer=None, **kwargs):
+        """Like `model.generate` (greedy or sampling, any logits processors and stopping criteria), with exit.
+
+        Generation settings, processors and stopping criteria are prepared by the model's own `generate`; only
+        the decoding loop is ours, passed through the public `custom_generate` hook.
+        """
+        return self.model.generate(custom_generate=_decode_with_exit, engine=self, exit_layer=exit_layer, **kwargs)
+
+
+def _gather_layer_cache(calls: list[tuple[SubBatch, _KVCapture]], batch: int):
+    """One layer's keys and values for the whole batch, each sample's kept keys packed to the right."""
+    length = max(sub.index.shape[1] for sub, _ in calls)
+    first = calls[0][1].keys
+    heads, head_dim = first.shape[1], first.shape[3]
+    keys = first.new_zeros(batch, heads, length, head_dim)
+    values = calls[0][1].values.new_zeros(batch, heads, length, calls[0][1].values.shape[3])
+    valid = torch.zeros(batch, length, dtype=torch.bool, device=first.device)
+    for sub, capture in calls:
+        n = sub.index.shape[1]
+        keys[sub.rows, :, length - n :] = capture.keys
+        values[sub.rows, :, length - n :] = capture.values
+        valid[sub.rows, length - n :] = sub.valid
+    return keys, values, valid
+
+
+_NOT_VISION_INPUTS = ("past_key_values", "use_cache", "logits_to_keep", "cache_position", "return_dict")
+
+
+def _decode_with_exit(
+    model,
+    input_ids: torch.Tensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    engine: VisualExit,
+    exit_layer=None,
+    **model_kwargs,
+):
+    """The decoding loop of `model.generate`'s sampling mode, with the withdrawal engine as the model."""
+    if generation_config.num_beams > 1:
+        raise ValueError("VisualExit.generate supports greedy search and sampling, not beam search (num_beams > 1).")
+    batch = input_ids.shape[0]
+    if exit_layer is not None and torch.as_tensor(exit_layer).dim() == 1:
+        exit_layer = torch.as_tensor(exit_layer, device=input_ids.device)
+        if batch != exit_layer.shape[0] and batch % exit_layer.shape[0] == 0:  # num_return_sequences > 1
+            exit_layer = exit_layer.repeat_interleave(batch // exit_layer.shape[0])
+    attention_mask = model_kwargs.pop("attention_mask", None)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    position_ids = model_kwargs.pop("position_ids", None)
+    for key in _NOT_VISION_INPUTS:
+        model_kwargs.pop(key, None)
+
+    prefill = engine.prefill(input_ids, attention_mask, position_ids, exit_layer, last_only=True, **model_kwargs)
+    cache = prefill.past_key_values
+    if position_ids is None:
+        position_ids = engine.adapter.prefill_position_ids(input_ids, attention_mask)
+    next_positions = engine.adapter.next_position_ids(position_ids, attention_mask)
+
+    pad_token_id = generation_config._pad_token_tensor
+    has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+    unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
+    scores, raw_logits = [], []
+    logits = prefill.logits[:, -1]
+    while True:
+        logits = logits.to(torch.float32)
+        next_scores = logits_processor(input_ids, logits)
+        if generation_config.output_scores:
+            scores.append(next_scores)
+        if generation_config.output_logits:
+            raw_logits.append(logits)
+        if generation_config.do_sample:
+            next_tokens = torch.multinomial(next_scores.softmax(dim=-1), num_samples=1).squeeze(1)
+        else:
+            next_tokens = next_scores.argmax(dim=-1)
+        if has_eos_stopping_criteria:
+            next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+        unfinished = unfinished & ~stopping_criteria(input_ids, next_scores)
+        if unfinished.max() == 0:
+            break
+        logits = engine.decode_step(next_tokens, next_positions, cache)
+        next_positions = next_positions + 1
+
+    if generation_config.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(
+            sequences=input_ids,
+            scores=tuple(scores) or None,
+            logits=tuple(raw_logits) or None,
+            past_key_values=cache,
+        )
+    return input_ids
