@@ -117,7 +117,9 @@ class VisualExit:
         positions = torch.arange(length, device=device).expand(batch, length)
         index = positions.masked_fill(attention_mask == 0, -1)
 
-        with_visual = SubBatch(torch.arange(batch, device=device), hidden, index, cos, sin)
+        everyone = torch.ones(batch, dtype=torch.bool, device=device)
+        # Packing drops the prompt padding too, so no layer computes on it.
+        with_visual = SubBatch(torch.arange(batch, device=device), hidden, index, cos, sin).compact(everyone, index >= 0)
         text_only: SubBatch | None = None
         keys, values, key_valid = [], [], []
         for layer_idx, layer in enumerate(self.adapter.layers):

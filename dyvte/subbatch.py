@@ -25,8 +25,15 @@ class SubBatch:
         return self.rows.shape[0]
 
     def select(self, keep_rows: torch.Tensor) -> "SubBatch":
+        """Rows `keep_rows`, without the left-padding columns that only the dropped rows needed."""
+        used = self.valid[keep_rows].any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else self.index.shape[1]
         return SubBatch(
-            self.rows[keep_rows], self.hidden[keep_rows], self.index[keep_rows], self.cos[keep_rows], self.sin[keep_rows]
+            self.rows[keep_rows],
+            self.hidden[keep_rows, start:],
+            self.index[keep_rows, start:],
+            self.cos[keep_rows, start:],
+            self.sin[keep_rows, start:],
         )
 
     def compact(self, keep_rows: torch.Tensor, keep_slots: torch.Tensor) -> "SubBatch":

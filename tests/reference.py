@@ -1,0 +1,72 @@
+"""Independent references for the engine: the stock model's own layers with a masked, full-length sequence.
+
+Nothing here uses dyvte. Withdrawal at layer `k` is expressed as a 4-D attention mask that hides a sample's
+visual tokens as keys from layer `k` on, every token keeping its position; text-position outputs must then
+equal the engine's, which really removes those tokens.
+"""
+
+import torch
+
+
+def stock_inputs_embeds(model, **inputs) -> torch.Tensor:
+    """The merged text+image embeddings the stock model feeds its language model."""
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["inputs_embeds"] = kwargs["inputs_embeds"]
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return captured["inputs_embeds"]
+
+
+@torch.no_grad()
+def masked_logits(model, inputs_embeds, attention_mask, position_ids, visual_mask, exit_layer) -> torch.Tensor:
+    """Logits [B, T, V] of the full sequence, visual keys hidden from layer `exit_layer[b]` on."""
+    language_model = model.model.language_model
+    batch, length, _ = inputs_embeds.shape
+    cos, sin = language_model.rotary_emb(inputs_embeds, position_ids)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    diagonal = torch.eye(length, dtype=torch.bool)
+    hidden = inputs_embeds
+    for layer_idx, layer in enumerate(language_model.layers):
+        withdrawn = visual_mask & (torch.as_tensor(exit_layer) <= layer_idx)[:, None]
+        keys = attention_mask.bool() & ~withdrawn
+        allowed = (causal[None] & keys[:, None, :]) | diagonal[None]
+        mask = torch.zeros(batch, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin))
+    return model.lm_head(language_model.norm(hidden))
+
+
+def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions as `model.generate` forms them: count of real tokens so far, 0 on padding."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+@torch.no_grad()
+def greedy_without_cache(model, batch: dict, exit_layer, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding that recomputes the whole masked forward for every new token (no KV cache).
+
+    Like `generate`, a sample that produced EOS is continued with padding.
+    """
+    eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    vision = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    prompt_embeds = stock_inputs_embeds(model, input_ids=ids, attention_mask=mask, **vision)
+    embed_tokens = model.model.language_model.get_input_embeddings()
+    image_token = model.config.image_token_id
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        new = ids[:, batch["input_ids"].shape[1] :]
+        embeds = torch.cat([prompt_embeds, embed_tokens(new)], dim=1)
+        logits = masked_logits(model, embeds, mask, generation_positions(mask), ids == image_token, exit_layer)
+        last_real = (mask * torch.arange(mask.shape[1])).argmax(dim=1)  # the end, unless right-padded
+        next_token = logits[torch.arange(ids.shape[0]), last_real].argmax(-1).masked_fill(finished, pad)
+        finished |= next_token == eos
+        ids = torch.cat([ids, next_token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids

@@ -1,0 +1,200 @@
+"""The embedded testbed: generator, LLaVA-format splits, processor/training agreement and the shipped checkpoint."""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from dyvte.loading import TESTBED_MODEL_DIR, load_mllm
+from dyvte.testbed.model import build_processor, pixel_values, prompt_text
+from dyvte.testbed.pretrain import DEFAULT_DATA_DIR, Encoder, training_stream
+from dyvte.testbed.scenes import (
+    COLOURS,
+    FAMILIES,
+    Obj,
+    SceneConfig,
+    SplitSizes,
+    build_split,
+    generate_dataset,
+    held_out_hashes,
+    load_split,
+    make_question,
+    render,
+    sample_scene,
+    scene_hash,
+    scene_stream,
+)
+
+CONFIG = SceneConfig()
+# Hand-made scene: left to right a big red square with glyph 3, a small blue circle, a big green triangle with 7.
+SCENE = (
+    Obj(col=1, row=2, colour="red", shape="square", size="big", glyph="3"),
+    Obj(col=4, row=6, colour="blue", shape="circle", size="small", glyph=None),
+    Obj(col=6, row=0, colour="green", shape="triangle", size="big", glyph="7"),
+)
+SCENE_QA = [
+    ("is there a blue circle ?", "yes"),
+    ("how many objects are there ?", "3"),
+    ("what colour is the triangle ?", "green"),
+    ("what shape is the red object ?", "square"),
+    ("what digit is on the green triangle ?", "7"),
+    ("what colour is the object with digit 3 ?", "red"),
+    ("what colour is the object left of the green triangle ?", "blue"),
+    ("what colour is the object right of the red square ?", "blue"),
+    ("list the colours from left to right .", "red blue green"),
+]
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    return load_mllm("testbed")
+
+
+def greedy_answers(model, processor, images, questions, max_new_tokens=8):
+    prompts = [prompt_text(processor, q) for q in questions]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return [a.strip() for a in processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
+
+
+def test_rendering_draws_what_the_scene_says():
+    image = render(SCENE, CONFIG)
+    assert image.size == (96, 96)
+    assert image.getpixel((1 * 12 + 2, 2 * 12 + 2)) == COLOURS["red"]  # inside the big square, off the glyph
+    assert image.getpixel((4 * 12 + 6, 6 * 12 + 6)) == COLOURS["blue"]  # centre of the small circle
+    assert image.getpixel((0, 0)) == (235, 235, 235)
+    glyph_pixels = [image.getpixel((12 + x, 24 + y)) for x in range(12) for y in range(12)]
+    assert glyph_pixels.count((0, 0, 0)) == 11  # the 3x5 bitmap of "3" has 11 set pixels
+
+
+def test_questions_have_the_right_answers():
+    rng = random.Random(0)
+    asked = {}
+    for family in FAMILIES:
+        for _ in range(30):
+            question, answer = make_question(family, SCENE, rng)
+            asked[question] = answer
+    for question, answer in SCENE_QA:
+        assert asked[question] == answer
+
+
+def test_generator_is_deterministic_and_seed_sensitive():
+    a, _ = build_split("val", 20, seed=3, config=CONFIG, exclude=set())
+    b, _ = build_split("val", 20, seed=3, config=CONFIG, exclude=set())
+    c, _ = build_split("val", 20, seed=4, config=CONFIG, exclude=set())
+    assert a == b
+    assert a != c
+    scene = sample_scene(random.Random(7), CONFIG)
+    assert render(scene, CONFIG).tobytes() == render(scene, CONFIG).tobytes()
+
+
+def test_answers_are_balanced_so_the_prior_is_at_chance():
+    records, _ = build_split("train", 400, seed=0, config=CONFIG, exclude=set())
+    counts = {f: sum(r["family"] == f for r in records) for f in FAMILIES}
+    assert max(counts.values()) - min(counts.values()) <= 0.1 * max(counts.values())
+    yes = [r["conversations"][1]["value"] == "yes" for r in records if r["family"] == "presence"]
+    assert 0.4 < sum(yes) / len(yes) < 0.6
+    colours = [r["conversations"][1]["value"] for r in records if r["family"] == "relation"]
+    assert max(colours.count(c) for c in COLOURS) / len(colours) < 0.3
+
+
+def test_committed_splits_are_disjoint_llava_records():
+    splits = {s: load_split(DEFAULT_DATA_DIR, s) for s in ("train", "val", "test")}
+    assert 2000 <= len(splits["train"]) <= 4000
+    assert 300 <= len(splits["val"]) <= 500
+    assert 500 <= len(splits["test"]) <= 800
+    scenes = {s: {r["scene"] for r in records} for s, records in splits.items()}
+    images = {s: {r["image"] for r in records} for s, records in splits.items()}
+    for a, b in [("train", "val"), ("train", "test"), ("val", "test")]:
+        assert not scenes[a] & scenes[b]
+        assert not images[a] & images[b]
+    for record in splits["test"]:
+        assert set(record) >= {"id", "image", "family", "conversations"}
+        human, gpt = record["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<image>\n")
+        assert gpt["from"] == "gpt" and gpt["value"]
+        assert record["family"] in FAMILIES
+        assert (DEFAULT_DATA_DIR / "images" / record["image"]).is_file()
+    assert len({r["id"] for s in splits.values() for r in s}) == sum(len(s) for s in splits.values())
+
+
+def test_pretraining_never_sees_held_out_scenes():
+    held_out = held_out_hashes(DEFAULT_DATA_DIR)
+    first = [h for _, h in zip(range(5), scene_stream(0, "pretrain", CONFIG))]
+    skipped = [h for _, h in zip(range(5), scene_stream(0, "pretrain", CONFIG, exclude=set(first[:2])))]
+    assert skipped[:3] == first[2:]
+    stream = scene_stream(0, "pretrain", CONFIG, exclude=held_out)
+    assert not {h for _, (_, h) in zip(range(2000), stream)} & held_out
+    assert next(training_stream(0, CONFIG, held_out, {"count": 1.0}))[1] == "how many objects are there ?"
+
+
+def test_llava_json_round_trip(tmp_path):
+    sizes = SplitSizes(train=6, val=3, test=3, questions_per_image=2)
+    written = generate_dataset(tmp_path, seed=1, sizes=sizes)
+    for split, records in written.items():
+        assert json.loads((tmp_path / f"{split}.json").read_text()) == records
+        assert len(records) == 2 * getattr(sizes, split)
+    assert generate_dataset(tmp_path, seed=1, sizes=sizes) == written  # same seed: same data, no error
+    with pytest.raises(ValueError, match="overwrite"):
+        generate_dataset(tmp_path, seed=2, sizes=sizes)
+    replaced = generate_dataset(tmp_path, seed=2, sizes=sizes, overwrite=True)
+    assert replaced != written
+    assert len(list((tmp_path / "images").glob("*.png"))) == 12
+
+
+def test_bad_input_names_the_problem():
+    with pytest.raises(ValueError, match="unknown question family 'colour_of_sky'"):
+        make_question("colour_of_sky", SCENE, random.Random(0))
+    with pytest.raises(ValueError, match="unknown question family 'nope'"):
+        build_split("val", 2, seed=0, config=CONFIG, exclude=set(), families=("count", "nope"))
+    with pytest.raises(ValueError, match="impossible configuration: max_objects=9"):
+        SceneConfig(max_objects=9)
+    with pytest.raises(ValueError, match="unknown split"):
+        load_split(DEFAULT_DATA_DIR, "dev")
+
+
+def test_processor_matches_the_training_encoding():
+    processor = build_processor()
+    question = "what colour is the object left of the blue circle ?"
+    assert prompt_text(processor, question) == "<s>USER: <image>\n" + question + " ASSISTANT:"
+    image = render(SCENE, CONFIG)
+    inputs = processor(images=[image], text=[prompt_text(processor, question)], return_tensors="pt")
+    encoder = Encoder(processor, CONFIG)
+    assert inputs["input_ids"][0].tolist() == encoder.prompt_ids(question)
+    assert (inputs["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum() == 64
+    assert torch.equal(inputs["pixel_values"], pixel_values([image]))
+    assert encoder.answer_ids("red blue")[-1] == processor.tokenizer.eos_token_id
+
+
+def test_checkpoint_loads_with_auto_classes_and_is_small():
+    model = AutoModelForImageTextToText.from_pretrained(TESTBED_MODEL_DIR)
+    processor = AutoProcessor.from_pretrained(TESTBED_MODEL_DIR)
+    assert model.config.text_config.num_hidden_layers >= 12
+    assert model.config.image_seq_length >= 60
+    assert processor.tokenizer.padding_side == "left"
+    assert model.generation_config.eos_token_id == processor.tokenizer.eos_token_id
+    assert model.generation_config.pad_token_id == processor.tokenizer.pad_token_id
+    assert (TESTBED_MODEL_DIR / "model.safetensors").stat().st_size <= 25 * 2**20
+
+
+def test_checkpoint_answers_hand_made_questions(testbed):
+    model, processor = testbed
+    image = render(SCENE, CONFIG)
+    questions, answers = zip(*SCENE_QA)
+    assert greedy_answers(model, processor, [image] * len(questions), list(questions)) == list(answers)
+
+
+def test_checkpoint_answers_test_questions_batched_like_one_by_one(testbed):
+    from PIL import Image
+
+    model, processor = testbed
+    records = [r for f in FAMILIES for r in load_split(DEFAULT_DATA_DIR, "test") if r["family"] == f][::40][:16]
+    images = [Image.open(DEFAULT_DATA_DIR / "images" / r["image"]).convert("RGB") for r in records]
+    questions = [r["conversations"][0]["value"].removeprefix("<image>\n") for r in records]
+    batched = greedy_answers(model, processor, images, questions)
+    single = [greedy_answers(model, processor, [i], [q])[0] for i, q in zip(images[:4], questions[:4])]
+    assert batched[:4] == single
+    correct = sum(a == r["conversations"][1]["value"] for a, r in zip(batched, records))
+    assert correct >= len(records) - 2
