@@ -43,9 +43,10 @@ class VisualExit:
     methods and the engine calls its decoder layers directly.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, withdraw: str = "both"):
+        """`withdraw`: which visual tokens exit, "both" (images and videos), "images" or "videos"."""
         self.model = model
-        self.adapter = get_adapter(model)
+        self.adapter = get_adapter(model, withdraw=withdraw)
 
     @property
     def num_layers(self) -> int:
@@ -104,42 +105,22 @@ class VisualExit:
         With `last_only`, logits are [B, 1, V] at each sample's last kept prompt token (what generation needs).
         """
         batch, length = input_ids.shape
-        device = input_ids.device
-        exit_layer = self.resolve_exit_layer(exit_layer, batch, device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        embedded = self.adapter.embed(input_ids, **vision_inputs)
-        hidden = embedded.inputs_embeds
-        visual_mask = embedded.visual_mask
-        if position_ids is None:
-            position_ids = self.adapter.prefill_position_ids(input_ids, attention_mask)
-        cos, sin = self.adapter.rotary(hidden, position_ids)
-        positions = torch.arange(length, device=device).expand(batch, length)
-        index = positions.masked_fill(attention_mask == 0, -1)
-
-        everyone = torch.ones(batch, dtype=torch.bool, device=device)
-        # Packing drops the prompt padding too, so no layer computes on it.
-        with_visual = SubBatch(torch.arange(batch, device=device), hidden, index, cos, sin).compact(everyone, index >= 0)
+        exit_layer = self.resolve_exit_layer(exit_layer, batch, input_ids.device)
+        with_visual, visual_mask = self.embed_batch(input_ids, attention_mask, position_ids, **vision_inputs)
         text_only: SubBatch | None = None
         keys, values, key_valid = [], [], []
         for layer_idx, layer in enumerate(self.adapter.layers):
             leaving = exit_layer[with_visual.rows] == layer_idx
             if leaving.any():
-                moved = with_visual.compact(leaving, ~self._visual_slots(with_visual, visual_mask))
+                moved = with_visual.compact(leaving, ~self.visual_slots(with_visual, visual_mask))
                 text_only = moved if text_only is None else SubBatch.concat([text_only, moved])
                 with_visual = with_visual.select(~leaving)
             calls = []
             for sub in (with_visual, text_only):
                 if sub is None or len(sub) == 0:
                     continue
-                capture = _KVCapture()
-                sub.hidden = layer(
-                    sub.hidden,
-                    attention_mask=self._prefill_mask(sub),
-                    position_embeddings=(sub.cos, sub.sin),
-                    past_key_values=capture,
-                    use_cache=True,
-                )
+                capture = _KVCapture() if use_cache else None
+                self.run_layer(layer, sub, capture)
                 calls.append((sub, capture))
             if use_cache:
                 layer_keys, layer_values, layer_valid = _gather_layer_cache(calls, batch)
@@ -150,8 +131,36 @@ class VisualExit:
         cache = WithdrawalCache(keys, values, key_valid) if use_cache else None
         return VisualExitOutput(logits=logits, past_key_values=cache, exit_layer=exit_layer, visual_mask=visual_mask)
 
+    def embed_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+        **vision_inputs,
+    ) -> tuple[SubBatch, torch.Tensor]:
+        """The batch as one sub-batch of its real tokens (padding packed away), and its visual-token mask."""
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embedded = self.adapter.embed(input_ids, **vision_inputs)
+        if position_ids is None:
+            position_ids = self.adapter.prefill_position_ids(input_ids, attention_mask, **vision_inputs)
+        cos, sin = self.adapter.rotary(embedded.inputs_embeds, position_ids)
+        index = torch.arange(length, device=input_ids.device).expand(batch, length).masked_fill(attention_mask == 0, -1)
+        rows = torch.arange(batch, device=input_ids.device)
+        everyone = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+        packed = SubBatch(rows, embedded.inputs_embeds, index, cos, sin).compact(everyone, index >= 0)
+        return packed, embedded.visual_mask
+
+    def run_layer(self, layer, sub: SubBatch, capture: _KVCapture | None = None) -> None:
+        """One decoder layer over a sub-batch, in place; `capture` receives its keys and values."""
+        sub.hidden = layer(
+            sub.hidden,
+            attention_mask=self._prefill_mask(sub),
+            position_embeddings=(sub.cos, sub.sin),
+            past_key_values=capture,
+            use_cache=capture is not None,
+        )
+
     @staticmethod
-    def _visual_slots(sub: SubBatch, visual_mask: torch.Tensor) -> torch.Tensor:
+    def visual_slots(sub: SubBatch, visual_mask: torch.Tensor) -> torch.Tensor:
         return visual_mask[sub.rows[:, None], sub.index.clamp(min=0)] & sub.valid
 
     def _prefill_mask(self, sub: SubBatch) -> torch.Tensor | None:
@@ -175,9 +184,9 @@ class VisualExit:
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, position_ids: torch.Tensor, cache: WithdrawalCache) -> torch.Tensor:
-        """One new token per sample ([B]) at `position_ids` ([B]); one call per layer whatever the exits."""
+        """One new token per sample ([B]) at `position_ids` ([B], or [3, B] for M-RoPE); one call per layer."""
         hidden = self.adapter.embed_tokens(tokens[:, None])
-        cos, sin = self.adapter.rotary(hidden, position_ids[:, None])
+        cos, sin = self.adapter.rotary(hidden, position_ids[..., None])
         masks = cache.add_step(hidden.dtype)
         for layer, mask in zip(self.adapter.layers, masks):
             hidden = layer(
@@ -241,7 +250,7 @@ def _decode_with_exit(
     prefill = engine.prefill(input_ids, attention_mask, position_ids, exit_layer, last_only=True, **model_kwargs)
     cache = prefill.past_key_values
     if position_ids is None:
-        position_ids = engine.adapter.prefill_position_ids(input_ids, attention_mask)
+        position_ids = engine.adapter.prefill_position_ids(input_ids, attention_mask, **model_kwargs)
     next_positions = engine.adapter.next_position_ids(position_ids, attention_mask)
 
     pad_token_id = generation_config._pad_token_tensor

@@ -1,0 +1,199 @@
+"""Prompts with images for the label pass: LLaVA instruction JSON or a Hugging Face `datasets` source.
+
+A sample is one question about one image with its reference answer. Bad samples (missing or corrupt image, no
+`<image>` in the prompt, empty answer, too long for the model) are found here, before any model time is spent on
+them, and either skipped (counted, their ids written next to the label cache) or raised with the id and reason.
+"""
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used, with the reason."""
+
+    def __init__(self, sample_id: str, reason: str):
+        super().__init__(f"sample {sample_id!r}: {reason}")
+        self.sample_id, self.reason = sample_id, reason
+
+
+@dataclass
+class Sample:
+    id: str
+    image: str | Image.Image | None  # a path, or an already loaded image (datasets sources)
+    question: str  # the user turn, with the image placeholder removed
+    answer: str  # the reference answer of the dataset ("" if unknown)
+    family: str = ""  # question family / task name, for per-family reports
+    history: list = field(default_factory=list)  # earlier turns, as HF chat messages (multi-turn only)
+
+
+def read_llava_json(json_path: str | Path, image_dir: str | Path, multi_turn: bool = False) -> list[Sample]:
+    """LLaVA instruction records -> samples; each human/gpt pair is a sample when `multi_turn`, else only the first."""
+    records = json.loads(Path(json_path).read_text())
+    samples = []
+    for record in records:
+        turns = record.get("conversations", [])
+        image = str(Path(image_dir) / record["image"]) if record.get("image") else None
+        history: list = []
+        for turn_index in range(0, len(turns) - 1, 2):
+            human, gpt = turns[turn_index], turns[turn_index + 1]
+            sample_id = str(record["id"]) if turn_index == 0 else f"{record['id']}#{turn_index // 2}"
+            samples.append(
+                Sample(
+                    id=sample_id,
+                    image=image,
+                    question=human["value"],
+                    answer=gpt["value"],
+                    family=record.get("family", ""),
+                    history=list(history),
+                )
+            )
+            if not multi_turn:
+                break
+            history += [_user_message(human["value"], with_image=turn_index == 0), _assistant_message(gpt["value"])]
+    return samples
+
+
+def read_hf_dataset(
+    path: str, split: str, image_column: str, question_column: str, answer_column: str,
+    id_column: str | None = None, family_column: str | None = None, name: str | None = None,
+) -> list[Sample]:
+    """Samples from a Hugging Face `datasets` source (a hub id or a local dataset script/folder)."""
+    from datasets import load_dataset
+
+    dataset = load_dataset(path, name, split=split)
+    return [
+        Sample(
+            id=str(row[id_column]) if id_column else str(i),
+            image=row[image_column],
+            question=row[question_column],
+            answer=str(row[answer_column]) if answer_column and row.get(answer_column) is not None else "",
+            family=str(row[family_column]) if family_column else "",
+        )
+        for i, row in enumerate(dataset)
+    ]
+
+
+def subsample(samples: list[Sample], fraction: float = 1.0, limit: int | None = None, seed: int = 0) -> list[Sample]:
+    """A seeded random `fraction` (as the paper's 1% of LLaVA-665k), optionally capped at `limit`, order kept."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"data.fraction must be in (0, 1], got {fraction}.")
+    count = round(len(samples) * fraction)
+    if limit is not None:
+        count = min(count, limit)
+    chosen = sorted(random.Random(seed).sample(range(len(samples)), count))
+    return [samples[i] for i in chosen]
+
+
+def _user_message(question: str, with_image: bool) -> dict:
+    text = question.replace(IMAGE_PLACEHOLDER, "").strip()
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+    return {"role": "user", "content": content}
+
+
+def _assistant_message(answer: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+
+
+def load_image(sample: Sample) -> Image.Image:
+    if isinstance(sample.image, Image.Image):
+        return sample.image.convert("RGB")
+    if not sample.image:
+        raise BadSample(sample.id, "has no image")
+    try:
+        with Image.open(sample.image) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise BadSample(sample.id, f"image not found: {sample.image}") from None
+    except OSError as error:
+        raise BadSample(sample.id, f"image cannot be read ({error}): {sample.image}") from None
+
+
+class PromptCollator:
+    """Turns samples into a left-padded processor batch; bad samples are dropped and reported in the batch."""
+
+    def __init__(self, processor, max_length: int | None = None, on_bad_sample: str = "skip",
+                 require_answer: bool = True):
+        if on_bad_sample not in ("skip", "raise"):
+            raise ValueError(f"data.on_bad_sample must be 'skip' or 'raise', got {on_bad_sample!r}.")
+        self.processor = processor
+        self.max_length = max_length
+        self.on_bad_sample = on_bad_sample
+        self.require_answer = require_answer
+        processor.tokenizer.padding_side = "left"
+
+    def prompt(self, sample: Sample) -> str:
+        messages = sample.history + [_user_message(sample.question, with_image=not sample.history)]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def check(self, sample: Sample) -> tuple[str, Image.Image]:
+        if IMAGE_PLACEHOLDER not in sample.question and not sample.history:
+            raise BadSample(sample.id, f"the prompt has no {IMAGE_PLACEHOLDER} placeholder")
+        if self.require_answer and not sample.answer.strip():
+            raise BadSample(sample.id, "the answer is empty")
+        return self.prompt(sample), load_image(sample)
+
+    def __call__(self, samples: list[Sample]) -> dict:
+        prompts, images, kept, skipped = [], [], [], []
+        for sample in samples:
+            try:
+                prompt, image = self.check(sample)
+            except BadSample as bad:
+                if self.on_bad_sample == "raise":
+                    raise
+                skipped.append({"id": bad.sample_id, "reason": bad.reason})
+                continue
+            prompts.append(prompt), images.append(image), kept.append(sample)
+        batch = {"samples": kept, "skipped": skipped}
+        if not kept:
+            return batch
+        inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        lengths = inputs["attention_mask"].sum(dim=1)
+        too_long = [i for i, n in enumerate(lengths.tolist()) if self.max_length and n > self.max_length]
+        if too_long:
+            if self.on_bad_sample == "raise":
+                i = too_long[0]
+                raise BadSample(kept[i].id, f"prompt has {int(lengths[i])} tokens, over the limit {self.max_length}")
+            skipped += [{"id": kept[i].id, "reason": f"prompt over {self.max_length} tokens"} for i in too_long]
+            return self([s for i, s in enumerate(kept) if i not in too_long]) | {"skipped": skipped}
+        batch.update(inputs)
+        return batch
+
+
+class SampleDataset(Dataset):
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.samples[index]
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Batches of processor inputs over a list of samples, for the label pass (`predict`)."""
+
+    def __init__(self, samples: list[Sample], collator: PromptCollator, batch_size: int = 8, num_workers: int = 0):
+        super().__init__()
+        self.samples, self.collator = samples, collator
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(
+            SampleDataset(self.samples), batch_size=self.batch_size, shuffle=False,
+            num_workers=self.num_workers, collate_fn=self.collator,
+        )
+
+
+def move_to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

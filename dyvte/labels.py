@@ -1,0 +1,180 @@
+"""Weak exit labels and head features from one teacher-forced pass over a frozen MLLM.
+
+Exit at layer `k` is positive when greedy generation with exit at `k` reproduces the reference answer `A` and the
+answer's mean cross-entropy with exit stays below `alpha` times the one without (DyVTE, Eq. 6). Greedy decoding
+reproduces `A` exactly when, teacher-forced on `A`, the argmax at every answer position is `A`'s next token, so one
+pass over prompt + `A` replaces one generation per layer.
+
+The pass is *dense*: the full sequence runs through the layers once, and at every candidate layer `k` its text
+tokens branch off into a text-only continuation through layers `k..L-1`. All live branches of a layer run as one
+batched call. Head features come from the full sequence's prompt tokens at each layer's output; causal attention
+keeps the answer from leaking into them.
+"""
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .engine import VisualExit
+from .subbatch import SubBatch
+
+FEATURE_SPANS = ("after_first_visual", "all_text")
+
+
+@dataclass
+class LabelConfig:
+    alpha: float = 1.03
+    reference: str = "model"  # "model": the frozen model's own greedy answer; "ground_truth": the dataset answer
+    layers: str | list[int] = "all"  # "all", "random" (one per sample, as in the paper) or a list of exit layers
+    max_new_tokens: int = 16
+    feature_span: str = "after_first_visual"  # or "all_text"
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.reference not in ("model", "ground_truth"):
+            raise ValueError(f"labels.reference must be 'model' or 'ground_truth', got {self.reference!r}.")
+        if self.feature_span not in FEATURE_SPANS:
+            raise ValueError(f"features.span must be one of {FEATURE_SPANS}, got {self.feature_span!r}.")
+        if not self.alpha > 0:
+            raise ValueError(f"labels.alpha must be positive, got {self.alpha}.")
+
+
+def candidate_exits(config: LabelConfig, sample_ids: list[str], num_layers: int) -> torch.Tensor:
+    """[B, L+1] bool: which exit layers to label per sample. Exit `L` (the full model) is always computed."""
+    candidates = torch.zeros(len(sample_ids), num_layers + 1, dtype=torch.bool)
+    candidates[:, num_layers] = True
+    if config.layers == "all":
+        candidates[:] = True
+    elif config.layers == "random":
+        for row, sample_id in enumerate(sample_ids):  # seeded per sample: the same layer on every rerun
+            candidates[row, random.Random(f"{config.seed}:{sample_id}").randint(1, num_layers - 1)] = True
+    else:
+        layers = list(config.layers)
+        bad = [k for k in layers if not 0 <= k <= num_layers]
+        if bad:
+            raise ValueError(f"labels.layers {bad} outside [0, {num_layers}].")
+        candidates[:, layers] = True
+    return candidates
+
+
+def answer_tokens(answers: list[str], tokenizer) -> list[list[int]]:
+    """Dataset answers as the tokens the model would have to generate, ending with EOS."""
+    return [tokenizer(a.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
+
+
+@torch.no_grad()
+def greedy_answers(engine: VisualExit, inputs: dict, max_new_tokens: int, eos_token_id: int) -> list[list[int]]:
+    """The frozen model's own greedy answers, each up to and including its EOS."""
+    generated = engine.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    answers = []
+    for row in generated[:, inputs["input_ids"].shape[1] :].tolist():
+        answers.append(row[: row.index(eos_token_id) + 1] if eos_token_id in row else row)
+    return answers
+
+
+@dataclass
+class DenseLabels:
+    """Per sample and exit layer `k = 0..L` (unlabelled entries: match False, ce NaN)."""
+
+    match: torch.Tensor  # [B, L+1] greedy with exit at k reproduces the answer
+    ce: torch.Tensor  # [B, L+1] mean cross-entropy of the answer with exit at k
+    features: torch.Tensor  # [B, L, 2d] head features after each layer
+    candidates: torch.Tensor  # [B, L+1]
+
+    def labels(self, alpha: float) -> torch.Tensor:
+        """[B, L+1] int8: 1 exit is safe, 0 not, -1 not labelled."""
+        positive = self.match & (self.ce < alpha * self.ce[:, -1:])
+        return torch.where(self.candidates, positive.to(torch.int8), torch.full_like(positive, -1, dtype=torch.int8))
+
+
+@torch.no_grad()
+def dense_labels(
+    engine: VisualExit, inputs: dict, answers: list[list[int]], candidates: torch.Tensor, feature_span: str,
+    pad_token_id: int,
+) -> DenseLabels:
+    """One teacher-forced pass over prompt + answer with a text-only branch at every candidate exit layer."""
+    prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
+    vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    batch, prompt_length = prompt_ids.shape
+    device = prompt_ids.device
+    answer_length = max(len(a) for a in answers)
+    answer_ids = torch.full((batch, answer_length), pad_token_id, dtype=torch.long, device=device)
+    answer_mask = torch.zeros_like(answer_ids)
+    for row, answer in enumerate(answers):
+        answer_ids[row, : len(answer)] = torch.tensor(answer, device=device)
+        answer_mask[row, : len(answer)] = 1
+    ids = torch.cat([prompt_ids, answer_ids], dim=1)
+    mask = torch.cat([prompt_mask, answer_mask], dim=1)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generation continues them after the prompt
+    n_answer = answer_mask.sum(dim=1)
+    candidates = candidates.to(device)
+
+    full, visual_mask = engine.embed_batch(ids, mask, positions, **vision)
+    feature_tokens = _feature_tokens(prompt_ids, prompt_mask, visual_mask[:, :prompt_length], feature_span)
+    num_layers = engine.num_layers
+    features = []
+    branches: SubBatch | None = None
+    branch_exit = torch.zeros(0, dtype=torch.long, device=device)
+    for layer_idx, layer in enumerate(engine.adapter.layers):
+        starting = candidates[full.rows, layer_idx]
+        if starting.any():
+            new = full.compact(starting, ~engine.visual_slots(full, visual_mask))
+            branches = new if branches is None else SubBatch.concat([branches, new])
+            branch_exit = torch.cat([branch_exit, torch.full((len(new),), layer_idx, device=device)])
+        engine.run_layer(layer, full)
+        if branches is not None:
+            engine.run_layer(layer, branches)
+        features.append(_features(full, feature_tokens, prompt_length))
+
+    match = torch.zeros(batch, num_layers + 1, dtype=torch.bool, device=device)
+    ce = torch.full((batch, num_layers + 1), float("nan"), device=device)
+    for sub, exits in ((full, torch.full((batch,), num_layers, device=device)), (branches, branch_exit)):
+        if sub is None:
+            continue
+        sub_match, sub_ce = _answer_scores(engine, sub, ids, prompt_length, n_answer)
+        match[sub.rows, exits] = sub_match
+        ce[sub.rows, exits] = sub_ce
+    return DenseLabels(match.cpu(), ce.cpu(), torch.stack(features, dim=1).half().cpu(), candidates.cpu())
+
+
+def _feature_tokens(prompt_ids, prompt_mask, visual_mask, span: str) -> torch.Tensor:
+    """[B, T_prompt] the prompt text tokens whose mean is the first half of the head features."""
+    text = prompt_mask.bool() & ~visual_mask
+    if span == "after_first_visual":
+        after = visual_mask.long().cumsum(dim=1) > 0
+        # A prompt without an image has no "after": use all its text rather than nothing.
+        text = torch.where(visual_mask.any(dim=1, keepdim=True), text & after, text)
+    text[:, -1] = False  # the last prompt token is the second half
+    return text
+
+
+def _features(full: SubBatch, feature_tokens: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """`[mean(text tokens except the last), last prompt token]` per sample, in batch order ([B, 2d])."""
+    index = full.index.clamp(min=0)
+    in_prompt = full.valid & (full.index < prompt_length)
+    mean_part = in_prompt & feature_tokens[full.rows[:, None], index.clamp(max=prompt_length - 1)]
+    weights = mean_part.to(full.hidden.dtype)
+    mean = (full.hidden * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp(min=1)
+    last = full.hidden[torch.arange(len(full), device=index.device), (full.index == prompt_length - 1).int().argmax(1)]
+    out = torch.empty(len(full), 2 * full.hidden.shape[-1], dtype=full.hidden.dtype, device=full.hidden.device)
+    out[full.rows] = torch.cat([mean, last], dim=-1)
+    return out
+
+
+def _answer_scores(engine: VisualExit, sub: SubBatch, ids, prompt_length: int, n_answer):
+    """Per row of `sub`: does the argmax reproduce the answer at every position, and the answer's mean CE."""
+    start = prompt_length - 1  # the last prompt token predicts the first answer token
+    offset = sub.index - start
+    predicting = sub.valid & (offset >= 0) & (offset < n_answer[sub.rows][:, None])
+    row, slot = predicting.nonzero(as_tuple=True)
+    logits = engine.adapter.lm_head(engine.adapter.norm(sub.hidden[row, slot])).float()
+    targets = ids[sub.rows[row], sub.index[row, slot] + 1]
+    token_ce = F.cross_entropy(logits, targets, reduction="none")
+    wrong = (logits.argmax(dim=-1) != targets).float()
+    count = torch.zeros(len(sub), device=logits.device).index_add_(0, row, torch.ones_like(token_ce))
+    ce = torch.zeros(len(sub), device=logits.device).index_add_(0, row, token_ce) / count
+    errors = torch.zeros(len(sub), device=logits.device).index_add_(0, row, wrong)
+    return errors == 0, ce
