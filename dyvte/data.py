@@ -197,3 +197,36 @@ class PromptDataModule(L.LightningDataModule):
 
 def move_to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def load_splits(data_config) -> dict[str, list[Sample]]:
+    """`train`, `val` and (if configured) `test` samples from a `conf/data/*.yaml` config."""
+    if data_config.source == "llava_json":
+        samples = read_llava_json(data_config.json_path, data_config.image_dir, data_config.multi_turn)
+
+        def read_split(path):
+            return read_llava_json(path, data_config.image_dir, data_config.multi_turn) if path else None
+    elif data_config.source == "hf":
+        samples = read_hf_dataset(
+            data_config.path, data_config.split, data_config.image_column, data_config.question_column,
+            data_config.answer_column, data_config.id_column, data_config.family_column, data_config.name,
+        )
+
+        def read_split(path):
+            return None
+    else:
+        raise ValueError(f"data.source must be 'llava_json' or 'hf', got {data_config.source!r}.")
+    samples = subsample(samples, data_config.fraction, seed=data_config.seed)
+    val = read_split(data_config.val_json_path)
+    if val is None and data_config.val_fraction > 0:
+        held_out = {s.id for s in subsample(samples, data_config.val_fraction, seed=data_config.seed + 1)}
+        val = [s for s in samples if s.id in held_out]
+        samples = [s for s in samples if s.id not in held_out]
+    splits = {"train": samples[: data_config.limit] if data_config.limit else samples, "val": val or []}
+    test = read_split(data_config.test_json_path)
+    if test is not None:
+        splits["test"] = test
+    eval_limit = data_config.get("eval_limit")
+    if eval_limit:
+        splits.update({name: split[:eval_limit] for name, split in splits.items() if name != "train"})
+    return splits

@@ -83,6 +83,8 @@ class DenseLabels:
     ce: torch.Tensor  # [B, L+1] mean cross-entropy of the answer with exit at k
     features: torch.Tensor  # [B, L, 2d] head features after each layer
     candidates: torch.Tensor  # [B, L+1]
+    n_text: torch.Tensor  # [B] real prompt tokens that are not visual
+    n_visual: torch.Tensor  # [B]
 
     def labels(self, alpha: float) -> torch.Tensor:
         """[B, L+1] int8: 1 exit is safe, 0 not, -1 not labelled."""
@@ -137,7 +139,11 @@ def dense_labels(
         sub_match, sub_ce = _answer_scores(engine, sub, ids, prompt_length, n_answer)
         match[sub.rows, exits] = sub_match
         ce[sub.rows, exits] = sub_ce
-    return DenseLabels(match.cpu(), ce.cpu(), torch.stack(features, dim=1).half().cpu(), candidates.cpu())
+    n_visual = (visual_mask[:, :prompt_length] & prompt_mask.bool()).sum(dim=1)
+    return DenseLabels(
+        match.cpu(), ce.cpu(), torch.stack(features, dim=1).half().cpu(), candidates.cpu(),
+        (prompt_mask.sum(dim=1) - n_visual).cpu(), n_visual.cpu(),
+    )
 
 
 def _feature_tokens(prompt_ids, prompt_mask, visual_mask, span: str) -> torch.Tensor:

@@ -1,0 +1,100 @@
+"""The label/feature cache: `datasets` Arrow shards keyed by everything that determines their content.
+
+Shards are written to a temporary folder and renamed into place, so a crash never leaves a half shard; on rerun,
+samples already in a shard are skipped. Each rank of a multi-GPU run writes its own shards.
+"""
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import datasets
+from datasets import Array2D, Dataset, Features, Sequence, Value
+
+META_NAME = "meta.json"
+SKIPPED_NAME = "skipped.jsonl"
+COMPLETE_NAME = "complete.json"
+
+
+def cache_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def row_features(num_layers: int, hidden_size: int) -> Features:
+    return Features(
+        {
+            "id": Value("string"),
+            "family": Value("string"),
+            "answer": Value("string"),  # the reference answer A (decoded)
+            "ground_truth": Value("string"),
+            "n_text": Value("int32"),
+            "n_visual": Value("int32"),
+            "labels": Sequence(Value("int8")),  # per exit layer 0..L: 1 safe, 0 not, -1 not labelled
+            "match": Sequence(Value("bool")),  # greedy with exit reproduces A
+            "ce": Sequence(Value("float32")),
+            "accurate": Sequence(Value("bool")),  # the answer with exit equals the ground truth
+            "features": Array2D(shape=(num_layers, 2 * hidden_size), dtype="float16"),
+        }
+    )
+
+
+class LabelCache:
+    def __init__(self, root: str | Path, key_fields: dict):
+        self.key_fields = key_fields
+        self.dir = Path(root) / cache_key(key_fields)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / META_NAME
+        if not meta.exists():
+            _atomic_text(meta, json.dumps(key_fields, indent=2, sort_keys=True, default=str))
+
+    def shards(self) -> list[Path]:
+        return sorted(p for p in self.dir.glob("shard-*") if p.is_dir())
+
+    def done_ids(self) -> set[str]:
+        done: set[str] = set()
+        for shard in self.shards():
+            done.update(datasets.load_from_disk(str(shard))["id"])
+        return done
+
+    def skipped(self) -> list[dict]:
+        path = self.dir / SKIPPED_NAME
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def write_shard(self, rows: dict[str, list], features: Features, rank: int = 0) -> Path:
+        name = f"shard-r{rank}-{uuid.uuid4().hex[:12]}"
+        tmp = self.dir / f".tmp-{name}"
+        Dataset.from_dict(rows, features=features).save_to_disk(str(tmp))
+        final = self.dir / name
+        os.replace(tmp, final)
+        return final
+
+    def add_skipped(self, skipped: list[dict], rank: int = 0) -> None:
+        if not skipped:
+            return
+        path = self.dir / SKIPPED_NAME
+        known = {s["id"] for s in self.skipped()}
+        lines = [json.dumps(s) for s in skipped if s["id"] not in known]
+        if lines:
+            existing = path.read_text() if path.exists() else ""
+            _atomic_text(path, existing + "\n".join(lines) + "\n")
+
+    def mark_complete(self, n_samples: int) -> None:
+        _atomic_text(self.dir / COMPLETE_NAME, json.dumps({"samples": n_samples, "skipped": len(self.skipped())}))
+
+    @property
+    def complete(self) -> bool:
+        return (self.dir / COMPLETE_NAME).exists()
+
+    def load(self) -> Dataset:
+        shards = self.shards()
+        if not shards:
+            raise FileNotFoundError(f"the label cache {self.dir} has no shards yet.")
+        return datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards]).sort("id")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,133 @@
+"""The label pass as a Lightning `predict` run: batches of prompts in, cache shards out."""
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from .data import PromptCollator, PromptDataModule, Sample
+from .engine import VisualExit
+from .label_cache import LabelCache, row_features
+from .labels import LabelConfig, answer_tokens, candidate_exits, dense_labels, greedy_answers
+
+
+def normalize_answer(text: str) -> str:
+    return text.strip().lower()
+
+
+class LabelModule(L.LightningModule):
+    """Holds the frozen MLLM; `predict_step` returns one cache row per sample."""
+
+    def __init__(self, model, tokenizer, config: LabelConfig):
+        super().__init__()
+        self.model = model.requires_grad_(False).eval()
+        self.engine = VisualExit(model)
+        self.tokenizer = tokenizer
+        self.config = config
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        samples, skipped = batch["samples"], batch["skipped"]
+        if not samples:
+            return {"rows": None, "skipped": skipped}
+        inputs = {k: v for k, v in batch.items() if k not in ("samples", "skipped")}
+        config, tokenizer = self.config, self.tokenizer
+        ids = [s.id for s in samples]
+        ground_truth = [s.answer for s in samples]
+        if config.reference == "model":
+            answers = greedy_answers(self.engine, inputs, config.max_new_tokens, tokenizer.eos_token_id)
+        else:
+            answers = answer_tokens(ground_truth, tokenizer)
+        candidates = candidate_exits(config, ids, self.engine.num_layers)
+        dense = dense_labels(self.engine, inputs, answers, candidates, config.feature_span, tokenizer.pad_token_id)
+        answer_text = tokenizer.batch_decode(answers, skip_special_tokens=True)
+        accurate = self._accuracy(dense, inputs, answer_text, ground_truth, candidates)
+        rows = {
+            "id": ids,
+            "family": [s.family for s in samples],
+            "answer": answer_text,
+            "ground_truth": ground_truth,
+            "n_text": dense.n_text.tolist(),
+            "n_visual": dense.n_visual.tolist(),
+            "labels": dense.labels(config.alpha).tolist(),
+            "match": dense.match.tolist(),
+            "ce": dense.ce.tolist(),
+            "accurate": accurate.tolist(),
+            "features": dense.features.numpy(),
+        }
+        return {"rows": rows, "skipped": skipped}
+
+    def _accuracy(self, dense, inputs, answer_text, ground_truth, candidates) -> torch.Tensor:
+        """Does the answer with exit at `k` equal the ground truth? Exact, also where it differs from `A`.
+
+        Where `A` is right, the exit answer is right iff it reproduces `A`; where `A` is wrong, a second
+        teacher-forced pass over the ground truth says whether the exit answer is the ground truth.
+        """
+        if self.config.reference == "ground_truth":
+            return dense.match
+        known = torch.tensor([bool(g.strip()) for g in ground_truth])
+        right = torch.tensor([normalize_answer(a) == normalize_answer(g) for a, g in zip(answer_text, ground_truth)])
+        accurate = dense.match & (known & right)[:, None]
+        if (known & ~right).any():
+            truth = dense_labels(
+                self.engine, inputs, answer_tokens(ground_truth, self.tokenizer), candidates,
+                self.config.feature_span, self.tokenizer.pad_token_id,
+            )
+            accurate |= truth.match & (known & ~right)[:, None]
+        return accurate
+
+
+class ShardWriter(BasePredictionWriter):
+    """Buffers rows and writes a cache shard every `shard_size` samples (and at the end)."""
+
+    def __init__(self, cache: LabelCache, num_layers: int, hidden_size: int, shard_size: int = 256):
+        super().__init__(write_interval="batch")
+        self.cache, self.shard_size = cache, shard_size
+        self.features = row_features(num_layers, hidden_size)
+        self.buffer: dict[str, list] = {}
+        self.written = 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self.cache.add_skipped(prediction["skipped"], trainer.global_rank)
+        if prediction["rows"] is None:
+            return
+        for key, values in prediction["rows"].items():
+            self.buffer.setdefault(key, []).extend(list(values))
+        if len(self.buffer["id"]) >= self.shard_size:
+            self.flush(trainer.global_rank)
+
+    def on_predict_epoch_end(self, trainer, pl_module):
+        self.flush(trainer.global_rank)
+
+    def flush(self, rank: int) -> None:
+        if self.buffer.get("id"):
+            self.cache.write_shard(self.buffer, self.features, rank)
+            self.written += len(self.buffer["id"])
+        self.buffer = {}
+
+
+def run_labels(
+    model, processor, samples: list[Sample], config: LabelConfig, cache: LabelCache, *, batch_size: int = 8,
+    shard_size: int = 256, on_bad_sample: str = "skip", max_length: int | None = None, trainer_kwargs: dict | None = None,
+) -> LabelCache:
+    """Label every sample not yet in `cache`; a finished cache is returned untouched."""
+    if cache.complete:
+        return cache
+    done = cache.done_ids() | {s["id"] for s in cache.skipped()}
+    pending = [s for s in samples if s.id not in done]
+    text = model.config.get_text_config(decoder=True)
+    if pending:
+        collator = PromptCollator(processor, max_length=max_length, on_bad_sample=on_bad_sample)
+        writer = ShardWriter(cache, text.num_hidden_layers, text.hidden_size, shard_size)
+        trainer = L.Trainer(
+            **{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
+               "enable_model_summary": False, **(trainer_kwargs or {})},
+            callbacks=[writer],
+        )
+        trainer.predict(
+            LabelModule(model, processor.tokenizer, config),
+            datamodule=PromptDataModule(pending, collator, batch_size=batch_size),
+            return_predictions=False,
+        )
+        if not trainer.is_global_zero:
+            return cache
+    cache.mark_complete(len(samples))
+    return cache

@@ -1,0 +1,87 @@
+"""Dynamic exit simulated from the label cache: what the heads would decide, and what that would cost and keep.
+
+Exact, not an estimate: the cache says for every exit layer whether greedy generation reproduces the full
+model's answer (`match`) and whether it is right (`accurate`), so no model pass is needed to score a threshold.
+"""
+
+import torch
+from datasets import Dataset
+
+from . import flops
+from .heads import ExitHeads
+from .training import cache_tensors, confusion_metrics, torch_columns
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+
+
+@torch.no_grad()
+def exit_probabilities(heads: ExitHeads, dataset: Dataset) -> torch.Tensor:
+    features, _ = cache_tensors(dataset)
+    return heads(features).softmax(dim=-1)[..., 1]
+
+
+def first_exit(p_exit: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Exit layer per sample: `i + 1` for the first head `i` with `p_exit > threshold`, else `L` (no exit)."""
+    above = p_exit > threshold
+    num_layers = p_exit.shape[1]
+    return torch.where(above.any(dim=1), above.int().argmax(dim=1) + 1, torch.full_like(above[:, 0], num_layers,
+                                                                                         dtype=torch.long))
+
+
+def score_exits(dataset: Dataset, exit_layer: torch.Tensor, model_config) -> dict:
+    """Agreement with the full model, accuracy and LM prefill FLOPs saved for given exit layers."""
+    table = torch_columns(dataset, ["match", "accurate", "n_text", "n_visual"])
+    rows = torch.arange(len(exit_layer))
+    full = [flops.prefill_flops(model_config, t, v) for t, v in zip(table["n_text"].tolist(), table["n_visual"].tolist())]
+    spent = [
+        flops.prefill_flops(model_config, t, v, k)
+        for t, v, k in zip(table["n_text"].tolist(), table["n_visual"].tolist(), exit_layer.tolist())
+    ]
+    return {
+        "agreement": float(table["match"][rows, exit_layer].float().mean()),
+        "accuracy": float(table["accurate"][rows, exit_layer].float().mean()),
+        "full_accuracy": float(table["accurate"][:, -1].float().mean()),
+        "flops_saved": 1.0 - sum(spent) / sum(full),
+        "mean_exit_layer": float(exit_layer.float().mean()),
+        "tflops": sum(spent) / len(spent) / 1e12,
+        "full_tflops": sum(full) / len(full) / 1e12,
+    }
+
+
+def calibrate_threshold(heads: ExitHeads, dataset: Dataset, model_config, min_agreement: float) -> tuple[float, list]:
+    """The lowest threshold (most saving) whose agreement on `dataset` is at least `min_agreement`."""
+    p_exit = exit_probabilities(heads, dataset)
+    sweep = [{"threshold": t, **score_exits(dataset, first_exit(p_exit, t), model_config)} for t in THRESHOLDS]
+    passing = [point for point in sweep if point["agreement"] >= min_agreement]
+    chosen = min(passing, key=lambda point: point["threshold"]) if passing else sweep[-1]
+    return chosen["threshold"], sweep
+
+
+def head_metrics(heads: ExitHeads, dataset: Dataset) -> list[dict]:
+    """Per head: accuracy, precision/recall of the exit class at 0.5, and how often exit is safe."""
+    p_exit = exit_probabilities(heads, dataset)
+    _, labels = cache_tensors(dataset)
+    predicted, labelled, positive = p_exit > 0.5, labels >= 0, labels == 1
+    counts = torch.stack([
+        (predicted & positive & labelled).sum(0), (predicted & ~positive & labelled).sum(0),
+        (~predicted & positive & labelled).sum(0), (~predicted & ~positive & labelled).sum(0),
+    ], dim=1).float()
+    return [{"layer": i, **m} for i, m in enumerate(confusion_metrics(counts))]
+
+
+def validate(heads: ExitHeads, dataset: Dataset, model_config, threshold: float) -> dict:
+    p_exit = exit_probabilities(heads, dataset)
+    exit_layer = first_exit(p_exit, threshold)
+    result = {"threshold": threshold, "samples": len(dataset), **score_exits(dataset, exit_layer, model_config)}
+    families = dataset["family"]
+    by_family = {}
+    for family in sorted(set(families)):
+        rows = [i for i, f in enumerate(families) if f == family]
+        by_family[family] = score_exits(dataset.select(rows), exit_layer[rows], model_config)
+    result["families"] = by_family
+    labelled_everywhere = bool((torch_columns(dataset, ["labels"])["labels"] >= 0).all())
+    result["static_sweep"] = [  # needs every exit layer labelled (labels.layers=all)
+        {"k": k, **score_exits(dataset, torch.full((len(dataset),), k), model_config)}
+        for k in range(heads.num_layers + 1)
+    ] if labelled_everywhere else []
+    return result

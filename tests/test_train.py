@@ -1,0 +1,142 @@
+"""train.py end to end on a tiny random testbed-shaped checkpoint: labels cache, resume, sweeps, heads, validate."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+from dyvte.data import BadSample, PromptCollator, read_llava_json
+from dyvte.heads import ExitHeads
+from dyvte.testbed.model import ModelConfig, build_model, build_processor
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTBED = ROOT / "data" / "testbed"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    processor = build_processor()
+    config = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, vision_hidden_size=16,
+                         vision_intermediate_size=32, vision_layers=1, vision_heads=2)
+    model = build_model(processor, config)
+    path = tmp_path_factory.mktemp("tiny-testbed")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def train(*overrides: str, cwd: Path = ROOT, wait: bool = True, **popen) -> subprocess.Popen | subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "train.py"), *overrides]
+    if not wait:
+        return subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_train_writes_heads_and_validate_json(checkpoint, tmp_path):
+    train(f"model.name_or_path={checkpoint}", "data.limit=16", "data.eval_limit=8", "heads.epochs=2",
+          "heads.hidden=16", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}")
+    report = json.loads((tmp_path / "run" / "validate.json").read_text())
+    for key in ("agreement", "accuracy", "flops_saved", "mean_exit_layer", "threshold", "heads", "families"):
+        assert key in report
+    assert len(report["heads"]) == 3 and len(report["static_sweep"]) == 4
+    assert report["static_sweep"][3]["agreement"] == 1.0 and report["static_sweep"][3]["flops_saved"] == 0.0
+    heads = ExitHeads.from_pretrained(tmp_path / "run" / "heads")
+    assert heads.num_layers == 3 and heads.threshold == report["threshold"]
+    assert (tmp_path / "run" / "logs").is_dir()  # the CSV logger
+
+
+def test_multirun_sweep_reuses_labels(checkpoint, tmp_path):
+    train("-m", f"model.name_or_path={checkpoint}", "data.limit=8", "data.eval_limit=4",
+                   "trainer.fast_dev_run=true", "heads.hidden=16,32", f"cache_dir={tmp_path / 'cache'}",
+                   f"hydra.sweep.dir={tmp_path / 'multirun'}")
+    for job, hidden in ((0, 16), (1, 32)):
+        assert ExitHeads.from_pretrained(tmp_path / "multirun" / str(job) / "heads").head_hidden == hidden
+    assert len(list((tmp_path / "cache").iterdir())) == 3  # train, val, test caches, labelled once
+    first, second = ((tmp_path / "multirun" / str(job) / "train.log").read_text() for job in (0, 1))
+    assert "labels for train: labelling 8 samples" in first
+    assert "labels for train: reusing the complete cache" in second
+
+
+def test_interrupted_label_run_resumes_without_loss(checkpoint, tmp_path):
+    args = [f"model.name_or_path={checkpoint}", "stages=[labels]", "data.limit=12", "data.eval_limit=2",
+            "labels.batch_size=2", "labels.shard_size=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    cache = tmp_path / "cache"
+    process = train(*args, f"cache_dir={cache}", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(cache.glob("*/shard-*")):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_with = {p.parent.name: len(list(p.parent.glob("shard-*"))) for p in cache.glob("*/shard-*")}
+    assert killed_with, "the run was killed before its first shard"
+    assert len(list(cache.glob("*/complete.json"))) < 3, "the run finished before it could be killed"
+
+    train(*args, f"cache_dir={cache}")
+    train(*args, f"cache_dir={tmp_path / 'fresh'}")
+    for fresh_dir in (tmp_path / "fresh").iterdir():
+        resumed_dir = cache / fresh_dir.name
+        assert (resumed_dir / "complete.json").exists()
+        load = lambda d: datasets.concatenate_datasets(  # noqa: E731
+            [datasets.load_from_disk(str(s)) for s in sorted(d.glob("shard-*"))]).sort("id")
+        resumed, fresh = load(resumed_dir), load(fresh_dir)
+        assert resumed["id"] == fresh["id"]  # nothing lost, nothing twice
+        assert resumed["labels"] == fresh["labels"]
+
+
+def test_bad_samples_are_skipped_or_raised(checkpoint, tmp_path):
+    Image.new("RGB", (96, 96), "white").save(tmp_path / "ok.png")
+    (tmp_path / "corrupt.png").write_bytes(b"not a png")
+    records = [
+        {"id": "ok", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nhow many objects ?"},
+                                                          {"from": "gpt", "value": "0"}]},
+        {"id": "missing", "image": "nope.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                                 {"from": "gpt", "value": "a"}]},
+        {"id": "corrupt", "image": "corrupt.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                                    {"from": "gpt", "value": "a"}]},
+        {"id": "no-image-token", "image": "ok.png", "conversations": [{"from": "human", "value": "q"},
+                                                                      {"from": "gpt", "value": "a"}]},
+        {"id": "empty-answer", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                                    {"from": "gpt", "value": " "}]},
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    samples = read_llava_json(tmp_path / "data.json", tmp_path)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    batch = PromptCollator(processor)(samples)
+    assert [s.id for s in batch["samples"]] == ["ok"]
+    reasons = {s["id"]: s["reason"] for s in batch["skipped"]}
+    assert reasons["missing"].startswith("image not found") and "cannot be read" in reasons["corrupt"]
+    assert "no <image> placeholder" in reasons["no-image-token"] and reasons["empty-answer"] == "the answer is empty"
+    with pytest.raises(BadSample, match="sample 'missing': image not found"):
+        PromptCollator(processor, on_bad_sample="raise")(samples)
+
+    train(f"model.name_or_path={checkpoint}", "stages=[labels]", f"data.json_path={tmp_path / 'data.json'}",
+          f"data.image_dir={tmp_path}", "data.val_json_path=null", "data.test_json_path=null",
+          f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}")
+    (cache_dir,) = (tmp_path / "cache").iterdir()
+    skipped = [json.loads(line)["id"] for line in (cache_dir / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(skipped) == ["corrupt", "empty-answer", "missing", "no-image-token"]
+    assert datasets.load_from_disk(str(next(cache_dir.glob("shard-*"))))["id"] == ["ok"]
+
+
+def test_heads_refuse_another_model(checkpoint):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint)
+    ExitHeads(32, 3, 8, meta={"model": "a", "revision": "r1"}).check_fits(model, "a", "r1")
+    with pytest.raises(ValueError, match="hidden size 64 vs the model's 32; 4 layers vs the model's 3"):
+        ExitHeads(64, 4, 8).check_fits(model)
+    with pytest.raises(ValueError, match="trained on revision 'r1', not 'r2'"):
+        ExitHeads(32, 3, 8, meta={"model": "a", "revision": "r1"}).check_fits(model, "a", "r2")
