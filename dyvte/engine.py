@@ -15,7 +15,15 @@ from transformers.utils import ModelOutput
 
 from .adapters import get_adapter
 from .cache import WithdrawalCache
+from .policies import Decision, ExitPolicy, PrefillState, StaticExit
 from .subbatch import SubBatch, attention_mask
+
+
+@dataclass
+class VisualExitGenerateOutput(GenerateDecoderOnlyOutput):
+    """`generate(..., return_dict_in_generate=True)`: HF's output plus where each sample's visual tokens left."""
+
+    exit_layer: torch.Tensor | None = None
 
 
 @dataclass
@@ -82,11 +90,13 @@ class VisualExit:
         position_ids: torch.Tensor | None = None,
         exit_layer=None,
         use_cache: bool = True,
+        policy: ExitPolicy | None = None,
         **vision_inputs,
     ) -> VisualExitOutput:
-        """Prefill with per-sample exit; logits for every input position."""
+        """Prefill with per-sample exit (static `exit_layer` or a `policy`); logits for every input position."""
         return self.prefill(
-            input_ids, attention_mask, position_ids, exit_layer, use_cache=use_cache, last_only=False, **vision_inputs
+            input_ids, attention_mask, position_ids, exit_layer, use_cache=use_cache, last_only=False, policy=policy,
+            **vision_inputs,
         )
 
     @torch.no_grad()
@@ -95,25 +105,40 @@ class VisualExit:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
-        exit_layer,
+        exit_layer=None,
         use_cache: bool = True,
         last_only: bool = False,
+        policy: ExitPolicy | None = None,
         **vision_inputs,
     ) -> VisualExitOutput:
         """Run the decoder in at most two sub-batches per layer: samples still with visual tokens, and the rest.
 
-        With `last_only`, logits are [B, 1, V] at each sample's last kept prompt token (what generation needs).
+        Exits come from `exit_layer` (static, per sample) or from `policy` (decided layer by layer); the output's
+        `exit_layer` says where each sample exited (`L`: never). With `last_only`, logits are [B, 1, V] at each
+        sample's last kept prompt token (what generation needs).
         """
         batch, length = input_ids.shape
-        exit_layer = self.resolve_exit_layer(exit_layer, batch, input_ids.device)
+        if policy is not None and exit_layer is not None:
+            raise ValueError("give either exit_layer (a static exit) or policy, not both.")
+        if policy is None:
+            policy = StaticExit(self.resolve_exit_layer(exit_layer, batch, input_ids.device))
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         with_visual, visual_mask = self.embed_batch(input_ids, attention_mask, position_ids, **vision_inputs)
+        state = PrefillState(self, input_ids, attention_mask, visual_mask)
+        exited_at = torch.full((batch,), self.num_layers, dtype=torch.long, device=input_ids.device)
         text_only: SubBatch | None = None
         keys, values, key_valid = [], [], []
         for layer_idx, layer in enumerate(self.adapter.layers):
-            leaving = exit_layer[with_visual.rows] == layer_idx
+            decision = policy.before_layer(layer_idx, with_visual, state) if len(with_visual) else Decision()
+            leaving = decision.exit if decision.exit is not None else torch.zeros_like(with_visual.rows, dtype=torch.bool)
             if leaving.any():
-                moved = with_visual.compact(leaving, ~self.visual_slots(with_visual, visual_mask))
+                moved = with_visual.compact(leaving, ~with_visual.slots_of(visual_mask))
                 text_only = moved if text_only is None else SubBatch.concat([text_only, moved])
+                exited_at[with_visual.rows[leaving]] = layer_idx
+            if decision.keep is not None:
+                with_visual = with_visual.compact(~leaving, decision.keep)
+            elif leaving.any():
                 with_visual = with_visual.select(~leaving)
             calls = []
             for sub in (with_visual, text_only):
@@ -129,25 +154,39 @@ class VisualExit:
         subs = [sub for sub in (with_visual, text_only) if sub is not None and len(sub) > 0]
         logits = self._last_logits(subs, batch) if last_only else self._all_logits(subs, batch, length)
         cache = WithdrawalCache(keys, values, key_valid) if use_cache else None
-        return VisualExitOutput(logits=logits, past_key_values=cache, exit_layer=exit_layer, visual_mask=visual_mask)
+        return VisualExitOutput(logits=logits, past_key_values=cache, exit_layer=exited_at, visual_mask=visual_mask)
 
     def embed_batch(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+        continuation_ids: torch.Tensor | None = None, continuation_mask: torch.Tensor | None = None,
         **vision_inputs,
     ) -> tuple[SubBatch, torch.Tensor]:
-        """The batch as one sub-batch of its real tokens (padding packed away), and its visual-token mask."""
-        batch, length = input_ids.shape
+        """The batch as one sub-batch of its real tokens (padding packed away), and its visual-token mask [B, T].
+
+        `continuation_ids` [B, C] (teacher forcing) are appended after the prompt as generated tokens would be:
+        embedded as text whatever their ids, at the positions generation would give them.
+        """
+        batch = input_ids.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embedded = self.adapter.embed(input_ids, **vision_inputs)
         if position_ids is None:
             position_ids = self.adapter.prefill_position_ids(input_ids, attention_mask, **vision_inputs)
-        cos, sin = self.adapter.rotary(embedded.inputs_embeds, position_ids)
-        index = torch.arange(length, device=input_ids.device).expand(batch, length).masked_fill(attention_mask == 0, -1)
+        inputs_embeds, visual_mask, mask = embedded.inputs_embeds, embedded.visual_mask, attention_mask
+        if continuation_ids is not None:
+            steps = torch.arange(continuation_ids.shape[1], device=input_ids.device)
+            next_positions = self.adapter.next_position_ids(position_ids, attention_mask)
+            position_ids = torch.cat([position_ids, next_positions[..., None] + steps], dim=-1)
+            inputs_embeds = torch.cat([inputs_embeds, self.adapter.embed_tokens(continuation_ids)], dim=1)
+            visual_mask = torch.cat([visual_mask, torch.zeros_like(continuation_ids, dtype=torch.bool)], dim=1)
+            mask = torch.cat([attention_mask, continuation_mask], dim=1)
+        length = mask.shape[1]
+        cos, sin = self.adapter.rotary(inputs_embeds, position_ids)
+        index = torch.arange(length, device=input_ids.device).expand(batch, length).masked_fill(mask == 0, -1)
         rows = torch.arange(batch, device=input_ids.device)
         everyone = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-        packed = SubBatch(rows, embedded.inputs_embeds, index, cos, sin).compact(everyone, index >= 0)
-        return packed, embedded.visual_mask
+        packed = SubBatch(rows, inputs_embeds, index, cos, sin).compact(everyone, index >= 0)
+        return packed, visual_mask
 
     def run_layer(self, layer, sub: SubBatch, capture: _KVCapture | None = None) -> None:
         """One decoder layer over a sub-batch, in place; `capture` receives its keys and values."""
@@ -158,10 +197,6 @@ class VisualExit:
             past_key_values=capture,
             use_cache=capture is not None,
         )
-
-    @staticmethod
-    def visual_slots(sub: SubBatch, visual_mask: torch.Tensor) -> torch.Tensor:
-        return visual_mask[sub.rows[:, None], sub.index.clamp(min=0)] & sub.valid
 
     def _prefill_mask(self, sub: SubBatch) -> torch.Tensor | None:
         if self.adapter.attn_implementation == "sdpa" and bool(sub.valid.all()):
@@ -194,13 +229,15 @@ class VisualExit:
             )
         return self.adapter.lm_head(self.adapter.norm(hidden))[:, -1]
 
-    def generate(self, exit_layer=None, **kwargs):
+    def generate(self, exit_layer=None, policy: ExitPolicy | None = None, **kwargs):
         """Like `model.generate` (greedy or sampling, any logits processors and stopping criteria), with exit.
 
         Generation settings, processors and stopping criteria are prepared by the model's own `generate`; only
         the decoding loop is ours, passed through the public `custom_generate` hook.
         """
-        return self.model.generate(custom_generate=_decode_with_exit, engine=self, exit_layer=exit_layer, **kwargs)
+        return self.model.generate(
+            custom_generate=_decode_with_exit, engine=self, exit_layer=exit_layer, policy=policy, **kwargs
+        )
 
 
 def _gather_layer_cache(calls: list[tuple[SubBatch, _KVCapture]], batch: int):
@@ -230,6 +267,7 @@ def _decode_with_exit(
     generation_config,
     engine: VisualExit,
     exit_layer=None,
+    policy: ExitPolicy | None = None,
     **model_kwargs,
 ):
     """The decoding loop of `model.generate`'s sampling mode, with the withdrawal engine as the model."""
@@ -247,7 +285,9 @@ def _decode_with_exit(
     for key in _NOT_VISION_INPUTS:
         model_kwargs.pop(key, None)
 
-    prefill = engine.prefill(input_ids, attention_mask, position_ids, exit_layer, last_only=True, **model_kwargs)
+    prefill = engine.prefill(
+        input_ids, attention_mask, position_ids, exit_layer, last_only=True, policy=policy, **model_kwargs
+    )
     cache = prefill.past_key_values
     if position_ids is None:
         position_ids = engine.adapter.prefill_position_ids(input_ids, attention_mask, **model_kwargs)
@@ -279,10 +319,11 @@ def _decode_with_exit(
         next_positions = next_positions + 1
 
     if generation_config.return_dict_in_generate:
-        return GenerateDecoderOnlyOutput(
+        return VisualExitGenerateOutput(
             sequences=input_ids,
             scores=tuple(scores) or None,
             logits=tuple(raw_logits) or None,
             past_key_values=cache,
+            exit_layer=prefill.exit_layer,
         )
     return input_ids

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .engine import VisualExit
+from .features import FEATURE_SPANS, feature_tokens, head_features
 from .subbatch import SubBatch
-
-FEATURE_SPANS = ("after_first_visual", "all_text")
 
 
 @dataclass
@@ -109,13 +108,12 @@ def dense_labels(
         answer_ids[row, : len(answer)] = torch.tensor(answer, device=device)
         answer_mask[row, : len(answer)] = 1
     ids = torch.cat([prompt_ids, answer_ids], dim=1)
-    mask = torch.cat([prompt_mask, answer_mask], dim=1)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generation continues them after the prompt
     n_answer = answer_mask.sum(dim=1)
     candidates = candidates.to(device)
 
-    full, visual_mask = engine.embed_batch(ids, mask, positions, **vision)
-    feature_tokens = _feature_tokens(prompt_ids, prompt_mask, visual_mask[:, :prompt_length], feature_span)
+    positions = engine.adapter.generation_position_ids(prompt_ids, prompt_mask, **vision)
+    full, visual_mask = engine.embed_batch(prompt_ids, prompt_mask, positions, answer_ids, answer_mask, **vision)
+    tokens = feature_tokens(prompt_mask, visual_mask[:, :prompt_length], feature_span)
     num_layers = engine.num_layers
     features = []
     branches: SubBatch | None = None
@@ -123,13 +121,13 @@ def dense_labels(
     for layer_idx, layer in enumerate(engine.adapter.layers):
         starting = candidates[full.rows, layer_idx]
         if starting.any():
-            new = full.compact(starting, ~engine.visual_slots(full, visual_mask))
+            new = full.compact(starting, ~full.slots_of(visual_mask))
             branches = new if branches is None else SubBatch.concat([branches, new])
             branch_exit = torch.cat([branch_exit, torch.full((len(new),), layer_idx, device=device)])
         engine.run_layer(layer, full)
         if branches is not None:
             engine.run_layer(layer, branches)
-        features.append(_features(full, feature_tokens, prompt_length))
+        features.append(head_features(full, tokens, prompt_length))  # `full` keeps every row, in batch order
 
     match = torch.zeros(batch, num_layers + 1, dtype=torch.bool, device=device)
     ce = torch.full((batch, num_layers + 1), float("nan"), device=device)
@@ -144,30 +142,6 @@ def dense_labels(
         match.cpu(), ce.cpu(), torch.stack(features, dim=1).half().cpu(), candidates.cpu(),
         (prompt_mask.sum(dim=1) - n_visual).cpu(), n_visual.cpu(),
     )
-
-
-def _feature_tokens(prompt_ids, prompt_mask, visual_mask, span: str) -> torch.Tensor:
-    """[B, T_prompt] the prompt text tokens whose mean is the first half of the head features."""
-    text = prompt_mask.bool() & ~visual_mask
-    if span == "after_first_visual":
-        after = visual_mask.long().cumsum(dim=1) > 0
-        # A prompt without an image has no "after": use all its text rather than nothing.
-        text = torch.where(visual_mask.any(dim=1, keepdim=True), text & after, text)
-    text[:, -1] = False  # the last prompt token is the second half
-    return text
-
-
-def _features(full: SubBatch, feature_tokens: torch.Tensor, prompt_length: int) -> torch.Tensor:
-    """`[mean(text tokens except the last), last prompt token]` per sample, in batch order ([B, 2d])."""
-    index = full.index.clamp(min=0)
-    in_prompt = full.valid & (full.index < prompt_length)
-    mean_part = in_prompt & feature_tokens[full.rows[:, None], index.clamp(max=prompt_length - 1)]
-    weights = mean_part.to(full.hidden.dtype)
-    mean = (full.hidden * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp(min=1)
-    last = full.hidden[torch.arange(len(full), device=index.device), (full.index == prompt_length - 1).int().argmax(1)]
-    out = torch.empty(len(full), 2 * full.hidden.shape[-1], dtype=full.hidden.dtype, device=full.hidden.device)
-    out[full.rows] = torch.cat([mean, last], dim=-1)
-    return out
 
 
 def _answer_scores(engine: VisualExit, sub: SubBatch, ids, prompt_length: int, n_answer):

@@ -24,6 +24,10 @@ class SubBatch:
     def __len__(self) -> int:
         return self.rows.shape[0]
 
+    def slots_of(self, position_mask: torch.Tensor) -> torch.Tensor:
+        """[b, n] which slots hold a position marked in the batch-level `position_mask` [B, T]."""
+        return position_mask[self.rows[:, None], self.index.clamp(min=0)] & self.valid
+
     def select(self, keep_rows: torch.Tensor) -> "SubBatch":
         """Rows `keep_rows`, without the left-padding columns that only the dropped rows needed."""
         used = self.valid[keep_rows].any(dim=0).nonzero()
