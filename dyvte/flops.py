@@ -72,10 +72,17 @@ def prefill_flops(config, n_text: int, n_visual: int, exit_layer: int | None = N
     """LM FLOPs of one sample's prefill: layers before `exit_layer` see all tokens, the rest only the text."""
     s = _shape(config)
     exit_layer = _check(s, n_text, n_visual, exit_layer)
-    n_full = n_text + n_visual
-    full = layer_flops(s, n_full, n_full * (n_full + 1) // 2)
-    text = layer_flops(s, n_text, n_text * (n_text + 1) // 2)
-    return exit_layer * full + (s.num_layers - exit_layer) * text + lm_head_flops(s, logits_positions)
+    tokens = [n_text + n_visual] * exit_layer + [n_text] * (s.num_layers - exit_layer)
+    return prefill_flops_from_counts(s, tokens, logits_positions)
+
+
+def prefill_flops_from_counts(config, tokens_per_layer: list[int], logits_positions: int = 1) -> int:
+    """LM FLOPs of one sample's prefill given the tokens each layer really computed (any pruning policy)."""
+    s = _shape(config)
+    if len(tokens_per_layer) != s.num_layers:
+        raise ValueError(f"need one token count per layer ({s.num_layers}), got {len(tokens_per_layer)}.")
+    body = sum(layer_flops(s, n, n * (n + 1) // 2) for n in tokens_per_layer)
+    return body + lm_head_flops(s, logits_positions)
 
 
 def decode_step_flops(

@@ -1,0 +1,233 @@
+"""Comparing exit policies on one set of samples: accuracy, agreement, FLOPs, time, KV memory; sweeps; plots.
+
+Every policy generates for the same batches. FLOPs come from the tokens each layer really computed (the KV
+cache's per-sample key counts), so pruning policies such as FastV are counted as exactly as full exits.
+"""
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import flops
+from .data import PromptCollator, Sample
+from .engine import VisualExit
+from .heads import ExitHeads
+from .labeling import normalize_answer
+from .policies import DynamicExit, ExitPolicy, FastV, NoExit, StaticExit
+
+DYNAMIC_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+
+
+@dataclass
+class PolicySettings:
+    heads: ExitHeads | None = None
+    threshold: float | None = None  # None: the heads' calibrated default
+    vtw_layer: int | None = None
+    fastv_layer: int = 2
+    fastv_keep_ratio: float = 0.5
+
+
+def build_policy(name: str, settings: PolicySettings) -> ExitPolicy:
+    """`none`, `vtw`, `fastv`, `dynamic`, or a `+` composition such as `fastv+dynamic`."""
+    parts = name.split("+")
+    if len(parts) > 1:
+        policy = build_policy(parts[0], settings)
+        for part in parts[1:]:
+            policy = policy + build_policy(part, settings)
+        return policy
+    if name == "none":
+        return NoExit()
+    if name == "vtw":
+        if settings.vtw_layer is None:
+            raise ValueError("policy 'vtw' needs a withdrawal layer (vtw_layer, or run vtw_search).")
+        return StaticExit(settings.vtw_layer)
+    if name == "fastv":
+        return FastV(settings.fastv_layer, settings.fastv_keep_ratio)
+    if name == "dynamic":
+        if settings.heads is None:
+            raise ValueError("policy 'dynamic' needs trained exit heads (heads=DIR).")
+        return DynamicExit(settings.heads, settings.threshold)
+    raise ValueError(f"unknown policy {name!r}; policies: none, vtw, fastv, dynamic and '+' compositions.")
+
+
+@dataclass
+class PolicyRun:
+    answers: list[str]
+    exit_layer: list[int]
+    prefill_flops: list[int]
+    kv_bytes: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+
+
+@torch.no_grad()
+def run_policy(engine: VisualExit, processor, batches: list[dict], policy: ExitPolicy, max_new_tokens: int,
+               timed: bool = True) -> PolicyRun:
+    """Generate with `policy` for every batch; with `timed`, also time the prefill alone."""
+    config = engine.model.config
+    shape = flops.DecoderShape.from_config(config)
+    element = next(engine.model.parameters()).element_size()
+    run = PolicyRun([], [], [], [], 0.0, 0.0, 0)
+    for batch in batches:
+        inputs = {k: v for k, v in batch.items() if k not in ("samples", "skipped")}
+        prefill_seconds = 0.0
+        if timed:
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+            start = time.perf_counter()
+            engine.prefill(ids, mask, engine.adapter.generation_position_ids(ids, mask, **vision), None,
+                           last_only=True, policy=policy, **vision)
+            prefill_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        out = engine.generate(**inputs, policy=policy, max_new_tokens=max_new_tokens, do_sample=False,
+                              return_dict_in_generate=True)
+        total = time.perf_counter() - start
+        new = out.sequences[:, inputs["input_ids"].shape[1]:]
+        run.answers += processor.batch_decode(new, skip_special_tokens=True)
+        run.exit_layer += out.exit_layer.tolist()
+        prefill_tokens = _prefill_tokens(out.past_key_values, new.shape[1])
+        run.prefill_flops += [flops.prefill_flops_from_counts(shape, counts) for counts in prefill_tokens]
+        run.kv_bytes += [2 * sum(counts) * shape.kv_dim * element for counts in prefill_tokens]
+        run.prefill_seconds += prefill_seconds
+        run.decode_seconds += max(total - prefill_seconds, 0.0)
+        run.decode_steps += max(new.shape[1] - 1, 0)
+    return run
+
+
+def _prefill_tokens(cache, generated: int) -> list[list[int]]:
+    """Per sample and layer, the prompt tokens that layer computed: its real keys minus the decoded ones."""
+    fed_back = max(generated - 1, 0)  # the last generated token is never fed back into the cache
+    per_layer = torch.stack([cache.num_keys(layer) - fed_back for layer in range(len(cache.layers))], dim=1)
+    return per_layer.tolist()
+
+
+def summarize(run: PolicyRun, samples: list[Sample], reference: list[str], full_flops: list[int]) -> dict:
+    n = len(samples)
+    known = [s for s in samples if s.answer.strip()]
+    correct = [normalize_answer(a) == normalize_answer(s.answer) for a, s in zip(run.answers, samples)
+               if s.answer.strip()]
+    return {
+        "accuracy": sum(correct) / len(known) if known else None,
+        "agreement": sum(a == r for a, r in zip(run.answers, reference)) / n,
+        "tflops": sum(run.prefill_flops) / n / 1e12,
+        "flops_saved": 1.0 - sum(run.prefill_flops) / sum(full_flops),
+        "mean_exit_layer": sum(run.exit_layer) / n,
+        "prefill_ms": 1000 * run.prefill_seconds / n,
+        "decode_ms_per_token": 1000 * run.decode_seconds / run.decode_steps if run.decode_steps else None,
+        "kv_bytes": sum(run.kv_bytes) / n,
+    }
+
+
+def evaluate(engine: VisualExit, processor, samples: list[Sample], policy_names: list[str],
+             settings: PolicySettings, batch_size: int = 16, max_new_tokens: int = 16, sweeps: bool = True,
+             on_bad_sample: str = "skip") -> dict:
+    """Every policy on the same batches; the full model first, as the reference for agreement and FLOPs."""
+    collator = PromptCollator(processor, on_bad_sample=on_bad_sample, require_answer=False)
+    batches = [collator(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+    batches = [b for b in batches if b["samples"]]
+    kept = [s for b in batches for s in b["samples"]]
+    run_policy(engine, processor, batches[:1], NoExit(), 2, timed=False)  # warm-up, so no policy pays for it
+    full = run_policy(engine, processor, batches, NoExit(), max_new_tokens)
+    results: dict = {"samples": len(kept), "skipped": [s for b in batches for s in b["skipped"]], "policies": {}}
+    runs = {"none": full}
+    for name in policy_names:
+        run = full if name == "none" else run_policy(engine, processor, batches, build_policy(name, settings),
+                                                     max_new_tokens)
+        runs[name] = run
+        results["policies"][name] = summarize(run, kept, full.answers, full.prefill_flops)
+    results["exit_layers"] = {name: run.exit_layer for name, run in runs.items()}
+    results["families"] = [s.family for s in kept]
+    if sweeps:
+        results["static_sweep"] = [
+            {"k": k, **_sweep_point(engine, processor, batches, StaticExit(k), kept, full, max_new_tokens)}
+            for k in range(engine.num_layers + 1)
+        ]
+        results["dynamic_sweep"] = [
+            {"threshold": t, **_sweep_point(engine, processor, batches, DynamicExit(settings.heads, t), kept, full,
+                                            max_new_tokens)}
+            for t in DYNAMIC_THRESHOLDS
+        ] if settings.heads is not None else []
+    return results
+
+
+def _sweep_point(engine, processor, batches, policy, samples, full: PolicyRun, max_new_tokens) -> dict:
+    run = run_policy(engine, processor, batches, policy, max_new_tokens, timed=False)
+    summary = summarize(run, samples, full.answers, full.prefill_flops)
+    return {k: summary[k] for k in ("accuracy", "agreement", "flops_saved", "tflops", "mean_exit_layer")}
+
+
+def write_report(results: dict, output_dir: Path) -> str:
+    """`results.json`, the printed table, and the PNG plots (exit histogram per family, accuracy vs TFLOPs)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    table = format_table(results)
+    (output_dir / "results.md").write_text(table + "\n")
+    plot_exit_histograms(results, output_dir / "exit_layers.png")
+    plot_pareto(results, output_dir / "pareto.png")
+    return table
+
+
+def format_table(results: dict) -> str:
+    columns = ("accuracy", "agreement", "mean_exit_layer", "tflops", "flops_saved", "prefill_ms",
+               "decode_ms_per_token", "kv_bytes")
+    lines = ["| policy | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, metrics in results["policies"].items():
+        cells = []
+        for column in columns:
+            value = metrics[column]
+            cells.append("—" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_exit_histograms(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policy = next((p for p in ("dynamic", "fastv+dynamic") if p in results["exit_layers"]), None)
+    if policy is None:
+        return
+    exits, families = results["exit_layers"][policy], results["families"]
+    names = sorted(set(families))
+    figure, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 2.4), sharey=True, squeeze=False)
+    top = max(exits)
+    for axis, family in zip(axes[0], names):
+        values = [e for e, f in zip(exits, families) if f == family]
+        axis.hist(values, bins=range(0, top + 2), align="left", rwidth=0.85)
+        axis.set_title(family or "all", fontsize=8)
+        axis.set_xlabel("exit layer", fontsize=8)
+    axes[0][0].set_ylabel("samples")
+    figure.suptitle(f"exit layers ({policy})", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_pareto(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3.6))
+    for key, label, marker in (("static_sweep", "static exit k (VTW)", "s"), ("dynamic_sweep", "dynamic (thresholds)", "o")):
+        points = sorted(results.get(key, []), key=lambda p: p["tflops"])
+        if points:
+            axis.plot([p["tflops"] for p in points], [p["accuracy"] for p in points], marker=marker, label=label)
+    for name, metrics in results["policies"].items():
+        axis.scatter(metrics["tflops"], metrics["accuracy"], marker="*", s=90, zorder=3)
+        axis.annotate(name, (metrics["tflops"], metrics["accuracy"]), fontsize=7, xytext=(3, 3),
+                      textcoords="offset points")
+    axis.set_xlabel("LM prefill TFLOPs per sample")
+    axis.set_ylabel("accuracy")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,119 @@
+"""Generate with visual-token exit, or compare exit policies on a dataset split.
+
+    python infer.py image=data/testbed/images/test_00000.png question="what digit is on the purple diamond ?"
+    python infer.py task=eval policies=[none,vtw,fastv,dynamic,fastv+dynamic]
+"""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from dyvte import flops, resolvers
+from dyvte.calibrate import vtw_search
+from dyvte.data import PromptCollator, Sample, load_image, load_splits
+from dyvte.evaluation import PolicySettings, build_policy, evaluate, write_report
+from dyvte.heads import ExitHeads
+from dyvte.loading import load_mllm
+from dyvte.engine import VisualExit
+
+resolvers.register()
+log = logging.getLogger("infer")
+
+
+def policy_settings(cfg, engine: VisualExit, processor, names: list[str]) -> PolicySettings:
+    settings = PolicySettings(threshold=cfg.threshold, vtw_layer=cfg.vtw.layer, fastv_layer=cfg.fastv.layer,
+                              fastv_keep_ratio=cfg.fastv.keep_ratio)
+    if any("dynamic" in name for name in names):
+        heads = ExitHeads.from_pretrained(cfg.heads)
+        heads.check_fits(engine.model, cfg.model.name_or_path, cfg.model.revision)
+        if cfg.threshold is not None and not 0 <= cfg.threshold <= 1 and not cfg.force:
+            raise ValueError(f"threshold {cfg.threshold} is outside [0, 1]; pass force=true to use it anyway.")
+        settings.heads = heads
+    if any("vtw" in name for name in names) and settings.vtw_layer is None:
+        calibration = load_splits(cfg.data)["val"][: cfg.vtw.n]
+        collator = PromptCollator(processor, require_answer=False)
+        batches = [collator(calibration[i : i + cfg.batch_size]) for i in range(0, len(calibration), cfg.batch_size)]
+        batches = [{k: v for k, v in b.items() if k not in ("samples", "skipped")} for b in batches if b["samples"]]
+        search = vtw_search(engine, batches, cfg.vtw.eta, cfg.vtw.start_layer, cfg.vtw.n)
+        log.info("vtw_search: k=%d, KL per layer %s", search.k, [round(v, 5) for v in search.kl])
+        settings.vtw_layer = search.k
+    return settings
+
+
+def one_sample(cfg, engine: VisualExit, processor) -> dict:
+    if not cfg.question:
+        raise ValueError('task=sample needs question="..." (and image=PATH for a visual question).')
+    image = load_image(Sample(id=str(cfg.image), image=cfg.image, question="", answer="")) if cfg.image else None
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": cfg.question}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    if image is None:
+        log.warning("no image given: running the question text-only (nothing to withdraw)")
+        inputs = processor(text=[prompt], return_tensors="pt")
+    else:
+        inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    policy = build_policy(cfg.policy, policy_settings(cfg, engine, processor, [cfg.policy]))
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    positions = engine.adapter.generation_position_ids(ids, mask, **vision)
+    engine.prefill(ids, mask, positions, None, last_only=True, policy=policy, **vision)  # warm-up, untimed
+    start = time.perf_counter()
+    engine.prefill(ids, mask, positions, None, last_only=True, policy=policy, **vision)
+    prefill_ms = 1000 * (time.perf_counter() - start)
+    start = time.perf_counter()
+    out = engine.generate(**inputs, policy=policy, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                          return_dict_in_generate=True)
+    total_ms = 1000 * (time.perf_counter() - start)
+    new = out.sequences[0, ids.shape[1]:]
+    shape = flops.DecoderShape.from_config(engine.model.config)
+    fed_back = max(len(new) - 1, 0)
+    counts = [int(out.past_key_values.num_keys(layer)[0]) - fed_back for layer in range(shape.num_layers)]
+    full = flops.prefill_flops_from_counts(shape, [int(mask.sum())] * shape.num_layers)
+    spent = flops.prefill_flops_from_counts(shape, counts)
+    result = {
+        "answer": processor.decode(new, skip_special_tokens=True).strip(),
+        "exit_layer": int(out.exit_layer[0]),
+        "num_layers": shape.num_layers,
+        "lm_prefill_tflops": spent / 1e12,
+        "full_model_tflops": full / 1e12,
+        "flops_saved": 1 - spent / full,
+        "prefill_ms": prefill_ms,
+        "decode_ms_per_token": (total_ms - prefill_ms) / fed_back if fed_back else None,
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+@hydra.main(config_path="conf", config_name="infer", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    torch.manual_seed(cfg.seed)
+    model, processor = load_mllm(cfg.model.name_or_path, dtype=cfg.model.dtype,
+                                 attn_implementation=cfg.model.attn_implementation, revision=cfg.model.revision)
+    engine = VisualExit(model)
+    if cfg.task == "sample":
+        one_sample(cfg, engine, processor)
+        return
+    if cfg.task != "eval":
+        raise ValueError(f"task must be 'sample' or 'eval', got {cfg.task!r}.")
+    names = list(cfg.policies)
+    samples = load_splits(cfg.data)[cfg.split]
+    samples = samples[: cfg.limit] if cfg.limit else samples
+    sweep_dynamic = cfg.sweeps and Path(cfg.heads).exists()  # the threshold sweep needs heads
+    settings = policy_settings(cfg, engine, processor, names + (["dynamic"] if sweep_dynamic else []))
+    results = evaluate(engine, processor, samples, names, settings, cfg.batch_size, cfg.max_new_tokens, cfg.sweeps,
+                       cfg.data.on_bad_sample)
+    results["settings"] = {"vtw_layer": settings.vtw_layer, "threshold": settings.threshold
+                           if settings.threshold is not None else (settings.heads.threshold if settings.heads else None),
+                           "fastv": dict(cfg.fastv), "split": cfg.split, "model": cfg.model.name_or_path}
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    print(write_report(results, output_dir))
+    log.info("results, table and plots in %s", output_dir)
+
+
+if __name__ == "__main__":
+    main()
