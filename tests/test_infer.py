@@ -1,0 +1,117 @@
+"""infer.py end to end on a tiny testbed-shaped checkpoint with heads from train.py; and its bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dyvte import VisualExit
+from dyvte.calibrate import vtw_search
+from dyvte.heads import ExitHeads
+from dyvte.loading import load_mllm
+from dyvte.testbed.model import ModelConfig, build_model, build_processor
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = ROOT / "data" / "testbed" / "images" / "test_00000.png"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny random checkpoint and exit heads trained for it by train.py."""
+    torch.manual_seed(0)
+    processor = build_processor()
+    model = build_model(processor, ModelConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
+                                               vision_hidden_size=16, vision_intermediate_size=32, vision_layers=1,
+                                               vision_heads=2))
+    root = tmp_path_factory.mktemp("infer")
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    run([ROOT / "train.py", f"model.name_or_path={root / 'model'}", "data.limit=8", "data.eval_limit=8",
+         "heads.epochs=1", "heads.hidden=8", f"cache_dir={root / 'cache'}", f"hydra.run.dir={root / 'train'}"])
+    return root / "model", root / "train" / "heads"
+
+
+def run(args, ok: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    if ok:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def infer(checkpoint, heads, *overrides, ok=True):
+    return run([ROOT / "infer.py", f"model.name_or_path={checkpoint}", f"heads={heads}", *overrides], ok=ok)
+
+
+def test_one_sample_prints_answer_exit_and_cost(trained):
+    checkpoint, heads = trained
+    result = infer(checkpoint, heads, f"image={IMAGE}", "question=how many objects are there ?")
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert 1 <= report["exit_layer"] <= 3 and report["num_layers"] == 3
+    assert 0 < report["lm_prefill_tflops"] <= report["full_model_tflops"]
+    assert report["prefill_ms"] > 0
+
+
+def test_eval_writes_results_table_and_plots(trained, tmp_path):
+    checkpoint, heads = trained
+    result = infer(checkpoint, heads, "task=eval", "limit=6", "data.eval_limit=6", "batch_size=3",
+                   "max_new_tokens=4", "vtw.start_layer=1", f"hydra.run.dir={tmp_path}")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["policies"]) == {"none", "vtw", "fastv", "dynamic", "fastv+dynamic"}
+    for metrics in results["policies"].values():
+        for key in ("accuracy", "agreement", "tflops", "flops_saved", "mean_exit_layer", "prefill_ms",
+                    "decode_ms_per_token", "kv_bytes"):
+            assert key in metrics
+    assert results["policies"]["none"]["flops_saved"] == 0 and results["policies"]["none"]["agreement"] == 1
+    assert results["policies"]["fastv"]["flops_saved"] > 0
+    assert [p["k"] for p in results["static_sweep"]] == [0, 1, 2, 3]
+    assert results["static_sweep"][3]["agreement"] == 1 and len(results["dynamic_sweep"]) > 3
+    assert (tmp_path / "pareto.png").stat().st_size > 0 and (tmp_path / "exit_layers.png").stat().st_size > 0
+    assert "| fastv+dynamic |" in result.stdout
+
+
+def compose_infer(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("infer", overrides=list(overrides))
+
+
+def test_bad_input_is_named(trained, tmp_path, caplog):
+    sys.path.insert(0, str(ROOT))
+    import infer
+
+    checkpoint, heads = trained
+    model, processor = load_mllm(str(checkpoint))
+    engine = VisualExit(model)
+    base = [f"model.name_or_path={checkpoint}", f"heads={heads}", "question=how many objects are there ?"]
+    other = ExitHeads(64, 3, 4)
+    other.save_pretrained(tmp_path / "other")
+    cases = [
+        ([f"heads={tmp_path / 'other'}", f"image={IMAGE}"], "do not fit the model: hidden size 64 vs the model's 32"),
+        ([f"image={IMAGE}", "threshold=1.5"], r"threshold 1.5 is outside \[0, 1\]"),
+        (["image=/nonexistent.png"], "image not found: /nonexistent.png"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            infer.one_sample(compose_infer(*base, *overrides), engine, processor)
+    with caplog.at_level("WARNING"):
+        report = infer.one_sample(compose_infer(*base), engine, processor)
+    assert "no image given: running the question text-only" in caplog.text
+    assert report["lm_prefill_tflops"] == report["full_model_tflops"] > 0
+
+
+def test_vtw_search_returns_first_layer_below_eta():
+    from tiny_models import Sample, build_batch, build_model as build_tiny
+
+    model = build_tiny("llava", num_layers=4, seed=0)
+    batches = [build_batch(model, [Sample(left_pad=i % 2) for i in range(4)], seed=s) for s in range(2)]
+    search = vtw_search(VisualExit(model), batches, eta=1.0, start_layer=1, n=8)
+    assert len(search.kl) == 5 and search.kl[4] == pytest.approx(0.0, abs=1e-9)
+    assert search.k == next(k for k in range(1, 5) if search.kl[k] < 1.0)
+    strict = vtw_search(VisualExit(model), batches, eta=0.0, start_layer=1, n=8)
+    assert strict.k == 4  # nothing is below eta = 0: no withdrawal
+    with pytest.raises(ValueError, match="calibration samples with visual tokens"):
+        vtw_search(VisualExit(model), [build_batch(model, [Sample(images=[])])])
