@@ -93,8 +93,9 @@ def one_sample(cfg, engine: VisualExit, processor) -> dict:
 def main(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
     model, processor = load_mllm(cfg.model.name_or_path, dtype=cfg.model.dtype,
-                                 attn_implementation=cfg.model.attn_implementation, revision=cfg.model.revision)
-    engine = VisualExit(model)
+                                 attn_implementation=cfg.model.attn_implementation, revision=cfg.model.revision,
+                                 quantization=cfg.model.quantization)
+    engine = VisualExit(model, withdraw=cfg.model.withdraw)
     if cfg.task == "sample":
         one_sample(cfg, engine, processor)
         return

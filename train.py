@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     model, processor = load_mllm(
         cfg.model.name_or_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
-        revision=cfg.model.revision,
+        revision=cfg.model.revision, quantization=cfg.model.quantization,
     )
     report = run(cfg, output_dir, model, processor)
     if report:

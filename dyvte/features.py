@@ -1,28 +1,21 @@
 """Exit-head features, computed the same way in the label pass and at inference.
 
 `[mean of the prompt's text tokens except the last, last prompt token]` at a layer's output (DyVTE's
-"mean text + last text"). By default the mean covers the text after the first visual token (the question),
-`all_text` takes every non-visual prompt token.
+"mean text + last text"). Which tokens are text comes from the family adapter's `text_mask` (by default the text
+after the first visual token, i.e. the question; `all_text` takes every non-visual prompt token).
 """
 
 import torch
 
 from .subbatch import SubBatch
 
-FEATURE_SPANS = ("after_first_visual", "all_text")
 
-
-def feature_tokens(prompt_mask: torch.Tensor, visual_mask: torch.Tensor, span: str) -> torch.Tensor:
-    """[B, T_prompt] the prompt tokens averaged into the first half of the features (left-padded prompts)."""
-    if span not in FEATURE_SPANS:
-        raise ValueError(f"features.span must be one of {FEATURE_SPANS}, got {span!r}.")
-    text = prompt_mask.bool() & ~visual_mask
-    if span == "after_first_visual":
-        after = visual_mask.long().cumsum(dim=1) > 0
-        # A prompt without an image has no "after": use all its text rather than nothing.
-        text = torch.where(visual_mask.any(dim=1, keepdim=True), text & after, text)
-    text[:, -1] = False  # the last prompt token is the second half
-    return text
+def feature_tokens(text_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T_prompt] the tokens averaged into the first half of the features: the text but the last prompt
+    token, which is the second half (prompts are left-padded, so it is the last column)."""
+    tokens = text_mask.clone()
+    tokens[:, -1] = False
+    return tokens
 
 
 def head_features(sub: SubBatch, tokens: torch.Tensor, prompt_length: int) -> torch.Tensor:

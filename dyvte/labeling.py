@@ -17,10 +17,10 @@ def normalize_answer(text: str) -> str:
 class LabelModule(L.LightningModule):
     """Holds the frozen MLLM; `predict_step` returns one cache row per sample."""
 
-    def __init__(self, model, tokenizer, config: LabelConfig):
+    def __init__(self, model, tokenizer, config: LabelConfig, withdraw: str = "both"):
         super().__init__()
         self.model = model.requires_grad_(False).eval()
-        self.engine = VisualExit(model)
+        self.engine = VisualExit(model, withdraw=withdraw)
         self.tokenizer = tokenizer
         self.config = config
 
@@ -107,6 +107,7 @@ class ShardWriter(BasePredictionWriter):
 def run_labels(
     model, processor, samples: list[Sample], config: LabelConfig, cache: LabelCache, *, batch_size: int = 8,
     shard_size: int = 256, on_bad_sample: str = "skip", max_length: int | None = None, trainer_kwargs: dict | None = None,
+    withdraw: str = "both",
 ) -> LabelCache:
     """Label every sample not yet in `cache`; a finished cache is returned untouched."""
     if cache.complete:
@@ -123,7 +124,7 @@ def run_labels(
             callbacks=[writer],
         )
         trainer.predict(
-            LabelModule(model, processor.tokenizer, config),
+            LabelModule(model, processor.tokenizer, config, withdraw),
             datamodule=PromptDataModule(pending, collator, batch_size=batch_size),
             return_predictions=False,
         )

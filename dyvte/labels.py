@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .engine import VisualExit
-from .features import FEATURE_SPANS, feature_tokens, head_features
+from .adapters.base import TEXT_SPANS
+from .features import feature_tokens, head_features
 from .subbatch import SubBatch
 
 
@@ -35,8 +36,8 @@ class LabelConfig:
     def __post_init__(self):
         if self.reference not in ("model", "ground_truth"):
             raise ValueError(f"labels.reference must be 'model' or 'ground_truth', got {self.reference!r}.")
-        if self.feature_span not in FEATURE_SPANS:
-            raise ValueError(f"features.span must be one of {FEATURE_SPANS}, got {self.feature_span!r}.")
+        if self.feature_span not in TEXT_SPANS:
+            raise ValueError(f"features.span must be one of {TEXT_SPANS}, got {self.feature_span!r}.")
         if not self.alpha > 0:
             raise ValueError(f"labels.alpha must be positive, got {self.alpha}.")
 
@@ -113,7 +114,9 @@ def dense_labels(
 
     positions = engine.adapter.generation_position_ids(prompt_ids, prompt_mask, **vision)
     full, visual_mask = engine.embed_batch(prompt_ids, prompt_mask, positions, answer_ids, answer_mask, **vision)
-    tokens = feature_tokens(prompt_mask, visual_mask[:, :prompt_length], feature_span)
+    tokens = feature_tokens(
+        engine.adapter.text_mask(prompt_ids, prompt_mask, visual_mask[:, :prompt_length], feature_span)
+    )
     num_layers = engine.num_layers
     features = []
     branches: SubBatch | None = None

@@ -19,8 +19,59 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(name_or_path)
 
 
-def load_mllm(name_or_path: str = "testbed", dtype=torch.float32, attn_implementation: str = "sdpa", **kwargs):
-    """`(model, processor)` through the stock Auto classes; extra kwargs (e.g. `device_map`) go to the model."""
+QUANTIZATION_CHOICES = (None, "4bit", "8bit")
+
+
+def quantization_config(quantization: str | None, dtype=torch.float16):
+    """A bitsandbytes `BitsAndBytesConfig` for `"4bit"` / `"8bit"` (None for no quantization).
+
+    Checked before anything is downloaded: bitsandbytes kernels need a CUDA GPU, and the package is the optional
+    `quant` extra, imported only here.
+    """
+    if quantization in (None, "null", "none"):
+        return None
+    if quantization not in QUANTIZATION_CHOICES:
+        raise ValueError(f"quantization must be null, '4bit' or '8bit'; got {quantization!r}.")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"quantization={quantization!r} loads the model through bitsandbytes, which needs a CUDA GPU, and no CUDA "
+            "device is available here; use quantization=null (full precision) on this machine."
+        )
+    try:
+        import bitsandbytes  # noqa: F401  (optional extra; transformers needs it at load time)
+    except ImportError as error:
+        raise ImportError(
+            f"quantization={quantization!r} needs bitsandbytes: pip install -e '.[quant]'"
+        ) from error
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def load_mllm(
+    name_or_path: str = "testbed",
+    dtype=torch.float32,
+    attn_implementation: str = "sdpa",
+    quantization: str | None = None,
+    **kwargs,
+):
+    """`(model, processor)` through the stock Auto classes; extra kwargs (e.g. `device_map`) go to the model.
+
+    `quantization` ("4bit" | "8bit", GPU only) loads the frozen model through bitsandbytes; the engine runs its
+    (quantized) layers unchanged.
+    """
+    bnb_config = quantization_config(quantization, dtype)  # fails before any download
+    if bnb_config is not None:
+        kwargs["quantization_config"] = bnb_config
+        kwargs.setdefault("device_map", "auto")
     path = resolve_model_path(name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, **kwargs

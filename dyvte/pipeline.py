@@ -50,7 +50,8 @@ def label_caches(cfg, model, processor, splits: dict[str, list[Sample]], compute
         if not samples:
             continue
         ids = hashlib.sha256("\n".join(s.id for s in samples).encode()).hexdigest()
-        key = {**identity, "dtype": cfg.model.dtype, "split": name, "sample_ids_sha256": ids,
+        key = {**identity, "dtype": cfg.model.dtype, "quantization": cfg.model.quantization,
+               "withdraw": cfg.model.withdraw, "split": name, "sample_ids_sha256": ids,
                "labels": {k: v for k, v in vars(config).items() if k != "extra"}}
         cache = LabelCache(cfg.cache_dir, key)
         if compute and cache.complete:
@@ -60,7 +61,7 @@ def label_caches(cfg, model, processor, splits: dict[str, list[Sample]], compute
             run_labels(
                 model, processor, samples, config, cache, batch_size=cfg.labels.batch_size,
                 shard_size=cfg.labels.shard_size, on_bad_sample=cfg.data.on_bad_sample,
-                max_length=cfg.data.max_length, trainer_kwargs=_label_trainer_kwargs(cfg),
+                max_length=cfg.data.max_length, trainer_kwargs=_label_trainer_kwargs(cfg), withdraw=cfg.model.withdraw,
             )
             skipped = cache.skipped()
             if skipped:
@@ -79,6 +80,7 @@ def train_heads(cfg, model, caches: dict[str, LabelCache], output_dir: Path) -> 
     heads = ExitHeads(
         text.hidden_size, text.num_hidden_layers, cfg.heads.hidden,
         meta={**model_identity(cfg.model.name_or_path, cfg.model.revision), "feature_span": cfg.features.span,
+              "withdraw": cfg.model.withdraw,
               "labels": {k: v for k, v in vars(label_config(cfg)).items() if k != "extra"}},
     )
     module = HeadsModule(heads, lr=cfg.heads.lr, weight_decay=cfg.heads.weight_decay,

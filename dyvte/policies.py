@@ -86,7 +86,8 @@ class DynamicExit(ExitPolicy):
         if layer_idx == 0:  # exit_layer 0 is a baseline, never a head decision
             return Decision()
         if "feature_tokens" not in state.scratch:
-            state.scratch["feature_tokens"] = feature_tokens(state.attention_mask, state.visual_mask, self.span)
+            text = state.engine.adapter.text_mask(state.input_ids, state.attention_mask, state.visual_mask, self.span)
+            state.scratch["feature_tokens"] = feature_tokens(text)
         features = head_features(sub, state.scratch["feature_tokens"], state.input_ids.shape[1])
         p_exit = self.heads.exit_probability(layer_idx - 1, features)
         return Decision(exit=p_exit > self.threshold)

@@ -47,23 +47,68 @@ def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
 
 
+def uses_mrope(model) -> bool:
+    return hasattr(model.model, "get_rope_index")
+
+
+def stock_positions(model, batch: dict, input_ids=None, attention_mask=None) -> torch.Tensor:
+    """Positions `model.generate` uses for `input_ids` (the prompt of `batch`, possibly with generated tokens after).
+
+    1-D families: `generation_positions`. M-RoPE families: the model's own `get_rope_index` [3, B, T] on the whole
+    sequence (generated tokens are text, so it continues each row by one per token exactly as `generate` does).
+    """
+    input_ids = batch["input_ids"] if input_ids is None else input_ids
+    attention_mask = batch["attention_mask"] if attention_mask is None else attention_mask
+    if not uses_mrope(model):
+        return generation_positions(attention_mask)
+    if batch.get("image_grid_thw") is None and batch.get("video_grid_thw") is None:
+        return generation_positions(attention_mask)[None].expand(3, *input_ids.shape)
+    types = batch["mm_token_type_ids"]
+    types = torch.cat([types, types.new_zeros(types.shape[0], input_ids.shape[1] - types.shape[1])], dim=1)
+    extra = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in batch}
+    positions, _ = model.model.get_rope_index(
+        input_ids, mm_token_type_ids=types, attention_mask=attention_mask, **extra
+    )
+    return positions
+
+
+def forward_positions(model, batch: dict) -> torch.Tensor:
+    """Positions the stock forward uses when given none: 0..T-1, or `get_rope_index` for M-RoPE with visual input."""
+    if uses_mrope(model) and (batch.get("image_grid_thw") is not None or batch.get("video_grid_thw") is not None):
+        return stock_positions(model, batch)
+    positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+    return positions[None].expand(3, *positions.shape) if uses_mrope(model) else positions
+
+
+def visual_tokens(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Image and video placeholders, from the model's config."""
+    mask = input_ids == model.config.image_token_id
+    if getattr(model.config, "video_token_id", None) is not None:
+        mask |= input_ids == model.config.video_token_id
+    return mask
+
+
 @torch.no_grad()
-def greedy_without_cache(model, batch: dict, exit_layer, max_new_tokens: int) -> torch.Tensor:
+def greedy_without_cache(model, batch: dict, exit_layer, max_new_tokens: int, withdrawn=visual_tokens) -> torch.Tensor:
     """Greedy decoding that recomputes the whole masked forward for every new token (no KV cache).
 
-    Like `generate`, a sample that produced EOS is continued with padding.
+    Like `generate`, a sample that produced EOS is continued with padding. `withdrawn(model, ids)` marks the
+    tokens that exit.
     """
     eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
     ids, mask = batch["input_ids"], batch["attention_mask"]
     vision = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
     prompt_embeds = stock_inputs_embeds(model, input_ids=ids, attention_mask=mask, **vision)
     embed_tokens = model.model.language_model.get_input_embeddings()
-    image_token = model.config.image_token_id
+    prompt_visual = withdrawn(model, ids)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool)
     for _ in range(max_new_tokens):
         new = ids[:, batch["input_ids"].shape[1] :]
         embeds = torch.cat([prompt_embeds, embed_tokens(new)], dim=1)
-        logits = masked_logits(model, embeds, mask, generation_positions(mask), ids == image_token, exit_layer)
+        positions = stock_positions(model, batch, ids, mask)
+        # generated tokens are text, even when a random model happens to generate a placeholder id
+        visual = torch.cat([prompt_visual, torch.zeros_like(new, dtype=torch.bool)], dim=1)
+        logits = masked_logits(model, embeds, mask, positions, visual, exit_layer)
         last_real = (mask * torch.arange(mask.shape[1])).argmax(dim=1)  # the end, unless right-padded
         next_token = logits[torch.arange(ids.shape[0]), last_real].argmax(-1).masked_fill(finished, pad)
         finished |= next_token == eos

@@ -67,7 +67,8 @@ def test_beam_search_refused(engine, batch):
 def test_unsupported_family_lists_supported():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                                          num_attention_heads=2, pad_token_id=PAD))
-    with pytest.raises(ValueError, match=r"no adapter for model_type 'llama'; supported: llava, llava_next"):
+    supported = "internvl, llava, llava_next, llava_onevision, qwen2_5_vl, qwen2_vl"
+    with pytest.raises(ValueError, match=rf"no adapter for model_type 'llama'; supported: {supported}\.$"):
         VisualExit(model)
 
 

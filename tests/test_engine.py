@@ -1,21 +1,43 @@
-"""Exactness of the withdrawal engine against the stock model and a masked-attention reference."""
+"""Exactness of the withdrawal engine against the stock model and a masked-attention reference, on every family."""
+
+import functools
 
 import pytest
 import torch
-from reference import generation_positions, greedy_without_cache, masked_logits, stock_inputs_embeds
-from tiny_models import IMAGE_TOKEN, Sample, build_batch, build_model
+from reference import forward_positions, greedy_without_cache, masked_logits, stock_inputs_embeds, stock_positions
+from tiny_models import (
+    FAMILIES,
+    IMAGE_TOKEN,
+    VIDEO_FAMILIES,
+    VIDEO_TOKEN,
+    Sample,
+    build_batch,
+    build_model,
+    sample_alone,
+    visual_mask,
+)
 
 from dyvte import VisualExit
 
-FAMILIES = ["llava", "llava_next"]
 ATTENTION = ["sdpa", "eager"]
 L = 4
 ATOL = 1e-5
 
 
+@functools.lru_cache(maxsize=None)
+def tiny(family: str, attn: str = "sdpa"):
+    """One model per (family, attention): building is deterministic and no test changes the weights."""
+    return build_model(family, attn)
+
+
+def image_sizes(family: str) -> list:
+    """Different sizes, hence different visual token counts, except for LLaVA-1.5 (one fixed size)."""
+    return [(16, 16)] * 3 if family == "llava" else [(16, 16), (8, 16), (13, 7)]
+
+
 def padded_samples(family: str) -> list[Sample]:
-    """Three samples with left padding, right padding and none; NeXT images of different sizes."""
-    sizes = [(16, 16), (8, 16), (13, 7)] if family == "llava_next" else [(16, 16)] * 3
+    """Three samples with left padding, right padding and none; images of different sizes."""
+    sizes = image_sizes(family)
     return [
         Sample(text_before=2, images=[sizes[0]], text_after=7, left_pad=3),
         Sample(text_before=4, images=[sizes[1]], text_after=5, right_pad=2),
@@ -23,19 +45,31 @@ def padded_samples(family: str) -> list[Sample]:
     ]
 
 
-def vision_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+def generation_samples(family: str) -> list[Sample]:
+    """Left padding only; the first prompt has two images."""
+    sizes = image_sizes(family)
+    return [
+        Sample(left_pad=3, images=[sizes[0], sizes[1]]),
+        Sample(left_pad=0, images=[sizes[1]]),
+        Sample(left_pad=1, images=[sizes[2]]),
+    ]
 
 
 def text_positions(batch: dict) -> torch.Tensor:
-    return batch["attention_mask"].bool() & (batch["input_ids"] != IMAGE_TOKEN)
+    return batch["attention_mask"].bool() & ~visual_mask(batch)
+
+
+def reference(model, batch: dict, exit_layer, withdrawn: torch.Tensor | None = None, embeds=None) -> torch.Tensor:
+    embeds = stock_inputs_embeds(model, **batch) if embeds is None else embeds
+    withdrawn = visual_mask(batch) if withdrawn is None else withdrawn
+    return masked_logits(model, embeds, batch["attention_mask"], forward_positions(model, batch), withdrawn, exit_layer)
 
 
 @pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("exit_layer", [None, L])
 def test_no_exit_equals_stock_forward(family, attn, exit_layer):
-    model = build_model(family, attn)
+    model = tiny(family, attn)
     batch = build_batch(model, padded_samples(family))
     with torch.no_grad():
         expected = model(**batch).logits
@@ -47,16 +81,15 @@ def test_no_exit_equals_stock_forward(family, attn, exit_layer):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_no_exit_generate_equals_stock_generate(family):
-    model = build_model(family)
-    samples = [Sample(left_pad=p, images=s.images) for p, s in zip((3, 0, 1), padded_samples(family))]
-    batch = build_batch(model, samples)
+    model = tiny(family)
+    batch = build_batch(model, generation_samples(family))
     expected = model.generate(**batch, max_new_tokens=10, do_sample=False)
     assert torch.equal(VisualExit(model).generate(**batch, max_new_tokens=10, do_sample=False), expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_no_exit_sampling_equals_stock_sampling(family):
-    model = build_model(family)
+    model = tiny(family)
     batch = build_batch(model, [Sample(left_pad=p) for p in (2, 0, 1)])
     kwargs = dict(max_new_tokens=10, do_sample=True, temperature=1.3, top_k=20, top_p=0.9)
     torch.manual_seed(7)
@@ -68,87 +101,67 @@ def test_no_exit_sampling_equals_stock_sampling(family):
 @pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_exit_layer_equals_masked_reference(family, attn):
-    model = build_model(family, attn)
+    model = tiny(family, attn)
     batch = build_batch(model, padded_samples(family))
     engine = VisualExit(model)
-    embeds = stock_inputs_embeds(model, **batch)
-    positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
-    visual = batch["input_ids"] == IMAGE_TOKEN
     text = text_positions(batch)
+    embeds = stock_inputs_embeds(model, **batch)
     for k in range(L + 1):
         exit_layer = torch.full((3,), k)
-        expected = masked_logits(model, embeds, batch["attention_mask"], positions, visual, exit_layer)
         logits = engine(**batch, exit_layer=exit_layer).logits
+        expected = reference(model, batch, exit_layer, embeds=embeds)
         assert (logits - expected)[text].abs().max() <= ATOL, f"exit_layer={k}"
 
 
 @pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_exit_layers_equal_masked_reference(family, attn):
-    model = build_model(family, attn)
+    model = tiny(family, attn)
     samples = padded_samples(family) + [Sample(text_before=5, images=[], text_after=4, left_pad=1)]
     batch = build_batch(model, samples)
     exit_layer = torch.tensor([1, 3, 0, 2])
-    embeds = stock_inputs_embeds(model, **batch)
-    positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
-    expected = masked_logits(
-        model, embeds, batch["attention_mask"], positions, batch["input_ids"] == IMAGE_TOKEN, exit_layer
-    )
     logits = VisualExit(model)(**batch, exit_layer=exit_layer).logits
-    assert (logits - expected)[text_positions(batch)].abs().max() <= ATOL
+    assert (logits - reference(model, batch, exit_layer))[text_positions(batch)].abs().max() <= ATOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_batch_equals_each_sample_alone(family):
-    model = build_model(family)
+    model = tiny(family)
     engine = VisualExit(model)
     samples = padded_samples(family)
     exit_layer = torch.tensor([2, 0, 3])
-    together = engine(**build_batch(model, samples), exit_layer=exit_layer).logits
     batch = build_batch(model, samples)
-    for i, sample in enumerate(samples):
-        alone_batch = build_batch(model, [sample], seed=0)
-        # Same tokens and pixels as row i of the joint batch, without the joint batch's extra padding.
+    # Stock positions count real tokens only (0..T-1 would shift with the joint batch's padding).
+    joint = engine(**batch, position_ids=stock_positions(model, batch), exit_layer=exit_layer).logits
+    for i in range(len(samples)):
+        alone_batch = sample_alone(model, samples, i)
         real = batch["attention_mask"][i].bool()
-        alone_batch["input_ids"] = batch["input_ids"][i, real][None]
-        alone_batch["attention_mask"] = torch.ones_like(alone_batch["input_ids"])
-        alone_batch["pixel_values"] = batch["pixel_values"][i : i + 1]
-        if "image_sizes" in batch:
-            alone_batch["image_sizes"] = batch["image_sizes"][i : i + 1]
+        assert torch.equal(batch["input_ids"][i, real], alone_batch["input_ids"][0])
         alone = engine(**alone_batch, exit_layer=exit_layer[i : i + 1]).logits[0]
-        text = (alone_batch["input_ids"][0] != IMAGE_TOKEN)
-        # Positions differ between the two layouts (0..T-1 per row), so compare generation-style positions.
-        joint = engine(**batch, position_ids=generation_positions(batch["attention_mask"]), exit_layer=exit_layer)
-        assert (joint.logits[i, real][text] - alone[text]).abs().max() <= ATOL
-    assert together.shape[0] == 3
+        text = ~visual_mask(alone_batch)[0]
+        assert (joint[i, real][text] - alone[text]).abs().max() <= ATOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_images_in_one_prompt(family):
-    model = build_model(family)
-    sizes = [(16, 16), (8, 16)] if family == "llava_next" else [(16, 16), (16, 16)]
+    model = tiny(family)
+    sizes = image_sizes(family)[:2]
     samples = [Sample(images=sizes, left_pad=0), Sample(images=sizes[:1], left_pad=2)]
     batch = build_batch(model, samples)
     with torch.no_grad():
         expected = model(**batch).logits
     engine = VisualExit(model)
     assert (engine(**batch).logits - expected)[batch["attention_mask"].bool()].abs().max() <= ATOL
-    embeds = stock_inputs_embeds(model, **batch)
-    positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
     exit_layer = torch.tensor([1, 2])
-    reference = masked_logits(
-        model, embeds, batch["attention_mask"], positions, batch["input_ids"] == IMAGE_TOKEN, exit_layer
-    )
     logits = engine(**batch, exit_layer=exit_layer).logits
-    assert (logits - reference)[text_positions(batch)].abs().max() <= ATOL
+    assert (logits - reference(model, batch, exit_layer))[text_positions(batch)].abs().max() <= ATOL
 
 
 @pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generate_with_exit_equals_no_cache_reference(family, attn):
-    model = build_model(family, attn)
-    samples = [Sample(left_pad=p, images=s.images) for p, s in zip((3, 0, 1), padded_samples(family))]
-    batch = build_batch(model, samples)
+    model = tiny(family, attn)
+    batch = build_batch(model, generation_samples(family))
     exit_layer = torch.tensor([0, 2, 3])
     expected = greedy_without_cache(model, batch, exit_layer, max_new_tokens=10)
     generated = VisualExit(model).generate(**batch, exit_layer=exit_layer, max_new_tokens=10, do_sample=False)
@@ -156,7 +169,7 @@ def test_greedy_generate_with_exit_equals_no_cache_reference(family, attn):
 
 
 def test_right_padded_generate_continues_after_last_real_token():
-    model = build_model("llava")
+    model = tiny("llava")
     batch = build_batch(model, [Sample(right_pad=3), Sample(left_pad=1)])
     exit_layer = torch.tensor([2, 1])
     expected = greedy_without_cache(model, batch, exit_layer, max_new_tokens=8)
@@ -165,7 +178,7 @@ def test_right_padded_generate_continues_after_last_real_token():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cache_after_exit_holds_no_visual_entries(family):
-    model = build_model(family)
+    model = tiny(family)
     samples = padded_samples(family)
     batch = build_batch(model, samples)
     exit_layer = torch.tensor([1, 3, 0])
@@ -186,7 +199,7 @@ def test_cache_after_exit_holds_no_visual_entries(family):
 
 
 def test_generation_keeps_cache_compact():
-    model = build_model("llava")
+    model = tiny("llava")
     batch = build_batch(model, [Sample(), Sample()])
     out = VisualExit(model).generate(
         **batch, exit_layer=1, max_new_tokens=5, min_new_tokens=5, return_dict_in_generate=True
@@ -198,10 +211,64 @@ def test_generation_keeps_cache_compact():
     assert out.past_key_values.layers[0].keys.shape[2] == batch["input_ids"].shape[1] + generated - 1
 
 
-def test_prompt_without_image_is_text_only():
-    model = build_model("llava")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_without_image_is_text_only(family):
+    model = tiny(family)
     batch = build_batch(model, [Sample(images=[]), Sample(images=[], left_pad=2)])
     with torch.no_grad():
         expected = model(**batch).logits
     logits = VisualExit(model)(**batch, exit_layer=torch.tensor([0, 2])).logits
     assert (logits - expected)[batch["attention_mask"].bool()].abs().max() <= ATOL
+
+
+# --- videos --------------------------------------------------------------------------------------------------------
+def video_samples(family: str) -> list[Sample]:
+    """An image+video prompt, a video-only prompt and an image-only prompt, left-padded."""
+    video = (4, 8, 8) if family != "llava_onevision" else (2, 8, 8)
+    return [
+        Sample(images=[(16, 16)], videos=[video], left_pad=2),
+        Sample(images=[], videos=[(video[0], 16, 8) if family != "llava_onevision" else video]),
+        Sample(images=[(8, 16)], left_pad=1),
+    ]
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_videos_equal_stock_and_masked_reference(family):
+    model = tiny(family)
+    batch = build_batch(model, video_samples(family))
+    assert (batch["input_ids"] == VIDEO_TOKEN).any()
+    engine = VisualExit(model)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    assert (engine(**batch).logits - expected)[batch["attention_mask"].bool()].abs().max() <= ATOL
+    exit_layer = torch.tensor([1, 2, 0])
+    logits = engine(**batch, exit_layer=exit_layer).logits
+    assert (logits - reference(model, batch, exit_layer))[text_positions(batch)].abs().max() <= ATOL
+    generated = engine.generate(**batch, exit_layer=exit_layer, max_new_tokens=6, do_sample=False)
+    assert torch.equal(generated, greedy_without_cache(model, batch, exit_layer, max_new_tokens=6))
+    assert torch.equal(engine.generate(**batch, max_new_tokens=6, do_sample=False),
+                       model.generate(**batch, max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("withdraw, kept", [("images", VIDEO_TOKEN), ("videos", IMAGE_TOKEN)])
+def test_kept_modality_stays_and_says_so(family, withdraw, kept):
+    model = tiny(family)
+    batch = build_batch(model, video_samples(family))
+    engine = VisualExit(model, withdraw=withdraw)
+    exit_layer = torch.tensor([1, 2, 0])
+    with pytest.warns(UserWarning, match=f"withdraw='{withdraw}'.*kept in every layer"):
+        out = engine(**batch, exit_layer=exit_layer)
+    withdrawn = visual_mask(batch) & (batch["input_ids"] != kept)
+    assert torch.equal(out.visual_mask, withdrawn)
+    text = batch["attention_mask"].bool() & ~withdrawn
+    assert (out.logits - reference(model, batch, exit_layer, withdrawn))[text].abs().max() <= ATOL
+    cache = out.past_key_values
+    assert torch.equal(cache.num_keys(L - 1), text.sum(1))  # every sample has exited by the last layer
+
+    def only_withdrawn(model, ids):
+        return ((ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)) & (ids != kept)
+
+    with pytest.warns(UserWarning, match="kept in every layer"):
+        generated = engine.generate(**batch, exit_layer=exit_layer, max_new_tokens=5, do_sample=False)
+    assert torch.equal(generated, greedy_without_cache(model, batch, exit_layer, 5, withdrawn=only_withdrawn))

@@ -8,11 +8,18 @@ import transformers
 from packaging.version import Version
 
 from .base import FamilyAdapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
+from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_vl import QwenVLAdapter
 
 ADAPTERS: dict[str, type[FamilyAdapter]] = {
+    "internvl": InternVLAdapter,
     "llava": LlavaAdapter,
     "llava_next": LlavaAdapter,
+    "llava_onevision": LlavaOnevisionAdapter,
+    "qwen2_5_vl": QwenVLAdapter,
+    "qwen2_vl": QwenVLAdapter,
 }
 SUPPORTED_TRANSFORMERS = (Version("5.0.0"), Version("6.0.0"))
 
@@ -27,15 +34,27 @@ def check_transformers_version(version: str = transformers.__version__) -> None:
         )
 
 
-def get_adapter(model) -> FamilyAdapter:
-    """Pick the adapter for `model.config.model_type`, or fail naming the supported families."""
+def get_adapter(model, withdraw: str = "both") -> FamilyAdapter:
+    """Pick the adapter for `model.config.model_type`, or fail naming the supported families.
+
+    `withdraw` ("both" | "images" | "videos") chooses which visual tokens exit; see `FamilyAdapter`.
+    """
     check_transformers_version()
     model_type = getattr(model.config, "model_type", None)
     if model_type not in ADAPTERS:
         raise ValueError(
             f"dyvte has no adapter for model_type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}."
         )
-    return ADAPTERS[model_type](model)
+    return ADAPTERS[model_type](model, withdraw=withdraw)
 
 
-__all__ = ["ADAPTERS", "FamilyAdapter", "LlavaAdapter", "check_transformers_version", "get_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "FamilyAdapter",
+    "InternVLAdapter",
+    "LlavaAdapter",
+    "LlavaOnevisionAdapter",
+    "QwenVLAdapter",
+    "check_transformers_version",
+    "get_adapter",
+]

@@ -1,14 +1,23 @@
 """What every family adapter provides to the withdrawal engine."""
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+WITHDRAW_CHOICES = ("both", "images", "videos")
+TEXT_SPANS = ("after_first_visual", "all_text")
 
 
 @dataclass
 class EmbeddedInputs:
-    """Language-model inputs after the vision tower: `inputs_embeds` [B, T, d] and which positions are visual."""
+    """Language-model inputs after the vision tower: `inputs_embeds` [B, T, d] and which positions withdraw.
+
+    `visual_mask` marks the visual tokens that exit (all of them with `withdraw="both"`); visual tokens of a modality
+    the adapter keeps are treated like text by the engine.
+    """
 
     inputs_embeds: torch.Tensor
     visual_mask: torch.Tensor
@@ -18,13 +27,32 @@ class FamilyAdapter:
     """Access to the stock decoder of one MLLM family; subclasses implement `embed`.
 
     The defaults fit decoders laid out as transformers v5 Llama-style text models
-    (`model.model.language_model.{embed_tokens, layers, norm, rotary_emb}` and `model.lm_head`).
+    (`model.model.language_model.{embed_tokens, layers, norm, rotary_emb}` and `model.lm_head`) with 1-D positions.
+
+    `withdraw` chooses which visual tokens exit: `"both"` (images and videos), `"images"` or `"videos"`; tokens of
+    the other modality stay in every layer like text (and a warning says so when such tokens are in the input).
     """
 
-    def __init__(self, model: nn.Module):
+    #: whether the family marks video tokens apart from image tokens (else `withdraw` must be "both")
+    separate_video_tokens = True
+
+    def __init__(self, model: nn.Module, withdraw: str = "both"):
+        if withdraw not in WITHDRAW_CHOICES:
+            raise ValueError(f"withdraw must be one of {', '.join(WITHDRAW_CHOICES)}; got {withdraw!r}.")
+        if withdraw != "both" and not self.separate_video_tokens:
+            raise ValueError(
+                f"{model.config.model_type} feeds video frames through its image tokens, so images and videos cannot "
+                f"be withdrawn separately: use withdraw='both' (got {withdraw!r})."
+            )
         self.model = model
+        self.withdraw = withdraw
         self.language_model = model.model.language_model
         self.text_config = model.config.get_text_config(decoder=True)
+        if "sliding_attention" in (getattr(self.text_config, "layer_types", None) or []):
+            raise ValueError(
+                f"{model.config.model_type}: this checkpoint uses sliding-window attention in some layers, which the "
+                "engine's masks do not reproduce; only full-attention decoders are supported."
+            )
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -46,17 +74,100 @@ class FamilyAdapter:
     def attn_implementation(self) -> str:
         return self.text_config._attn_implementation or "eager"
 
+    # --- which tokens are visual -------------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int | None:
+        return getattr(self.model.config, "image_token_id", None)
+
+    @property
+    def video_token_id(self) -> int | None:
+        """`None` for families without video placeholders (or whose videos use the image token)."""
+        if not self.separate_video_tokens:
+            return None
+        return getattr(self.model.config, "video_token_id", None)
+
+    def _token_mask(self, input_ids: torch.Tensor, token_id: int | None) -> torch.Tensor:
+        if token_id is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return input_ids == token_id
+
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Every visual placeholder token (images and videos), whatever `withdraw` says."""
+        return self._token_mask(input_ids, self.image_token_id) | self._token_mask(input_ids, self.video_token_id)
+
+    def withdrawn_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The visual tokens that exit under `self.withdraw`; warns when tokens of a kept modality are present."""
+        images = self._token_mask(input_ids, self.image_token_id)
+        videos = self._token_mask(input_ids, self.video_token_id)
+        if self.withdraw == "both":
+            return images | videos
+        kept, name = (videos, "video") if self.withdraw == "images" else (images, "image")
+        if kept.any():
+            samples = kept.any(dim=1).nonzero().squeeze(1).tolist()
+            warnings.warn(
+                f"withdraw={self.withdraw!r}: the {name} tokens of sample(s) {samples} are kept in every layer "
+                f"(they do not exit); use withdraw='both' to withdraw them too.",
+                stacklevel=3,
+            )
+        return images if self.withdraw == "images" else videos
+
+    def text_mask(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        visual_mask: torch.Tensor | None = None,
+        span: str = "after_first_visual",
+    ) -> torch.Tensor:
+        """[B, T] bool: the real text tokens of each sample, from the token ids alone (no prompt-layout assumption).
+
+        `span="all_text"`: every non-padding token that is not a visual placeholder. `span="after_first_visual"`:
+        those after the sample's first visual token; a sample without visual tokens has no "after" and gets all its
+        text (as the label pass's head features do). Markers around the visual tokens (e.g. `<|vision_start|>`,
+        `<img>`) are text: they stay in the sequence after exit. `visual_mask` defaults to every image/video
+        placeholder (`visual_token_mask`); pass the engine's `visual_mask` to count only the withdrawn ones.
+        """
+        if span not in TEXT_SPANS:
+            raise ValueError(f"span must be one of {', '.join(TEXT_SPANS)}; got {span!r}.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if visual_mask is None:
+            visual_mask = self.visual_token_mask(input_ids)
+        text = attention_mask.bool() & ~visual_mask
+        if span == "all_text":
+            return text
+        after = visual_mask.long().cumsum(dim=1) > 0
+        return torch.where(visual_mask.any(dim=1, keepdim=True), text & after, text)
+
+    # --- embeddings and positions ------------------------------------------------------------------------------
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(input_ids)
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary `(cos, sin)` of shape [B, T, head_dim], computed once for the full sequence and gathered later."""
+        """Rotary `(cos, sin)` of shape [B, T, head_dim], computed once for the full sequence and gathered later.
+
+        `position_ids` is whatever `prefill_position_ids` / `next_position_ids` return (the sequence is the last dim).
+        """
         return self.language_model.rotary_emb(hidden, position_ids=position_ids)
 
-    def prefill_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def prefill_position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **vision_inputs
+    ) -> torch.Tensor:
         """Positions the stock forward uses when none are given: 0..T-1 for every sample."""
         batch, length = input_ids.shape
         return torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, length)
+
+    def generation_position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **vision_inputs
+    ) -> torch.Tensor:
+        """Positions `model.generate` gives a (left-padded) prompt: the count of real tokens before each one."""
+        return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+    def generation_position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **vision_inputs
+    ) -> torch.Tensor:
+        """Positions as `model.generate` forms them (real tokens counted, padding skipped), for a prompt possibly
+        followed by teacher-forced answer tokens (what a label pass over prompt + answer needs)."""
+        return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
     def next_position_ids(self, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Position of the first generated token of each sample: one past its last real prompt token."""
@@ -64,3 +175,40 @@ class FamilyAdapter:
 
     def embed(self, input_ids: torch.Tensor, **vision_inputs) -> EmbeddedInputs:
         raise NotImplementedError
+
+    # --- helpers for subclasses --------------------------------------------------------------------------------
+    def check_placeholders(self, input_ids: torch.Tensor, modality: str, token_id: int | None, has_features: bool):
+        """Placeholders without pixels, or pixels without placeholders, fail naming the samples."""
+        if token_id is None:
+            return
+        mask = input_ids == token_id
+        if not has_features and mask.any():
+            samples = mask.any(dim=1).nonzero().squeeze(1).tolist()
+            pixels = "pixel_values" if modality == "image" else "pixel_values_videos"
+            raise ValueError(
+                f"sample(s) {samples} contain {modality} tokens (id {token_id}) but no {pixels} were given."
+            )
+        if has_features and not mask.any():
+            raise ValueError(
+                f"{modality} pixels were given but no sample contains the {modality} token (id {token_id}); build the "
+                f"prompt with the processor so it inserts the {modality} tokens."
+            )
+
+    def last_query_attention(self, layer: nn.Module, sub) -> torch.Tensor:
+        """[b, n] attention of each row's last token over its slots in `layer`, averaged over heads.
+
+        Recomputed for that one query from the layer's own projections (as FastV needs it), so the model keeps
+        running with SDPA, which returns no attention weights.
+        """
+        attention = layer.self_attn
+        hidden = layer.input_layernorm(sub.hidden)
+        batch, length, _ = hidden.shape
+        head_dim = attention.head_dim
+        query = attention.q_proj(hidden[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)
+        key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+        query, _ = apply_rotary_pos_emb(query, query, sub.cos[:, -1:], sub.sin[:, -1:])
+        _, key = apply_rotary_pos_emb(key, key, sub.cos, sub.sin)
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        scores = (query @ key.transpose(-1, -2)).squeeze(2) * attention.scaling
+        scores = scores.masked_fill(~sub.valid[:, None], torch.finfo(scores.dtype).min)
+        return scores.softmax(dim=-1).mean(dim=1)

@@ -23,10 +23,6 @@ def image_token_runs(visual_mask: torch.Tensor) -> list[tuple[int, int]]:
 
 
 class LlavaAdapter(FamilyAdapter):
-    @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
-
     def embed(
         self,
         input_ids: torch.Tensor,
@@ -36,33 +32,53 @@ class LlavaAdapter(FamilyAdapter):
         **vision_kwargs,
     ) -> EmbeddedInputs:
         """`mm_encoder_outputs` is the vision output `model.generate` computes before the decoding loop."""
-        visual_mask = input_ids == self.image_token_id
-        inputs_embeds = self.embed_tokens(input_ids)
+        inputs_embeds = self.embed_images(
+            input_ids, self.embed_tokens(input_ids), pixel_values, image_sizes, mm_encoder_outputs, **vision_kwargs
+        )
+        return EmbeddedInputs(inputs_embeds, self.withdrawn_mask(input_ids))
+
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None, **vision_kwargs):
+        """The model's own `get_image_features`: one feature tensor per image."""
+        if image_sizes is not None:  # LLaVA-1.5's CLIP tower does not accept it; NeXT needs it.
+            vision_kwargs["image_sizes"] = image_sizes
+        return self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs)
+
+    def embed_images(
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_sizes: torch.Tensor | None,
+        mm_encoder_outputs: dict | None,
+        **vision_kwargs,
+    ) -> torch.Tensor:
+        """`inputs_embeds` with the image features scattered into the image-token positions."""
+        image_mask = input_ids == self.image_token_id
         encoded = (mm_encoder_outputs or {}).get("image")
         has_pixels = encoded is not None or (pixel_values is not None and pixel_values.numel() > 0)
         if not has_pixels:
-            if visual_mask.any():
-                samples = visual_mask.any(dim=1).nonzero().squeeze(1).tolist()
+            if image_mask.any():
+                samples = image_mask.any(dim=1).nonzero().squeeze(1).tolist()
                 raise ValueError(
                     f"sample(s) {samples} contain image tokens (id {self.image_token_id}) but no pixel_values were given."
                 )
-            return EmbeddedInputs(inputs_embeds, visual_mask)
-        if not visual_mask.any():
+            return inputs_embeds
+        if not image_mask.any():
             raise ValueError(
                 "pixel_values were given but no sample contains the image token "
                 f"(id {self.image_token_id}); build the prompt with the processor so it inserts the image tokens."
             )
         if encoded is None:
-            if image_sizes is not None:  # LLaVA-1.5's CLIP tower does not accept it; NeXT needs it.
-                vision_kwargs["image_sizes"] = image_sizes
-            encoded = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs)
+            encoded = self.image_features(pixel_values, image_sizes, **vision_kwargs)
         features = encoded.pooler_output
-        check_feature_counts(image_token_runs(visual_mask), [f.shape[0] for f in features])
+        check_feature_counts(image_token_runs(image_mask), [f.shape[0] for f in features])
         features = torch.cat(list(features), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         placeholder = self.model.model.get_placeholder_mask(
             input_ids, inputs_embeds=inputs_embeds, image_features=features
         )
-        return EmbeddedInputs(inputs_embeds.masked_scatter(placeholder, features), visual_mask)
+        if isinstance(placeholder, tuple):  # families with videos return (image mask, video mask)
+            placeholder = placeholder[0]
+        return inputs_embeds.masked_scatter(placeholder, features)
 
 
 def check_feature_counts(runs: list[tuple[int, int]], feature_counts: list[int]) -> None:

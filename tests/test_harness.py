@@ -1,0 +1,57 @@
+"""Harness requests (the lmms-eval plug-in's work) against the stock model."""
+
+import pytest
+import torch
+from PIL import Image
+
+from dyvte import VisualExit
+from dyvte.harness import ExitRunner
+from dyvte.policies import NoExit, StaticExit
+from dyvte.testbed.model import ModelConfig, build_model, build_processor
+
+
+@pytest.fixture(scope="module")
+def runner_parts():
+    torch.manual_seed(0)
+    processor = build_processor()
+    model = build_model(processor, ModelConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
+                                               vision_hidden_size=16, vision_intermediate_size=32, vision_layers=1,
+                                               vision_heads=2)).eval()
+    images = [[Image.new("RGB", (96, 96), colour)] for colour in ("red", "blue", "white")]
+    return model, processor, images
+
+
+def test_loglikelihood_without_exit_is_the_stock_log_probability(runner_parts):
+    model, processor, images = runner_parts
+    runner = ExitRunner(VisualExit(model), processor, NoExit())
+    contexts = ["how many objects are there ?", "what colour is the square ?", "is there a red circle ?"]
+    continuations = ["2", "red", "yes"]
+    results = runner.loglikelihood(contexts, continuations, images)
+    for (log_p, greedy), context, continuation, image in zip(results, contexts, continuations, images):
+        content = [{"type": "image"}, {"type": "text", "text": context}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = processor(images=image, text=[prompt + " " + continuation], return_tensors="pt")
+        target = processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -len(target) - 1 : -1]
+        expected = logits.log_softmax(-1)[torch.arange(len(target)), torch.tensor(target)].sum()
+        assert log_p == pytest.approx(float(expected), abs=1e-4)
+        assert greedy == bool((logits.argmax(-1) == torch.tensor(target)).all())
+    assert runner.stats.summary(3) == {"requests": 3, "mean_exit_layer": 3.0, "num_layers": 3, "histogram": {3: 3}}
+
+
+def test_generate_matches_engine_and_cuts_at_stop_strings(runner_parts):
+    model, processor, images = runner_parts
+    engine = VisualExit(model)
+    runner = ExitRunner(engine, processor, StaticExit(1))
+    answers = runner.generate(["describe the image", "list the colours"], images[:2], max_new_tokens=6)
+    for answer, image, context in zip(answers, images, ["describe the image", "list the colours"]):
+        content = [{"type": "image"}, {"type": "text", "text": context}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = processor(images=image, text=[prompt], return_tensors="pt")
+        ids = engine.generate(**inputs, exit_layer=1, max_new_tokens=6)
+        assert answer == processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    words = answers[0].split()
+    if len(words) > 1:
+        assert runner.generate(["describe the image"], images[:1], until=[words[1]], max_new_tokens=6) == [words[0]]
+    assert runner.stats.exit_layers.count(1) >= 2
