@@ -2,6 +2,12 @@
 
 from . import flops
 from .cache import WithdrawalCache
-from .engine import VisualExit, VisualExitOutput
+from .engine import VisualExit, VisualExitGenerateOutput, VisualExitOutput
+from .heads import ExitHeads
+from .loading import load_mllm
+from .policies import DynamicExit, ExitPolicy, FastV, NoExit, StaticExit
 
-__all__ = ["VisualExit", "VisualExitOutput", "WithdrawalCache", "flops"]
+__all__ = [
+    "DynamicExit", "ExitHeads", "ExitPolicy", "FastV", "NoExit", "StaticExit", "VisualExit",
+    "VisualExitGenerateOutput", "VisualExitOutput", "WithdrawalCache", "flops", "load_mllm",
+]

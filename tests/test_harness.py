@@ -51,7 +51,12 @@ def test_generate_matches_engine_and_cuts_at_stop_strings(runner_parts):
         inputs = processor(images=image, text=[prompt], return_tensors="pt")
         ids = engine.generate(**inputs, exit_layer=1, max_new_tokens=6)
         assert answer == processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    words = answers[0].split()
-    if len(words) > 1:
-        assert runner.generate(["describe the image"], images[:1], until=[words[1]], max_new_tokens=6) == [words[0]]
+    torch.manual_seed(5)  # sampling, so the random model says several different words
+    words = runner.generate(["describe the image"], images[:1], max_new_tokens=8, do_sample=True)[0].split()
+    later = [j for j, word in enumerate(words) if word not in " ".join(words[:j])]
+    assert later[1:], f"the sampled answer {words} has no second distinct word to stop at"
+    torch.manual_seed(5)
+    cut = runner.generate(["describe the image"], images[:1], until=[words[later[1]]], max_new_tokens=8,
+                          do_sample=True)
+    assert cut == [" ".join(words[: later[1]])]
     assert runner.stats.exit_layers.count(1) >= 2
