@@ -49,8 +49,8 @@ class ModelConfig:
     """Sizes of the tiny LLaVA. The vision tower is shallow on purpose: one object per patch is easy to
     describe, and the relational work is left to the decoder layers."""
 
-    hidden_size: int = 128
-    intermediate_size: int = 384
+    hidden_size: int = 96
+    intermediate_size: int = 256
     num_layers: int = 12
     num_heads: int = 4
     vision_hidden_size: int = 96

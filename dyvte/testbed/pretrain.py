@@ -4,19 +4,21 @@ checkpoint.
     python -m dyvte.testbed.pretrain --overwrite
 
 Training data is generated on the fly from its own seed stream, excluding every val/test scene. The mix adds
-the dense `describe` task (every object's size, colour, shape and glyph, left to right) to the evaluated
-families: without it the model learns the language prior and ignores the image.
+the dense `describe` task (every object's size, colour, shape and glyph, top to bottom) to the evaluated
+families: without it the model learns the language prior and ignores the image. How the 12-layer model gets off
+that plateau at all is in `TrainingData` and `pretrain` (curricula, frozen vision side, learning rate).
 """
 
 import argparse
 import json
 import random
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dyvte.testbed.model import ModelConfig, build_model, build_processor, pixel_values, prompt_text
@@ -46,6 +48,7 @@ class Encoder:
         self.tokenizer = processor.tokenizer
         self.scene_config = scene_config
         self.image_tokens = scene_config.grid**2
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
         self._prompts: dict[str, list[int]] = {}
         self._answers: dict[str, list[int]] = {}
 
@@ -61,7 +64,8 @@ class Encoder:
             self._answers[answer] = ids + [self.tokenizer.eos_token_id]
         return self._answers[answer]
 
-    def batch(self, images, questions, answers) -> dict[str, torch.Tensor]:
+    def batch(self, images, questions, answers, hidden=None) -> dict[str, torch.Tensor]:
+        """`hidden[i]` lists visual tokens (row-major patch indices) that sample i's attention may not see."""
         rows = [(self.prompt_ids(q), self.answer_ids(a)) for q, a in zip(questions, answers)]
         length = max(len(p) + len(a) for p, a in rows)
         input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id)
@@ -72,6 +76,9 @@ class Encoder:
             input_ids[i, :n] = torch.tensor(prompt + answer)
             labels[i, len(prompt) : n] = torch.tensor(answer)
             attention_mask[i, :n] = 1
+            if hidden is not None and hidden[i]:
+                image_start = prompt.index(self.image_token_id)
+                attention_mask[i, [image_start + cell for cell in hidden[i]]] = 0
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -93,8 +100,6 @@ def sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def teacher_forced_accuracy(model, encoder: Encoder, records: list[dict], images_dir: Path, batch_size: int = 64):
     """Per-family exact match of the full model with the answer teacher-forced: the argmax is right at every
     answer position iff greedy generation reproduces the answer."""
-    from PIL import Image
-
     model.eval()
     hits = {}
     for start in range(0, len(records), batch_size):
@@ -119,14 +124,54 @@ def family_weights(describe_weight: float) -> dict[str, float]:
     return weights
 
 
-def training_stream(seed: int, scene_config: SceneConfig, exclude: set[str], weights: dict[str, float]):
-    """Endless (image, question, answer) triples, one fresh scene each, never a val/test scene."""
-    rng = random.Random(f"{seed}/pretrain/questions")
-    names, probs = list(weights), list(weights.values())
-    for scene, _ in scene_stream(seed, "pretrain", scene_config, exclude):
-        qa = make_question(rng.choices(names, probs)[0], scene, rng)
-        if qa is not None:
-            yield render(scene, scene_config), qa[0], qa[1]
+class TrainingData:
+    """Endless training samples, one fresh scene each, never a val/test scene.
+
+    A fresh model attends uniformly, so one object among 64 visual tokens is a 1/64 signal and training sits on
+    the language-prior plateau. Two curricula remove it: until `hold` (a fraction of training) scenes have a single
+    object and the empty cells' visual tokens are hidden from attention, so whatever the model attends to is the
+    object; from `hold` to `ramp` objects are added and hiding fades out.
+    """
+
+    def __init__(
+        self, seed: int, scene_config: SceneConfig, exclude: set[str], weights: dict[str, float], hold: float, ramp: float
+    ):
+        self.scene_config = scene_config
+        self.hold, self.ramp = hold, ramp
+        self.rng = random.Random(f"{seed}/pretrain/questions")
+        self.names, self.probs = list(weights), list(weights.values())
+        self.streams = {
+            m: scene_stream(seed, f"pretrain/{m}", replace(scene_config, min_objects=1, max_objects=m), exclude)
+            for m in range(1, scene_config.max_objects + 1)
+        }
+
+    def max_objects(self, progress: float) -> int:
+        return 1 + int((self.scene_config.max_objects - 1) * self._fade_in(progress))
+
+    def hide_probability(self, progress: float) -> float:
+        return 1.0 - self._fade_in(progress)
+
+    def _fade_in(self, progress: float) -> float:
+        return min(1.0, max(0.0, (progress - self.hold) / (self.ramp - self.hold)))
+
+    def sample(self, progress: float) -> tuple:
+        """(image, question, answer, indices of the visual tokens to hide)."""
+        stream = self.streams[self.max_objects(progress)]
+        while True:
+            scene, _ = next(stream)
+            qa = make_question(self.rng.choices(self.names, self.probs)[0], scene, self.rng)
+            if qa is not None:
+                break
+        hidden = []
+        if self.rng.random() < self.hide_probability(progress):
+            grid = self.scene_config.grid
+            occupied = {obj.row * grid + obj.col for obj in scene}
+            hidden = [cell for cell in range(grid * grid) if cell not in occupied]
+        return render(scene, self.scene_config), qa[0], qa[1], hidden
+
+
+def vision_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for name, p in model.named_parameters() if "vision_tower" in name or "multi_modal_projector" in name]
 
 
 def pretrain(args) -> dict:
@@ -142,9 +187,28 @@ def pretrain(args) -> dict:
     model.train()
     encoder = Encoder(processor, scene_config)
     val = load_split(data_dir, "val")
-    stream = training_stream(args.seed, scene_config, held_out_hashes(data_dir), family_weights(args.describe_weight))
+    data = TrainingData(
+        args.seed,
+        scene_config,
+        held_out_hashes(data_dir),
+        family_weights(args.describe_weight),
+        hold=args.hold,
+        ramp=args.ramp,
+    )
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    # The vision tower and projector stay frozen at their random init for the first `freeze_vision` of training:
+    # trained from the start, they were seen to blow every visual token up onto one large common vector (norm 0.3
+    # -> 30 in 30 steps) in which the object's own features drown, and the model never left the prior plateau.
+    # Random features of one object per patch are already distinct; once the decoder reads them, they are
+    # fine-tuned at a lower learning rate.
+    vision = vision_parameters(model)
+    vision_ids = {id(p) for p in vision}
+    decoder = [p for p in model.parameters() if id(p) not in vision_ids]
+    groups = [{"params": decoder, "lr": args.lr}, {"params": vision, "lr": args.lr * args.vision_lr_scale}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    unfreeze_step = int(args.freeze_vision * args.steps)
+    for p in vision:
+        p.requires_grad_(unfreeze_step == 0)
     warmup = max(1, args.steps // 20)
 
     def lr_factor(step):
@@ -162,8 +226,11 @@ def pretrain(args) -> dict:
         task = progress.add_task("pre-training", total=args.steps, status="")
         running = None
         for step in range(args.steps):
-            triples = [next(stream) for _ in range(args.batch_size)]
-            batch = encoder.batch(*zip(*triples))
+            if step == unfreeze_step:
+                for p in vision:
+                    p.requires_grad_(True)
+            samples = [data.sample(step / args.steps) for _ in range(args.batch_size)]
+            batch = encoder.batch(*zip(*samples))
             labels = batch.pop("labels")
             loss = sample_loss(model(**batch).logits, labels)
             loss.backward()
@@ -196,12 +263,16 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=str(DEFAULT_DATA_DIR / "model"), help="checkpoint directory")
     parser.add_argument("--overwrite", action="store_true", help="replace splits generated with another seed")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3, help="2e-3 leaves 12 layers on the plateau")
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--describe-weight", type=float, default=2.0, help="sampling weight of the grounding task")
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--hold", type=float, default=0.2, help="fraction of training on lone objects")
+    parser.add_argument("--ramp", type=float, default=0.5, help="fraction of training to reach the full scenes")
+    parser.add_argument("--freeze-vision", type=float, default=0.5, help="frozen-vision fraction")
+    parser.add_argument("--vision-lr-scale", type=float, default=0.3, help="learning-rate factor of the vision side")
+    parser.add_argument("--eval-every", type=int, default=600)
     parser.add_argument("--threads", type=int, default=2)
     for f in fields(ModelConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)

@@ -3,10 +3,11 @@
 A scene is a handful of objects on a `grid x grid` board whose cells are exactly the vision tower's patches, so
 one object is one visual token: the vision tower only has to describe a cell, and every question that relates
 objects has to be answered by the language model's layers, which is where visual-token exit acts. Objects sit
-in distinct columns, so "left of" and "left to right" are unambiguous.
+in distinct rows, so "above", "below" and "top to bottom" are unambiguous, and top to bottom is also the order
+of the visual tokens (row-major patches), which makes the dense grounding task learnable by a tiny model.
 
 Question families go from one-hop look-ups that resolve early (is there a red circle?) to multi-hop ones
-(what colour is the object left of the blue square?) and one with multi-token answers (list the colours).
+(what colour is the object above the blue square?) and one with multi-token answers (list the colours).
 Answers are balanced within each family so that the language prior alone is at chance.
 """
 
@@ -66,7 +67,7 @@ class SceneConfig:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
         if self.max_objects > self.grid:
             raise ValueError(
-                f"impossible configuration: max_objects={self.max_objects} objects need distinct columns "
+                f"impossible configuration: max_objects={self.max_objects} objects need distinct rows "
                 f"but the grid has only {self.grid}"
             )
         if self.max_objects > len(COLOURS) * len(SHAPES):
@@ -91,21 +92,21 @@ class Obj:
     glyph: str | None
 
 
-Scene = tuple[Obj, ...]  # sorted by column, i.e. left to right
+Scene = tuple[Obj, ...]  # sorted by row, i.e. top to bottom
 
 
 def sample_scene(rng: random.Random, config: SceneConfig) -> Scene:
-    """Distinct columns, distinct (colour, shape) pairs and distinct glyphs, so every reference is unique."""
+    """Distinct rows, distinct (colour, shape) pairs and distinct glyphs, so every reference is unique."""
     n = rng.randint(config.min_objects, config.max_objects)
-    cols = sorted(rng.sample(range(config.grid), n))
+    rows = sorted(rng.sample(range(config.grid), n))
     pairs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)
     digits = iter(rng.sample(DIGITS, n))
     objects = []
-    for col, (colour, shape) in zip(cols, pairs):
+    for row, (colour, shape) in zip(rows, pairs):
         size = rng.choice(SIZES)
         glyph = next(digits)
         has_glyph = size == "big" and rng.random() < config.glyph_prob
-        objects.append(Obj(col, rng.randrange(config.grid), colour, shape, size, glyph if has_glyph else None))
+        objects.append(Obj(rng.randrange(config.grid), row, colour, shape, size, glyph if has_glyph else None))
     return tuple(objects)
 
 
@@ -185,13 +186,13 @@ def make_question(family: str, scene: Scene, rng: random.Random) -> tuple[str, s
             return None
         i = rng.randrange(len(scene) - 1)
         if rng.random() < 0.5:
-            return f"what colour is the object left of the {_name(scene[i + 1])} ?", scene[i].colour
-        return f"what colour is the object right of the {_name(scene[i])} ?", scene[i + 1].colour
+            return f"what colour is the object above the {_name(scene[i + 1])} ?", scene[i].colour
+        return f"what colour is the object below the {_name(scene[i])} ?", scene[i + 1].colour
     if family == "list_colours":
-        return "list the colours from left to right .", " ".join(o.colour for o in scene)
+        return "list the colours from top to bottom .", " ".join(o.colour for o in scene)
     if family == "describe":
         parts = [f"{o.size} {_name(o)} {o.glyph or 'blank'}" for o in scene]
-        return "describe the objects from left to right .", " ; ".join(parts)
+        return "describe the objects from top to bottom .", " ; ".join(parts)
     raise ValueError(f"unknown question family {family!r}; known: {FAMILIES + AUX_FAMILIES}")
 
 
@@ -208,8 +209,8 @@ def vocabulary() -> list[str]:
     words |= set(COLOURS) | set(SHAPES) | set(SIZES) | set(DIGITS)
     templates = [
         "is there a how many objects are there what colour is the what shape is the object",
-        "what digit is on the with digit left of right of list the colours from left to right",
-        "describe the objects from left to right",
+        "what digit is on the with digit above below list the colours from top to bottom",
+        "describe the objects",
     ]
     for line in templates:
         words |= set(line.split())
