@@ -23,7 +23,8 @@ def head_features(sub: SubBatch, tokens: torch.Tensor, prompt_length: int) -> to
     index = sub.index.clamp(min=0, max=prompt_length - 1)
     in_prompt = sub.valid & (sub.index < prompt_length)
     weights = (in_prompt & tokens[sub.rows[:, None], index]).to(sub.hidden.dtype)
-    mean = (sub.hidden * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp(min=1)
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = torch.bmm(weights[:, None, :], sub.hidden).squeeze(1)  # no [b, n, d] temporary: heads stay cheap
     last_slot = (sub.index == prompt_length - 1).int().argmax(dim=1)
     last = sub.hidden[torch.arange(len(sub), device=index.device), last_slot]
     return torch.cat([mean, last], dim=-1)

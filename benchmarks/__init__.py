@@ -1,0 +1,1 @@
+"""dyvte benchmarks: `python -m benchmarks.run [--quick]`."""
