@@ -224,6 +224,7 @@ def plot_pareto(results: dict, path: Path) -> None:
         axis.scatter(metrics["tflops"], metrics["accuracy"], marker="*", s=90, zorder=3)
         axis.annotate(name, (metrics["tflops"], metrics["accuracy"]), fontsize=7, xytext=(3, 3),
                       textcoords="offset points")
+    axis.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))  # readable at testbed and 7B scales
     axis.set_xlabel("LM prefill TFLOPs per sample")
     axis.set_ylabel("accuracy")
     axis.legend(fontsize=7)
