@@ -23,7 +23,6 @@ from dyvte.testbed.scenes import (
     make_question,
     render,
     sample_scene,
-    scene_hash,
     scene_stream,
 )
 

@@ -1,7 +1,6 @@
 """train.py end to end on a tiny random testbed-shaped checkpoint: labels cache, resume, sweeps, heads, validate."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -159,12 +159,6 @@ class FamilyAdapter:
     def generation_position_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **vision_inputs
     ) -> torch.Tensor:
-        """Positions `model.generate` gives a (left-padded) prompt: the count of real tokens before each one."""
-        return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-
-    def generation_position_ids(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **vision_inputs
-    ) -> torch.Tensor:
         """Positions as `model.generate` forms them (real tokens counted, padding skipped), for a prompt possibly
         followed by teacher-forced answer tokens (what a label pass over prompt + answer needs)."""
         return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
