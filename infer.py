@@ -1,7 +1,7 @@
 """Generate with visual-token exit, or compare exit policies on a dataset split.
 
     python infer.py image=data/testbed/images/test_00000.png question="what digit is on the purple diamond ?"
-    python infer.py task=eval policies=[none,vtw,fastv,dynamic,fastv+dynamic]
+    python infer.py task=eval policies=[none,vtw,fastv,dynamic,fastv+dynamic,gsearch,psigmoid,gsearch+dynamic]
 """
 
 import json
@@ -10,20 +10,52 @@ import time
 from pathlib import Path
 
 import hydra
+import optuna
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dyvte import flops, resolvers
-from dyvte.calibrate import vtw_search
+from dyvte.calibrate import GSearch, PSigmoidSearch, g_search, p_sigmoid_search, vtw_search
 from dyvte.data import PromptCollator, Sample, load_image, load_splits
 from dyvte.evaluation import PolicySettings, build_policy, evaluate, write_report
 from dyvte.heads import ExitHeads
 from dyvte.loading import load_mllm
 from dyvte.engine import VisualExit
+from dyvte.policies import KeepRateSchedule
 
 resolvers.register()
 log = logging.getLogger("infer")
+
+
+def calibration_batches(cfg, processor, n: int) -> list[dict]:
+    """The first `n` samples of the val split as processor batches (what the calibration searches run on)."""
+    calibration = load_splits(cfg.data)["val"][:n]
+    collator = PromptCollator(processor, require_answer=False)
+    batches = [collator(calibration[i : i + cfg.batch_size]) for i in range(0, len(calibration), cfg.batch_size)]
+    return [{k: v for k, v in b.items() if k not in ("samples", "skipped")} for b in batches if b["samples"]]
+
+
+def searched_schedule(cfg, method: str, engine: VisualExit, processor) -> KeepRateSchedule:
+    """`method` ("gsearch" or "psigmoid") loaded from `{method}.path`, or searched on the val split and saved as
+    `{method}.json` in the run's output dir (reload it with `{method}.path=...`)."""
+    options = cfg[method]
+    if options.path:
+        result = (GSearch if method == "gsearch" else PSigmoidSearch).load(options.path)
+        log.info("%s: keep rates %s from %s", method, [round(r, 4) for r in result.rates], options.path)
+        return result.policy()
+    batches = calibration_batches(cfg, processor, options.n)
+    if method == "gsearch":
+        result = g_search(engine, batches, options.lam, options.every, options.trials, options.first_layer,
+                          options.queries, cfg.max_new_tokens, seed=cfg.seed)
+    else:
+        result = p_sigmoid_search(engine, batches, options.budget, options.trials, options.k_max, options.alpha,
+                                  options.first_layer, options.queries, cfg.max_new_tokens, seed=cfg.seed)
+    path = Path(HydraConfig.get().runtime.output_dir) / f"{method}.json"
+    result.save(path)
+    log.info("%s: keep rates %s (E = %.4f on %d val samples), saved to %s", method,
+             [round(r, 4) for r in result.rates], result.score, options.n, path)
+    return result.policy()
 
 
 def policy_settings(cfg, engine: VisualExit, processor, names: list[str]) -> PolicySettings:
@@ -36,13 +68,13 @@ def policy_settings(cfg, engine: VisualExit, processor, names: list[str]) -> Pol
             raise ValueError(f"threshold {cfg.threshold} is outside [0, 1]; pass force=true to use it anyway.")
         settings.heads = heads
     if any("vtw" in name for name in names) and settings.vtw_layer is None:
-        calibration = load_splits(cfg.data)["val"][: cfg.vtw.n]
-        collator = PromptCollator(processor, require_answer=False)
-        batches = [collator(calibration[i : i + cfg.batch_size]) for i in range(0, len(calibration), cfg.batch_size)]
-        batches = [{k: v for k, v in b.items() if k not in ("samples", "skipped")} for b in batches if b["samples"]]
+        batches = calibration_batches(cfg, processor, cfg.vtw.n)
         search = vtw_search(engine, batches, cfg.vtw.eta, cfg.vtw.start_layer, cfg.vtw.n)
         log.info("vtw_search: k=%d, KL per layer %s", search.k, [round(v, 5) for v in search.kl])
         settings.vtw_layer = search.k
+    for method in ("gsearch", "psigmoid"):
+        if any(method in name for name in names):
+            setattr(settings, method, searched_schedule(cfg, method, engine, processor))
     return settings
 
 
@@ -92,6 +124,7 @@ def one_sample(cfg, engine: VisualExit, processor) -> dict:
 @hydra.main(config_path="conf", config_name="infer", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the searches log their result; not every trial
     model, processor = load_mllm(cfg.model.name_or_path, dtype=cfg.model.dtype,
                                  attn_implementation=cfg.model.attn_implementation, revision=cfg.model.revision,
                                  quantization=cfg.model.quantization)
@@ -110,7 +143,9 @@ def main(cfg: DictConfig) -> None:
                        cfg.data.on_bad_sample)
     results["settings"] = {"vtw_layer": settings.vtw_layer, "threshold": settings.threshold
                            if settings.threshold is not None else (settings.heads.threshold if settings.heads else None),
-                           "fastv": dict(cfg.fastv), "split": cfg.split, "model": cfg.model.name_or_path}
+                           "fastv": dict(cfg.fastv), "split": cfg.split, "model": cfg.model.name_or_path,
+                           "gsearch_rates": settings.gsearch.rates if settings.gsearch else None,
+                           "psigmoid_rates": settings.psigmoid.rates if settings.psigmoid else None}
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     print(write_report(results, output_dir))
     log.info("results, table and plots in %s", output_dir)

@@ -47,6 +47,7 @@ def plan(quick: bool) -> dict:
         (q, "decode", dict(repeats=3, warmup=0)),
         (l, "prefill", dict(batch=1, repeats=3, warmup=1)),
         (l, "head_overhead", dict(repeats=3, warmup=0)),
+        (l, "head_overhead", dict(repeats=3, warmup=0, head_hidden=256)),
         (l, "decode", dict(repeats=3, warmup=0, exits=[2])),
         (l, "labelling", dict(repeats=3, warmup=0, n_text=60, answer=8)),
         (None, "head_training", dict(hidden_size=l.hidden_size, num_layers=l.num_layers, samples=1024, repeats=3,
@@ -54,6 +55,7 @@ def plan(quick: bool) -> dict:
         (None, "testbed_labelling", {}),
         (q, "prefill", dict(batch=8, repeats=3, warmup=0, mixed=True)),
         (l, "prefill", dict(batch=8, repeats=3, warmup=0)),
+        (l, "head_overhead", dict(repeats=2, warmup=0, batch=8)),
     ]
     return {"steps": steps}
 
@@ -180,7 +182,8 @@ def run_section(results: Results, engine, shape: Shape, record: dict, name: str,
     elif name == "decode":
         results.put("decode", shape.name, "batch_1", sections.decode(engine, shape, **kw), record)
     elif name == "head_overhead":
-        results.put("head_overhead", shape.name, "batch_1", sections.head_overhead(engine, shape, **kw), record)
+        key = f"batch_{kw.get('batch', 1)}_hidden_{kw.get('head_hidden', 2048)}"
+        results.put("head_overhead", shape.name, key, sections.head_overhead(engine, shape, **kw), record)
     elif name == "labelling":
         results.put("labelling", shape.name, "batch_1", sections.labelling(engine, shape, **kw), record)
     else:

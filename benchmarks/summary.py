@@ -41,7 +41,7 @@ def targets(data: dict) -> list[dict]:
     for model, entry in data["head_overhead"].items():
         for key, res in entry.items():
             if key.startswith("batch_"):
-                out.append({"target": "all exit heads <= 2% of one decoder layer", "model": model,
+                out.append({"target": "all exit heads <= 2% of one decoder layer", "model": model, "setting": key,
                             "value": res["fraction_of_one_layer"]["median"], "holds": res["target_2pct_holds"],
                             "value_at_full_depth": res["projected_full_depth"]["fraction_of_one_layer"],
                             "holds_at_full_depth": res["target_2pct_holds_at_full_depth"]})
@@ -130,13 +130,15 @@ def write_summary(path: Path, env: dict, settings: dict, data: dict, run: dict) 
         lines.append("")
     if data["head_overhead"]:
         lines += ["## Exit-head overhead (DynamicExit, threshold 2: every head runs)", "",
-                  "| model | heads run | all heads s | one layer s | fraction | projected to full depth |",
-                  "|---|---|---|---|---|---|"]
+                  "| model | batch | head hidden | heads run | all heads s | one layer s | fraction | "
+                  "projected to full depth |",
+                  "|---|---|---|---|---|---|---|---|"]
         for model, entry in data["head_overhead"].items():
             for key, res in entry.items():
                 if key.startswith("batch_"):
                     p = res["projected_full_depth"]
-                    lines.append(f"| {model} | {res['heads_evaluated_per_prefill']} | "
+                    lines.append(f"| {model} | {res['batch']} | {res['head_hidden']} | "
+                                 f"{res['heads_evaluated_per_prefill']} | "
                                  f"{_t(res['all_heads_per_prefill'], digits=4)} | {_t(res['one_layer'])} | "
                                  f"{res['fraction_of_one_layer']['median']:.3%} | "
                                  f"{p['fraction_of_one_layer']:.3%} ({p['heads']} heads) |")

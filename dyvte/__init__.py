@@ -5,9 +5,9 @@ from .cache import WithdrawalCache
 from .engine import VisualExit, VisualExitGenerateOutput, VisualExitOutput
 from .heads import ExitHeads
 from .loading import load_mllm
-from .policies import DynamicExit, ExitPolicy, FastV, NoExit, StaticExit
+from .policies import DynamicExit, ExitPolicy, FastV, KeepRateSchedule, NoExit, PSigmoid, StaticExit
 
 __all__ = [
-    "DynamicExit", "ExitHeads", "ExitPolicy", "FastV", "NoExit", "StaticExit", "VisualExit",
-    "VisualExitGenerateOutput", "VisualExitOutput", "WithdrawalCache", "flops", "load_mllm",
+    "DynamicExit", "ExitHeads", "ExitPolicy", "FastV", "KeepRateSchedule", "NoExit", "PSigmoid", "StaticExit",
+    "VisualExit", "VisualExitGenerateOutput", "VisualExitOutput", "WithdrawalCache", "flops", "load_mllm",
 ]

@@ -1,11 +1,21 @@
-"""Choosing static settings from a few samples: VTW's withdrawal layer."""
+"""Choosing static settings from a few samples: VTW's withdrawal layer, G-Search's and P-Sigmoid's keep rates."""
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import optuna
 import torch
 import torch.nn.functional as F
 
 from .engine import VisualExit
+from .labels import greedy_answers
+from .policies import ExitPolicy, KeepRateSchedule, NoExit, PSigmoid, kept_count
+
+
+def check_visual(engine: VisualExit, batches: list[dict], search: str) -> None:
+    if not any(bool(engine.adapter.visual_token_mask(b["input_ids"]).any()) for b in batches):
+        raise ValueError(f"{search} needs calibration samples with visual tokens; none of these has any.")
 
 
 @dataclass
@@ -21,8 +31,7 @@ def vtw_search(engine: VisualExit, batches: list[dict], eta: float = 0.003, star
                ) -> VTWSearch:
     """VTW's search: exit at the first layer whose next-token distribution stays within `eta` (KL) of the full
     model's, measured at the first answer token over `n` calibration samples (processor batches)."""
-    if not any(bool(engine.adapter.visual_token_mask(b["input_ids"]).any()) for b in batches):
-        raise ValueError("vtw_search needs calibration samples with visual tokens; none of these has any.")
+    check_visual(engine, batches, "vtw_search")
     totals = torch.zeros(engine.num_layers + 1, dtype=torch.float64)
     seen = 0
     for batch in batches:  # whole batches until at least `n` samples
@@ -45,3 +54,171 @@ def vtw_search(engine: VisualExit, batches: list[dict], eta: float = 0.003, star
     below = [k for k in range(start_layer, engine.num_layers + 1) if kl[k] < eta]
     return VTWSearch(k=below[0] if below else engine.num_layers, kl=kl, eta=eta, start_layer=start_layer)
 
+
+
+class AnswerScore:
+    """G-Search's E: the share of calibration samples whose greedy answer equals its reference answer.
+
+    The references default to the full model's own greedy answers (E = agreement); pass the dataset answers as
+    tokens ending in EOS (`labels.answer_tokens`) for E = accuracy. Calls are memoised by the number of visual
+    tokens each sample keeps at every layer: rates between two token counts give the same run.
+    """
+
+    def __init__(self, engine: VisualExit, batches: list[dict], max_new_tokens: int = 16,
+                 references: list[list[int]] | None = None):
+        eos = engine.model.generation_config.eos_token_id
+        self.engine, self.batches, self.max_new_tokens = engine, batches, max_new_tokens
+        self.eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        counts = torch.cat([engine.adapter.withdrawn_mask(b["input_ids"]).sum(dim=1) for b in batches])
+        self.visual_counts = sorted(set(counts.tolist()))
+        self.references = self.answers(NoExit()) if references is None else [list(r) for r in references]
+        if len(self.references) != len(counts):
+            raise ValueError(f"{len(self.references)} references for {len(counts)} calibration samples.")
+        self.memo: dict[tuple, float] = {}
+
+    def answers(self, policy: ExitPolicy) -> list[list[int]]:
+        return [a for b in self.batches for a in greedy_answers(self.engine, b, self.max_new_tokens, self.eos, policy)]
+
+    def __call__(self, schedule: KeepRateSchedule) -> float:
+        key = tuple(tuple(kept_count(rate, n) for n in self.visual_counts) for rate in schedule.rates)
+        if key not in self.memo:
+            answers = self.answers(schedule)
+            self.memo[key] = sum(a == r for a, r in zip(answers, self.references)) / len(answers)
+        return self.memo[key]
+
+
+def _sampler(trials: int, seed: int) -> optuna.samplers.BaseSampler:
+    """TPE; the first half of the trials (at most 10, as the paper's uniform start) are random."""
+    return optuna.samplers.TPESampler(n_startup_trials=min(10, max(1, trials // 2)), seed=seed)
+
+
+@dataclass
+class GSearch:
+    """G-Search's keep rates and, per searched layer, every rate tried with its E and objective."""
+
+    rates: list[float]
+    score: float  # E of the final schedule
+    queries: str
+    lam: float
+    every: int
+    first_layer: int
+    steps: list[dict] = field(default_factory=list)
+    method: str = "gsearch"
+
+    def policy(self) -> KeepRateSchedule:
+        return KeepRateSchedule(self.rates, self.queries)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path) -> "GSearch":
+        return cls(**_load(path, "gsearch"))
+
+
+@torch.no_grad()
+def g_search(engine: VisualExit, batches: list[dict], lam: float = 0.01, every: int = 3, trials: int = 12,
+             first_layer: int = 2, queries: str = "text", max_new_tokens: int = 16,
+             references: list[list[int]] | None = None, seed: int = 0) -> GSearch:
+    """G-Search: greedily from shallow to deep layers (`first_layer`, then every `every` layers), choose the rate
+    `r <= ` the previous layer's that maximises `E(r | earlier rates) - lam * r` by Bayesian optimisation (Optuna's
+    TPE, `trials` runs per layer, the previous rate and 0 among them).
+
+    While a layer is searched, `r` also holds for every deeper layer; the chosen `r` holds until the next searched
+    layer. `E` is measured by `AnswerScore` on the calibration `batches` (processor batches).
+    """
+    num_layers = engine.num_layers
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, got {lam}.")
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}.")
+    if trials < 2:
+        raise ValueError(f"trials must be >= 2 (the previous rate and 0 are always tried), got {trials}.")
+    if not 1 <= first_layer < num_layers:
+        raise ValueError(f"first_layer must be in [1, {num_layers - 1}] for {num_layers} layers, got {first_layer}.")
+    KeepRateSchedule([1.0] * num_layers, queries)  # checks `queries` before any run
+    check_visual(engine, batches, "g_search")
+    score = AnswerScore(engine, batches, max_new_tokens, references)
+    rates, steps = [1.0] * num_layers, []
+    for layer in range(first_layer, num_layers, every):
+        previous = rates[layer - 1]
+        if previous == 0.0:  # every visual token is gone: nothing left to search
+            break
+
+        def objective(trial: optuna.Trial) -> float:
+            rate = trial.suggest_float("rate", 0.0, previous)
+            trial.set_user_attr("score", score(KeepRateSchedule(rates[:layer] + [rate] * (num_layers - layer),
+                                                                queries)))
+            return trial.user_attrs["score"] - lam * rate
+
+        study = optuna.create_study(direction="maximize", sampler=_sampler(trials, seed + layer))
+        study.enqueue_trial({"rate": previous})
+        study.enqueue_trial({"rate": 0.0})
+        study.optimize(objective, n_trials=trials)
+        best = study.best_trial
+        rates[layer:] = [best.params["rate"]] * (num_layers - layer)
+        tried = [{"rate": t.params["rate"], "score": t.user_attrs["score"], "objective": t.value} for t in study.trials]
+        steps.append({"layer": layer, "rate": best.params["rate"], "score": best.user_attrs["score"],
+                      "objective": best.value, "trials": tried})
+    return GSearch(rates=rates, score=steps[-1]["score"], queries=queries, lam=lam, every=every,
+                   first_layer=first_layer, steps=steps)
+
+
+@dataclass
+class PSigmoidSearch:
+    """P-Sigmoid's `k` at a budget, the rates it gives, and every `k` tried with its E."""
+
+    budget: float
+    k: float
+    alpha: float
+    first_layer: int
+    rates: list[float]
+    score: float  # E of the chosen curve
+    queries: str
+    trials: list[dict] = field(default_factory=list)
+    method: str = "psigmoid"
+
+    def policy(self) -> PSigmoid:
+        return PSigmoid(self.budget, self.k, len(self.rates), self.alpha, self.first_layer, self.queries)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path) -> "PSigmoidSearch":
+        return cls(**_load(path, "psigmoid"))
+
+
+@torch.no_grad()
+def p_sigmoid_search(engine: VisualExit, batches: list[dict], budget: float, trials: int = 12, k_max: float = 2.0,
+                     alpha: float | None = None, first_layer: int = 2, queries: str = "text",
+                     max_new_tokens: int = 16, references: list[list[int]] | None = None,
+                     seed: int = 0) -> PSigmoidSearch:
+    """P-Sigmoid: the `k` in `[0, k_max]` that maximises E of `PSigmoid(budget, k)` by Bayesian optimisation
+    (Optuna's TPE; `k = 0`, the flat rate `budget`, is always tried first and wins ties)."""
+    if not k_max > 0:
+        raise ValueError(f"k_max must be > 0, got {k_max}.")
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}.")
+    num_layers = engine.num_layers
+    flat = PSigmoid(budget, 0.0, num_layers, alpha, first_layer, queries)  # checks the settings before any run
+    check_visual(engine, batches, "p_sigmoid_search")
+    score = AnswerScore(engine, batches, max_new_tokens, references)
+
+    def objective(trial: optuna.Trial) -> float:
+        return score(PSigmoid(budget, trial.suggest_float("k", 0.0, k_max), num_layers, alpha, first_layer, queries))
+
+    study = optuna.create_study(direction="maximize", sampler=_sampler(trials, seed))
+    study.enqueue_trial({"k": 0.0})
+    study.optimize(objective, n_trials=trials)
+    best = PSigmoid(budget, study.best_trial.params["k"], num_layers, alpha, first_layer, queries)
+    return PSigmoidSearch(budget=budget, k=best.k, alpha=flat.alpha, first_layer=first_layer, rates=best.rates,
+                          score=study.best_value, queries=queries,
+                          trials=[{"k": t.params["k"], "score": t.value} for t in study.trials])
+
+
+def _load(path, method: str) -> dict:
+    saved = json.loads(Path(path).read_text())
+    if saved.get("method") != method:
+        raise ValueError(f"{path} is not a saved {method} schedule (its method is {saved.get('method')!r}).")
+    return saved

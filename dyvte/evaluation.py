@@ -16,7 +16,7 @@ from .data import PromptCollator, Sample
 from .engine import VisualExit
 from .heads import ExitHeads
 from .labeling import normalize_answer
-from .policies import DynamicExit, ExitPolicy, FastV, NoExit, StaticExit
+from .policies import DynamicExit, ExitPolicy, FastV, KeepRateSchedule, NoExit, StaticExit
 
 DYNAMIC_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 
@@ -28,10 +28,12 @@ class PolicySettings:
     vtw_layer: int | None = None
     fastv_layer: int = 2
     fastv_keep_ratio: float = 0.5
+    gsearch: KeepRateSchedule | None = None  # from `calibrate.g_search` (or its saved JSON)
+    psigmoid: KeepRateSchedule | None = None  # from `calibrate.p_sigmoid_search` (or its saved JSON)
 
 
 def build_policy(name: str, settings: PolicySettings) -> ExitPolicy:
-    """`none`, `vtw`, `fastv`, `dynamic`, or a `+` composition such as `fastv+dynamic`."""
+    """`none`, `vtw`, `fastv`, `dynamic`, `gsearch`, `psigmoid`, or a `+` composition such as `gsearch+dynamic`."""
     parts = name.split("+")
     if len(parts) > 1:
         policy = build_policy(parts[0], settings)
@@ -50,7 +52,14 @@ def build_policy(name: str, settings: PolicySettings) -> ExitPolicy:
         if settings.heads is None:
             raise ValueError("policy 'dynamic' needs trained exit heads (heads=DIR).")
         return DynamicExit(settings.heads, settings.threshold)
-    raise ValueError(f"unknown policy {name!r}; policies: none, vtw, fastv, dynamic and '+' compositions.")
+    if name in ("gsearch", "psigmoid"):
+        schedule = getattr(settings, name)
+        if schedule is None:
+            raise ValueError(f"policy {name!r} needs keep rates ({name}.path=FILE, or run its search).")
+        return schedule
+    raise ValueError(
+        f"unknown policy {name!r}; policies: none, vtw, fastv, dynamic, gsearch, psigmoid and '+' compositions."
+    )
 
 
 @dataclass

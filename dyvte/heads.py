@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .loading import model_identity
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -65,15 +67,23 @@ class ExitHeads(nn.Module):
         return heads
 
     def check_fits(self, model, name_or_path: str | None = None, revision: str | None = None) -> None:
-        """Refuse heads trained on another model: sizes must match; name and revision too when both are known."""
+        """Refuse heads trained on another model: sizes must match; the weights of a local checkpoint (else the
+        name) and the revision too when both are known."""
         text = model.config.get_text_config(decoder=True)
         problems = []
         if text.hidden_size != self.hidden_size:
             problems.append(f"hidden size {self.hidden_size} vs the model's {text.hidden_size}")
         if text.num_hidden_layers != self.num_layers:
             problems.append(f"{self.num_layers} layers vs the model's {text.num_hidden_layers}")
-        trained_on = self.meta.get("model")
-        if name_or_path and trained_on and trained_on != name_or_path:
+        trained_on, trained_weights = self.meta.get("model"), self.meta.get("weights_sha256")
+        weights = model_identity(name_or_path, revision).get("weights_sha256") if name_or_path else None
+        if weights and trained_weights:  # a local checkpoint: its weights decide, whatever its path is called
+            if weights != trained_weights:
+                problems.append(
+                    f"trained on weights with sha256 {trained_weights[:12]}…, but {name_or_path!r} has "
+                    f"{weights[:12]}… (a retrained or other checkpoint: train the heads again)"
+                )
+        elif name_or_path and trained_on and trained_on != name_or_path:
             problems.append(f"trained on {trained_on!r}, not {name_or_path!r}")
         trained_revision = self.meta.get("revision")
         if revision and trained_revision and trained_revision != revision:

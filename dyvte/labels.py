@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .engine import VisualExit
 from .adapters.base import TEXT_SPANS
 from .features import feature_tokens, head_features
+from .policies import ExitPolicy
 from .subbatch import SubBatch
 
 
@@ -66,9 +67,10 @@ def answer_tokens(answers: list[str], tokenizer) -> list[list[int]]:
 
 
 @torch.no_grad()
-def greedy_answers(engine: VisualExit, inputs: dict, max_new_tokens: int, eos_token_id: int) -> list[list[int]]:
-    """The frozen model's own greedy answers, each up to and including its EOS."""
-    generated = engine.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+def greedy_answers(engine: VisualExit, inputs: dict, max_new_tokens: int, eos_token_id: int,
+                   policy: ExitPolicy | None = None) -> list[list[int]]:
+    """The frozen model's own greedy answers (or with `policy`'s exits), each up to and including its EOS."""
+    generated = engine.generate(**inputs, policy=policy, max_new_tokens=max_new_tokens, do_sample=False)
     answers = []
     for row in generated[:, inputs["input_ids"].shape[1] :].tolist():
         answers.append(row[: row.index(eos_token_id) + 1] if eos_token_id in row else row)

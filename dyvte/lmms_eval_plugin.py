@@ -7,7 +7,7 @@ Registered through the `lmms_eval.models` entry point (see pyproject.toml); the 
 `dyvte.harness.ExitRunner`, this module only translates lmms-eval's requests.
 """
 
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
@@ -42,31 +42,43 @@ class DyvteModel(lmms):
         self.runner = ExitRunner(engine, processor, build_policy(policy, settings))
         self.batch_size_per_gpu = int(batch_size)
 
-    def _visuals(self, doc_to_visual, task, split, doc_id) -> list:
+    def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
+        """Takes the request's trailing arguments, in lmms-eval's order."""
         return list(doc_to_visual(self.task_dict[task][split][doc_id]) or [])
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        answers = []
-        for start in range(0, len(requests), self.batch_size_per_gpu):
-            chunk = [r.args for r in requests[start : start + self.batch_size_per_gpu]]
-            for context, gen_kwargs, doc_to_visual, doc_id, task, split in chunk:
-                kwargs = dict(gen_kwargs)
+        """Batches of `batch_size` requests from one task, so they share its generation kwargs."""
+        answers = [None] * len(requests)
+        by_task = {}
+        for i, request in enumerate(requests):
+            by_task.setdefault(request.args[4], []).append(i)
+        for indices in by_task.values():
+            for start in range(0, len(indices), self.batch_size_per_gpu):
+                chunk = indices[start : start + self.batch_size_per_gpu]
+                kwargs = dict(requests[chunk[0]].args[1])
                 until = kwargs.pop("until", None)
-                until = [until] if isinstance(until, str) else until
-                answers += self.runner.generate(
-                    [context], [self._visuals(doc_to_visual, task, split, doc_id)], until=until,
+                texts = self.runner.generate(
+                    [requests[i].args[0] for i in chunk], [self._visuals(*requests[i].args[2:]) for i in chunk],
+                    until=[until] if isinstance(until, str) else until,
                     max_new_tokens=int(kwargs.pop("max_new_tokens", 32)),
                 )
+                for i, text in zip(chunk, texts):
+                    answers[i] = text
         self.eval_logger_exit_stats()
         return answers
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """`(negative log-likelihood, is_greedy)` per request: lmms-eval's multiple-choice scoring takes the argmin,
+        as its own models return a loss. Wrapped in `GenerationResult` because lmms-eval 0.7.3 turns any other
+        non-text response into its `str()` before scoring."""
         results = []
-        for context, doc_to_target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
-            doc = self.task_dict[task][split][doc_id]
-            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
-            results += self.runner.loglikelihood([context], [continuation],
-                                                 [self._visuals(doc_to_visual, task, split, doc_id)])
+        for start in range(0, len(requests), self.batch_size_per_gpu):
+            chunk = [r.args for r in requests[start : start + self.batch_size_per_gpu]]
+            continuations = [target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
+                             for _, target, _, doc_id, task, split in chunk]
+            scored = self.runner.loglikelihood([args[0] for args in chunk], continuations,
+                                               [self._visuals(*args[2:]) for args in chunk])
+            results += [GenerationResult(text=(-logprob, greedy)) for logprob, greedy in scored]
         self.eval_logger_exit_stats()
         return results
 

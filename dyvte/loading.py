@@ -1,5 +1,6 @@
 """One entry point for the models dyvte runs on: the shipped testbed, a local checkpoint or a Hub id."""
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -17,6 +18,19 @@ def resolve_model_path(name_or_path: str) -> str:
             )
         return str(TESTBED_MODEL_DIR)
     return str(name_or_path)
+
+
+
+def model_identity(name_or_path: str, revision: str | None) -> dict:
+    """What makes labels from this model reusable: its name and revision, and for a local checkpoint its weights."""
+    identity = {"model": name_or_path, "revision": revision}
+    path = Path(resolve_model_path(name_or_path))
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for weights in sorted(path.glob("*.safetensors")):
+            digest.update(weights.read_bytes())
+        identity["weights_sha256"] = digest.hexdigest()
+    return identity
 
 
 QUANTIZATION_CHOICES = (None, "4bit", "8bit")

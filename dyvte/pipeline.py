@@ -14,23 +14,11 @@ from .heads import ExitHeads
 from .label_cache import LabelCache
 from .labeling import run_labels
 from .labels import LabelConfig
-from .loading import resolve_model_path
+from .loading import model_identity
 from .simulate import calibrate_threshold, head_metrics, validate
 from .training import HeadsDataModule, HeadsModule
 
 log = logging.getLogger(__name__)
-
-
-def model_identity(name_or_path: str, revision: str | None) -> dict:
-    """What makes labels from this model reusable: its name and revision, and for a local checkpoint its weights."""
-    identity = {"model": name_or_path, "revision": revision}
-    path = Path(resolve_model_path(name_or_path))
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for weights in sorted(path.glob("*.safetensors")):
-            digest.update(weights.read_bytes())
-        identity["weights_sha256"] = digest.hexdigest()
-    return identity
 
 
 def label_config(cfg) -> LabelConfig:

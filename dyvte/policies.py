@@ -130,6 +130,117 @@ class FastV(ExitPolicy):
         return Decision(keep=keep)
 
 
+QUERIES = ("text", "last")
+
+
+def kept_count(rate: float, n_visual: int) -> int:
+    """`ceil(rate * n_visual)`, rounded first so that e.g. 0.3 of 10 tokens keeps 3, not 4 through float error."""
+    return math.ceil(round(rate * n_visual, 9))
+
+
+class KeepRateSchedule(ExitPolicy):
+    """G-Search's Sort & Reduce: before layer `i`, each sample keeps the `ceil(rates[i] * N)` visual tokens (`N`:
+    its visual tokens in the prompt) that received the most attention in layer `i - 1`, among those it still has.
+
+    `rates` holds one keep rate per decoder layer, non-increasing with depth. A rate of 0 withdraws all visual
+    tokens (an exit, as `StaticExit`). The attention is that of the prompt's text tokens after the first visual
+    token (`queries="text"`, averaged over them) or of the last prompt token (`"last"`), recomputed for those
+    queries only, so SDPA stays on. Pruned tokens leave the hidden states and later layers' KV cache; the kept
+    ones keep their positions.
+    """
+
+    name = "schedule"
+
+    def __init__(self, rates, queries: str = "text"):
+        rates = [float(r) for r in rates]
+        if not rates:
+            raise ValueError("rates is empty; give one keep rate per decoder layer.")
+        for i, rate in enumerate(rates):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"rates[{i}] = {rate} is outside [0, 1].")
+            if i and rate > rates[i - 1]:
+                raise ValueError(
+                    f"rates must not increase with depth: rates[{i}] = {rate} > rates[{i - 1}] = {rates[i - 1]}."
+                )
+        if 0.0 < rates[0] < 1.0:
+            raise ValueError(
+                f"rates[0] = {rates[0]}: layer 0 has no earlier layer to rank visual tokens by; use 1.0, or 0.0 to "
+                "withdraw them all."
+            )
+        if queries not in QUERIES:
+            raise ValueError(f"queries must be one of {', '.join(QUERIES)}; got {queries!r}.")
+        self.rates, self.queries = rates, queries
+
+    def before_layer(self, layer_idx, sub, state) -> Decision:
+        rates = self.rates
+        if len(rates) != state.engine.num_layers:
+            raise ValueError(
+                f"the schedule has {len(rates)} keep rates but the model has {state.engine.num_layers} decoder layers."
+            )
+        rate = rates[layer_idx]
+        if rate == 0.0:
+            return Decision(exit=torch.ones_like(sub.rows, dtype=torch.bool))
+        keep = self._keep_top(rate, sub, state) if layer_idx and rate < rates[layer_idx - 1] else None
+        if layer_idx + 1 < len(rates) and 0.0 < rates[layer_idx + 1] < rate:
+            self._rank(layer_idx, sub, state, keep)
+        return Decision(keep=keep)
+
+    def _rank(self, layer_idx: int, sub: SubBatch, state: PrefillState, keep: torch.Tensor | None) -> None:
+        """Score every visual token by the attention it receives in this layer (over the tokens it really runs
+        on), stored by position for the next layer's pruning."""
+        adapter = state.engine.adapter
+        layer = adapter.layers[layer_idx]
+        if self.queries == "last":
+            scores = adapter.last_query_attention(layer, sub, keep)
+        else:
+            if "schedule_queries" not in state.scratch:
+                state.scratch["schedule_queries"] = adapter.text_mask(
+                    state.input_ids, state.attention_mask, state.visual_mask, "after_first_visual"
+                )
+            scores = adapter.query_attention(layer, sub, sub.slots_of(state.scratch["schedule_queries"]), keep)
+        by_position = torch.zeros(state.visual_mask.shape, dtype=scores.dtype, device=scores.device)
+        row, slot = sub.valid.nonzero(as_tuple=True)
+        by_position[sub.rows[row], sub.index[row, slot]] = scores[row, slot]
+        state.scratch["schedule_scores"] = by_position
+
+    def _keep_top(self, rate: float, sub: SubBatch, state: PrefillState) -> torch.Tensor:
+        visual = sub.slots_of(state.visual_mask)
+        prompt_visual = state.visual_mask.sum(dim=1)[sub.rows].tolist()
+        n_keep = torch.tensor([kept_count(rate, n) for n in prompt_visual], device=visual.device)
+        scores = state.scratch["schedule_scores"][sub.rows[:, None], sub.index.clamp(min=0)]
+        ranked = scores.masked_fill(~visual, -1.0).argsort(dim=1, descending=True, stable=True)
+        rank = ranked.argsort(dim=1)  # 0 for the most attended visual token of the row
+        return ~visual | (visual & (rank < n_keep[:, None]))
+
+
+class PSigmoid(KeepRateSchedule):
+    """P-Sigmoid: keep rate `r(i) = 2b / (1 + exp(k (i - alpha)))` for decoder layers `i >= first_layer` (0-based;
+    the paper's layers 3..L are 2..L-1 here), 1 before; clipped to [0, 1].
+
+    Over `first_layer..L-1` the rates average to the budget `b` (when no clipping happens: `b <= 0.5`), whatever
+    `k >= 0`; `k` shapes the curve (0: flat at `b`, large: a step at `alpha`). `alpha` defaults to the midpoint.
+    """
+
+    name = "psigmoid"
+
+    def __init__(self, budget: float, k: float, num_layers: int, alpha: float | None = None, first_layer: int = 2,
+                 queries: str = "text"):
+        if not 0.0 <= budget <= 1.0:
+            raise ValueError(f"budget must be in [0, 1], got {budget}.")
+        if k < 0:
+            raise ValueError(f"k must be >= 0 (a negative k makes the rates increase with depth), got {k}.")
+        if not 1 <= first_layer < num_layers:
+            raise ValueError(f"first_layer must be in [1, {num_layers - 1}] for {num_layers} layers, got {first_layer}.")
+        alpha = (first_layer + num_layers - 1) / 2 if alpha is None else float(alpha)
+        rates = [1.0] * first_layer
+        for i in range(first_layer, num_layers):
+            exponent = min(k * (i - alpha), 700.0)  # exp overflows a float past ~709; the rate is 0 by then
+            rate = min(1.0, 2 * budget / (1 + math.exp(exponent)))
+            rates.append(min(rate, rates[-1]))
+        super().__init__(rates, queries)
+        self.budget, self.k, self.alpha, self.first_layer = budget, k, alpha, first_layer
+
+
 class Compose(ExitPolicy):
     """Several policies at once: a sample exits if any says so; a token stays only if all keep it."""
 

@@ -47,7 +47,7 @@ def test_quick_benchmark_writes_schema(tmp_path):
             assert r["generated_tokens"] == res["new_tokens"]  # min_new_tokens: EOS cannot stop early
             assert STATS <= r["ms_per_token"].keys()
     for entry in files["head_overhead"]["results"].values():
-        assert entry["batch_1"]["heads_evaluated_per_prefill"] == 3
+        assert entry["batch_1_hidden_2048"]["heads_evaluated_per_prefill"] == 3
     for entry in files["labelling"]["results"].values():
         res = entry["batch_1"]
         assert res["full_branch_reproduces_reference"]

@@ -72,6 +72,29 @@ def test_eval_writes_results_table_and_plots(trained, tmp_path):
     assert "| fastv+dynamic |" in result.stdout
 
 
+def test_eval_searches_saves_and_reloads_keep_rate_schedules(trained, tmp_path):
+    checkpoint, heads = trained
+    common = ["task=eval", "limit=4", "data.eval_limit=4", "batch_size=2", "max_new_tokens=3", "sweeps=false",
+              "policies=[none,gsearch,psigmoid,gsearch+dynamic]", "gsearch.n=4", "gsearch.trials=2",
+              "psigmoid.n=4", "psigmoid.trials=2"]
+    result = infer(checkpoint, heads, *common, f"hydra.run.dir={tmp_path / 'search'}")
+    searched = json.loads((tmp_path / "search" / "results.json").read_text())
+    assert set(searched["policies"]) == {"none", "gsearch", "psigmoid", "gsearch+dynamic"}
+    assert "| gsearch+dynamic |" in result.stdout
+    saved = {m: json.loads((tmp_path / "search" / f"{m}.json").read_text()) for m in ("gsearch", "psigmoid")}
+    assert len(saved["gsearch"]["rates"]) == len(saved["psigmoid"]["rates"]) == 3
+    assert searched["settings"]["gsearch_rates"] == saved["gsearch"]["rates"]
+    assert searched["settings"]["psigmoid_rates"] == saved["psigmoid"]["rates"]
+    paths = [f"{m}.path={tmp_path / 'search' / f'{m}.json'}" for m in ("gsearch", "psigmoid")]
+    infer(checkpoint, heads, *common, *paths, f"hydra.run.dir={tmp_path / 'reload'}")
+    reloaded = json.loads((tmp_path / "reload" / "results.json").read_text())
+    assert not (tmp_path / "reload" / "gsearch.json").exists()  # loaded, not searched again
+    assert reloaded["settings"]["gsearch_rates"] == saved["gsearch"]["rates"]
+    for name in ("gsearch", "psigmoid", "gsearch+dynamic"):
+        for key in ("accuracy", "agreement", "tflops", "mean_exit_layer", "kv_bytes"):
+            assert reloaded["policies"][name][key] == searched["policies"][name][key]
+
+
 def compose_infer(*overrides: str):
     from hydra import compose, initialize_config_dir
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from dyvte.loading import TESTBED_MODEL_DIR, load_mllm
 from dyvte.testbed.model import build_processor, pixel_values, prompt_text
-from dyvte.testbed.pretrain import DEFAULT_DATA_DIR, Encoder, TrainingData
+from dyvte.testbed.pretrain import DEFAULT_DATA_DIR, CellProbe, Encoder, TrainingData
 from dyvte.testbed.scenes import (
     COLOURS,
     FAMILIES,
@@ -126,11 +126,11 @@ def test_pretraining_never_sees_held_out_scenes():
     assert skipped[:3] == first[2:]
     stream = scene_stream(0, "pretrain", CONFIG, exclude=held_out)
     assert not {h for _, (_, h) in zip(range(2000), stream)} & held_out
-    data = TrainingData(0, CONFIG, held_out, {"count": 1.0}, hold=0.2, ramp=0.5)
+    data = TrainingData(0, CONFIG, held_out, {"count": 1.0}, hold=0.2, ramp=0.5, turns=2)
     assert [data.max_objects(p) for p in (0.0, 0.2, 0.35, 0.5, 1.0)] == [1, 1, 3, 6, 6]
     assert [data.hide_probability(p) for p in (0.0, 0.2, 0.35, 0.5, 1.0)] == pytest.approx([1, 1, 0.5, 0, 0])
-    image, question, answer, hidden = data.sample(0.0)
-    assert (question, answer) == ("how many objects are there ?", "1")
+    image, turns, hidden = data.sample(0.0)
+    assert turns == [("how many objects are there ?", "1")] * 2
     assert len(hidden) == 63  # at the start of the curriculum every empty cell is hidden
 
 
@@ -172,6 +172,35 @@ def test_processor_matches_the_training_encoding():
     assert encoder.answer_ids("red blue")[-1] == processor.tokenizer.eos_token_id
 
 
+def test_multi_turn_training_encoding_is_the_chat_template():
+    processor = build_processor()
+    tokenizer = processor.tokenizer
+    turns = [("how many objects are there ?", "3"), ("list the colours from top to bottom .", "red blue green")]
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turns[0][0]}]},
+        {"role": "assistant", "content": [{"type": "text", "text": turns[0][1]}]},
+        {"role": "user", "content": [{"type": "text", "text": turns[1][0]}]},
+        {"role": "assistant", "content": [{"type": "text", "text": turns[1][1]}]},
+    ]
+    text = processor.apply_chat_template(conversation).replace("<image>", "<image>" * 64)
+    expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+    batch = Encoder(processor, CONFIG).batch([render(SCENE, CONFIG)], [turns])
+    assert batch["input_ids"][0].tolist() == expected
+    targets = [tokenizer.convert_ids_to_tokens(i) for i in batch["labels"][0].tolist() if i != -100]
+    assert targets == ["3", "</s>", "red", "blue", "green", "</s>"]
+    weights = batch["label_weights"][0][batch["labels"][0] != -100].tolist()
+    assert weights == pytest.approx([1 / 2] * 2 + [1 / 4] * 4)  # each answer weighs 1 in total
+
+
+def test_vision_probe_targets_describe_each_cell():
+    targets = CellProbe.targets([SCENE], CONFIG.grid)
+    red_square, blue_circle = 1 * 8 + 2, 4 * 8 + 6
+    assert targets["occupied"][0].sum() == 3 and targets["occupied"][0, red_square] == 1
+    assert [targets[k][0, red_square].item() for k in ("colour", "shape", "size", "glyph")] == [0, 0, 0, 3]
+    assert [targets[k][0, blue_circle].item() for k in ("colour", "shape", "size", "glyph")] == [2, 1, 1, 0]
+    assert (targets["colour"][0] != -100).sum() == 3  # empty cells only supervise "occupied"
+
+
 def test_checkpoint_loads_with_auto_classes_and_is_small():
     model = AutoModelForImageTextToText.from_pretrained(TESTBED_MODEL_DIR)
     processor = AutoProcessor.from_pretrained(TESTBED_MODEL_DIR)
@@ -185,7 +214,7 @@ def test_checkpoint_loads_with_auto_classes_and_is_small():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 3: the shipped checkpoint is undertrained (46% test accuracy, target 85%); strict, so this "
+    reason="issue 3: the shipped checkpoint is undertrained (61% test accuracy, target 85%); strict, so this "
     "fails loudly, and must lose this marker, once a better checkpoint answers correctly",
 )
 def test_checkpoint_answers_hand_made_questions(testbed):
@@ -214,7 +243,7 @@ def test_checkpoint_answers_batched_like_one_by_one(testbed):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 3: the shipped checkpoint is undertrained (46% test accuracy, target 85%); strict, so this "
+    reason="issue 3: the shipped checkpoint is undertrained (61% test accuracy, target 85%); strict, so this "
     "fails loudly, and must lose this marker, once a better checkpoint answers correctly",
 )
 def test_checkpoint_answers_fixed_test_questions(testbed):

@@ -1,6 +1,8 @@
 """train.py end to end on a tiny random testbed-shaped checkpoint: labels cache, resume, sweeps, heads, validate."""
 
+import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,3 +141,21 @@ def test_heads_refuse_another_model(checkpoint):
         ExitHeads(64, 4, 8).check_fits(model)
     with pytest.raises(ValueError, match="trained on revision 'r1', not 'r2'"):
         ExitHeads(32, 3, 8, meta={"model": "a", "revision": "r1"}).check_fits(model, "a", "r2")
+
+
+def test_heads_of_a_local_checkpoint_follow_its_weights(checkpoint, tmp_path):
+    """Same weights under another path fit; retrained weights under the same name are refused."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint)
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(Path(checkpoint).glob("*.safetensors"))))
+    heads = ExitHeads(32, 3, 8, meta={"model": "testbed", "weights_sha256": digest.hexdigest()})
+    copy = tmp_path / "copy"
+    shutil.copytree(checkpoint, copy)
+    heads.check_fits(model, str(copy))
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    retrained = tmp_path / "retrained"
+    model.save_pretrained(retrained)
+    with pytest.raises(ValueError, match="sha256 .*train the heads again"):
+        heads.check_fits(model, str(retrained))

@@ -188,21 +188,40 @@ class FamilyAdapter:
                 f"prompt with the processor so it inserts the {modality} tokens."
             )
 
-    def last_query_attention(self, layer: nn.Module, sub) -> torch.Tensor:
-        """[b, n] attention of each row's last token over its slots in `layer`, averaged over heads.
+    def last_query_attention(self, layer: nn.Module, sub, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """[b, n] attention of each row's last token over its slots in `layer`, averaged over heads (FastV's score)."""
+        last = torch.zeros_like(sub.valid)
+        last[:, -1] = True  # sub-batches are packed to the right: the last slot is the last real token
+        return self.query_attention(layer, sub, last, keys)
 
-        Recomputed for that one query from the layer's own projections (as FastV needs it), so the model keeps
-        running with SDPA, which returns no attention weights.
+    def query_attention(
+        self, layer: nn.Module, sub, queries: torch.Tensor, keys: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[b, n] attention each slot receives in `layer` from the `queries` slots ([b, n] bool), averaged over
+        heads and over each row's queries (0 for a row without queries).
+
+        Recomputed from the layer's own projections and rotary for those queries only, so the model keeps running
+        with SDPA, which returns no attention weights. `keys` ([b, n] bool, default every real slot) limits the
+        keys, as when the layer itself runs on fewer tokens than `sub` holds; attention is causal over slots.
         """
         attention = layer.self_attn
+        keys = sub.valid if keys is None else keys & sub.valid
         hidden = layer.input_layernorm(sub.hidden)
         batch, length, _ = hidden.shape
         head_dim = attention.head_dim
-        query = attention.q_proj(hidden[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)
+        counts = queries.sum(dim=1)
+        width = max(int(counts.max()), 1) if counts.numel() else 1
+        # each row's query slots in order, then filler slots (masked out below) up to `width`
+        slot = torch.sort((~queries).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        used = torch.arange(width, device=slot.device)[None] < counts[:, None]
+        row = torch.arange(batch, device=slot.device)[:, None]
+        query = attention.q_proj(hidden[row, slot]).view(batch, width, -1, head_dim).transpose(1, 2)
         key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
-        query, _ = apply_rotary_pos_emb(query, query, sub.cos[:, -1:], sub.sin[:, -1:])
+        query, _ = apply_rotary_pos_emb(query, query, sub.cos[row, slot], sub.sin[row, slot])
         _, key = apply_rotary_pos_emb(key, key, sub.cos, sub.sin)
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        scores = (query @ key.transpose(-1, -2)).squeeze(2) * attention.scaling
-        scores = scores.masked_fill(~sub.valid[:, None], torch.finfo(scores.dtype).min)
-        return scores.softmax(dim=-1).mean(dim=1)
+        scores = (query @ key.transpose(-1, -2)) * attention.scaling  # [b, heads, width, n]
+        allowed = keys[:, None, :] & (torch.arange(length, device=slot.device)[None, None, :] <= slot[:, :, None])
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        per_query = scores.softmax(dim=-1).mean(dim=1) * used[..., None]
+        return per_query.sum(dim=1) / counts.clamp(min=1)[:, None].to(per_query.dtype)

@@ -3,10 +3,12 @@ checkpoint.
 
     python -m dyvte.testbed.pretrain --overwrite
 
-Training data is generated on the fly from its own seed stream, excluding every val/test scene. The mix adds
-the dense `describe` task (every object's size, colour, shape and glyph, top to bottom) to the evaluated
-families: without it the model learns the language prior and ignores the image. How the 12-layer model gets off
-that plateau at all is in `TrainingData` and `pretrain` (curricula, frozen vision side, learning rate).
+Two stages, as a real MLLM is built: `pretrain_vision` teaches the vision tower and projector to describe each
+cell in its visual token (a stand-in for a pre-trained CLIP), then the decoder learns the questions on top.
+Training data is generated on the fly from its own seed stream, excluding every val/test scene; each image
+carries several questions (multi-turn). The mix adds the dense `describe` task (every object's size, colour,
+shape and glyph, top to bottom) to the evaluated families: without it the model learns the language prior and
+ignores the image. How the 12-layer model gets off that plateau is in `TrainingData` and `pretrain`.
 """
 
 import argparse
@@ -24,7 +26,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dyvte.testbed.model import ModelConfig, build_model, build_processor, pixel_values, prompt_text
 from dyvte.testbed.scenes import (
     AUX_FAMILIES,
+    COLOURS,
+    DIGITS,
     FAMILIES,
+    SHAPES,
+    SIZES,
     SceneConfig,
     SplitSizes,
     generate_dataset,
@@ -40,8 +46,8 @@ DEFAULT_DATA_DIR = REPO_ROOT / "data" / "testbed"
 
 
 class Encoder:
-    """Turns (image, question, answer) into training tensors with the exact prompt the processor produces:
-    the chat template's text, `<image>` expanded to one token per patch, answer + `</s>` as the only targets."""
+    """Turns (image, conversation) into training tensors with the exact tokens the chat template produces: the
+    first user turn carries `<image>` expanded to one token per patch, every answer + `</s>` is a target."""
 
     def __init__(self, processor, scene_config: SceneConfig):
         self.processor = processor
@@ -50,13 +56,23 @@ class Encoder:
         self.image_tokens = scene_config.grid**2
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
         self._prompts: dict[str, list[int]] = {}
+        self._followups: dict[str, list[int]] = {}
         self._answers: dict[str, list[int]] = {}
 
     def prompt_ids(self, question: str) -> list[int]:
+        """The first turn: the processor's prompt for one image and `question`."""
         if question not in self._prompts:
             text = prompt_text(self.processor, question).replace("<image>", "<image>" * self.image_tokens)
             self._prompts[question] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._prompts[question]
+
+    def followup_ids(self, question: str) -> list[int]:
+        """A later user turn, as the chat template writes it after an assistant answer."""
+        if question not in self._followups:
+            self._followups[question] = self.tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)[
+                "input_ids"
+            ]
+        return self._followups[question]
 
     def answer_ids(self, answer: str) -> list[int]:
         if answer not in self._answers:
@@ -64,36 +80,48 @@ class Encoder:
             self._answers[answer] = ids + [self.tokenizer.eos_token_id]
         return self._answers[answer]
 
-    def batch(self, images, questions, answers, hidden=None) -> dict[str, torch.Tensor]:
-        """`hidden[i]` lists visual tokens (row-major patch indices) that sample i's attention may not see."""
-        rows = [(self.prompt_ids(q), self.answer_ids(a)) for q, a in zip(questions, answers)]
-        length = max(len(p) + len(a) for p, a in rows)
+    def conversation_ids(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of a whole conversation and the (start, end) span of every answer."""
+        ids, spans = [], []
+        for i, (question, answer) in enumerate(turns):
+            ids += self.prompt_ids(question) if i == 0 else self.followup_ids(question)
+            spans.append((len(ids), len(ids) + len(self.answer_ids(answer))))
+            ids += self.answer_ids(answer)
+        return ids, spans
+
+    def batch(self, images, conversations, hidden=None) -> dict[str, torch.Tensor]:
+        """`conversations[i]` is a list of (question, answer) turns about image i; `hidden[i]` lists visual
+        tokens (row-major patch indices) that sample i's attention may not see. `label_weights` give every
+        answer the same total weight, so long `describe` answers do not drown out the one-word ones."""
+        rows = [self.conversation_ids(turns) for turns in conversations]
+        length = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id)
         labels = torch.full((len(rows), length), -100)
+        label_weights = torch.zeros((len(rows), length))
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (prompt, answer) in enumerate(rows):
-            n = len(prompt) + len(answer)
-            input_ids[i, :n] = torch.tensor(prompt + answer)
-            labels[i, len(prompt) : n] = torch.tensor(answer)
-            attention_mask[i, :n] = 1
+        for i, (ids, spans) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+            for start, end in spans:
+                labels[i, start:end] = input_ids[i, start:end]
+                label_weights[i, start:end] = 1.0 / (end - start)
             if hidden is not None and hidden[i]:
-                image_start = prompt.index(self.image_token_id)
+                image_start = ids.index(self.image_token_id)
                 attention_mask[i, [image_start + cell for cell in hidden[i]]] = 0
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "pixel_values": pixel_values(images, self.scene_config),
             "labels": labels,
+            "label_weights": label_weights,
         }
 
 
-def sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on answer tokens, averaged per sample first so long `describe` answers do not drown out
-    the one-word families."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on answer tokens, averaged per answer, then over all answers of the batch."""
+    logits, labels, label_weights = logits[:, :-1], labels[:, 1:], label_weights[:, 1:]
     token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    mask = labels != -100
-    return ((token_loss * mask).sum(1) / mask.sum(1)).mean()
+    return (token_loss * label_weights).sum() / label_weights.sum()
 
 
 @torch.no_grad()
@@ -107,8 +135,9 @@ def teacher_forced_accuracy(model, encoder: Encoder, records: list[dict], images
         images = [Image.open(images_dir / r["image"]).convert("RGB") for r in chunk]
         questions = [r["conversations"][0]["value"].removeprefix("<image>\n") for r in chunk]
         answers = [r["conversations"][1]["value"] for r in chunk]
-        batch = encoder.batch(images, questions, answers)
+        batch = encoder.batch(images, [[(q, a)] for q, a in zip(questions, answers)])
         labels = batch.pop("labels")
+        batch.pop("label_weights")
         logits = model(**batch).logits[:, :-1]
         target = labels[:, 1:]
         correct = ((logits.argmax(-1) == target) | (target == -100)).all(1)
@@ -125,7 +154,10 @@ def family_weights(describe_weight: float) -> dict[str, float]:
 
 
 class TrainingData:
-    """Endless training samples, one fresh scene each, never a val/test scene.
+    """Endless training conversations, one fresh scene each, never a val/test scene.
+
+    Each image carries `turns` questions (a multi-turn conversation, as in LLaVA's instruction data): the image
+    tokens dominate the sequence, so more questions per image are nearly free supervision.
 
     A fresh model attends uniformly, so one object among 64 visual tokens is a 1/64 signal and training sits on
     the language-prior plateau. Two curricula remove it: until `hold` (a fraction of training) scenes have a single
@@ -134,9 +166,17 @@ class TrainingData:
     """
 
     def __init__(
-        self, seed: int, scene_config: SceneConfig, exclude: set[str], weights: dict[str, float], hold: float, ramp: float
+        self,
+        seed: int,
+        scene_config: SceneConfig,
+        exclude: set[str],
+        weights: dict[str, float],
+        hold: float,
+        ramp: float,
+        turns: int = 1,
     ):
         self.scene_config = scene_config
+        self.turns = turns
         self.hold, self.ramp = hold, ramp
         self.rng = random.Random(f"{seed}/pretrain/questions")
         self.names, self.probs = list(weights), list(weights.values())
@@ -155,23 +195,100 @@ class TrainingData:
         return min(1.0, max(0.0, (progress - self.hold) / (self.ramp - self.hold)))
 
     def sample(self, progress: float) -> tuple:
-        """(image, question, answer, indices of the visual tokens to hide)."""
-        stream = self.streams[self.max_objects(progress)]
-        while True:
-            scene, _ = next(stream)
+        """(image, [(question, answer), ...], indices of the visual tokens to hide)."""
+        scene, _ = next(self.streams[self.max_objects(progress)])
+        turns = []
+        while len(turns) < self.turns:
             qa = make_question(self.rng.choices(self.names, self.probs)[0], scene, self.rng)
             if qa is not None:
-                break
+                turns.append(qa)
         hidden = []
         if self.rng.random() < self.hide_probability(progress):
             grid = self.scene_config.grid
             occupied = {obj.row * grid + obj.col for obj in scene}
             hidden = [cell for cell in range(grid * grid) if cell not in occupied]
-        return render(scene, self.scene_config), qa[0], qa[1], hidden
+        return render(scene, self.scene_config), turns, hidden
 
 
 def vision_parameters(model) -> list[torch.nn.Parameter]:
     return [p for name, p in model.named_parameters() if "vision_tower" in name or "multi_modal_projector" in name]
+
+
+class CellProbe(torch.nn.Module):
+    """Linear read-outs of each visual token: is its cell occupied, and the object's colour, shape, size and
+    digit. Used only to pre-train the vision side (as a real MLLM starts from a pre-trained CLIP), then dropped."""
+
+    ATTRIBUTES = {"occupied": 2, "colour": len(COLOURS), "shape": len(SHAPES), "size": len(SIZES),
+                  "glyph": len(DIGITS) + 1}
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(hidden_size, n) for k, n in self.ATTRIBUTES.items()})
+
+    @staticmethod
+    def targets(scenes, grid: int) -> dict[str, torch.Tensor]:
+        """Per-cell class indices; attributes of empty cells are ignored (-100). Glyph 0 means no digit."""
+        targets = {k: torch.full((len(scenes), grid * grid), -100) for k in CellProbe.ATTRIBUTES}
+        targets["occupied"].fill_(0)
+        for i, scene in enumerate(scenes):
+            for obj in scene:
+                cell = obj.row * grid + obj.col
+                targets["occupied"][i, cell] = 1
+                targets["colour"][i, cell] = list(COLOURS).index(obj.colour)
+                targets["shape"][i, cell] = SHAPES.index(obj.shape)
+                targets["size"][i, cell] = SIZES.index(obj.size)
+                targets["glyph"][i, cell] = 0 if obj.glyph is None else DIGITS.index(obj.glyph) + 1
+        return targets
+
+    def forward(self, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        loss, accuracy = 0.0, {}
+        for name, head in self.heads.items():
+            logits, target = head(features), targets[name]
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+            labelled = target != -100
+            accuracy[name] = ((logits.argmax(-1) == target) & labelled).sum().item() / labelled.sum().item()
+        return loss, accuracy
+
+
+def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """The projected visual tokens the language model receives, [B, N, d]."""
+    return torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output)
+
+
+def pretrain_vision(model, scene_config: SceneConfig, scenes, args, progress) -> list[dict]:
+    """Stage 1: train the vision tower and projector so every visual token linearly encodes its cell's object.
+
+    Trained jointly with the decoder from random init, the vision side collapsed every token onto one large
+    common vector and the decoder never left the language-prior plateau. With attributes already readable per
+    token, stage 2 only has to teach the decoder to find and relate them. The projector's output layer is then
+    rescaled so visual tokens have the norm of text embeddings and do not swamp the residual stream.
+    """
+    probe = CellProbe(model.config.text_config.hidden_size)
+    optimizer = torch.optim.AdamW(vision_parameters(model) + list(probe.parameters()), lr=args.vision_lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / args.vision_steps)
+    task = progress.add_task("vision pre-training", total=args.vision_steps, status="")
+    log = []
+    for step in range(args.vision_steps):
+        batch = [next(scenes)[0] for _ in range(args.batch_size)]
+        features = image_features(model, pixel_values([render(s, scene_config) for s in batch], scene_config))
+        loss, accuracy = probe(features, CellProbe.targets(batch, scene_config.grid))
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.vision_steps:
+            log.append({"step": step + 1, "loss": loss.item(), "cell_accuracy": accuracy})
+            progress.console.print(f"vision step {step + 1} loss {loss.item():.3f} " +
+                                   " ".join(f"{k}={v:.3f}" for k, v in accuracy.items()))
+        progress.update(task, advance=1, status=f"loss {loss.item():.3f}")
+    with torch.no_grad():
+        pixels = pixel_values([render(next(scenes)[0], scene_config) for _ in range(64)], scene_config)
+        visual_norm = image_features(model, pixels).norm(dim=-1).mean()
+        text_norm = model.get_input_embeddings().weight.norm(dim=-1).mean()
+        output = model.model.multi_modal_projector.linear_2
+        output.weight.mul_(text_norm / visual_norm)
+        output.bias.mul_(text_norm / visual_norm)
+    return log
 
 
 def pretrain(args) -> dict:
@@ -187,28 +304,23 @@ def pretrain(args) -> dict:
     model.train()
     encoder = Encoder(processor, scene_config)
     val = load_split(data_dir, "val")
+
+    held_out = held_out_hashes(data_dir)
     data = TrainingData(
         args.seed,
         scene_config,
-        held_out_hashes(data_dir),
+        held_out,
         family_weights(args.describe_weight),
         hold=args.hold,
         ramp=args.ramp,
+        turns=args.turns,
     )
-
-    # The vision tower and projector stay frozen at their random init for the first `freeze_vision` of training:
-    # trained from the start, they were seen to blow every visual token up onto one large common vector (norm 0.3
-    # -> 30 in 30 steps) in which the object's own features drown, and the model never left the prior plateau.
-    # Random features of one object per patch are already distinct; once the decoder reads them, they are
-    # fine-tuned at a lower learning rate.
     vision = vision_parameters(model)
     vision_ids = {id(p) for p in vision}
     decoder = [p for p in model.parameters() if id(p) not in vision_ids]
     groups = [{"params": decoder, "lr": args.lr}, {"params": vision, "lr": args.lr * args.vision_lr_scale}]
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     unfreeze_step = int(args.freeze_vision * args.steps)
-    for p in vision:
-        p.requires_grad_(unfreeze_step == 0)
     warmup = max(1, args.steps // 20)
 
     def lr_factor(step):
@@ -223,6 +335,12 @@ def pretrain(args) -> dict:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
     with Progress(*columns) as progress:
+        vision_scenes = scene_stream(args.seed, "pretrain/vision", scene_config, held_out)
+        vision_log = pretrain_vision(model, scene_config, vision_scenes, args, progress)
+        # Stage 2: the decoder learns the questions on top of the pre-trained vision side, which stays frozen
+        # for the first `freeze_vision` of the steps and is then fine-tuned at a lower learning rate.
+        for p in vision:
+            p.requires_grad_(unfreeze_step == 0)
         task = progress.add_task("pre-training", total=args.steps, status="")
         running = None
         for step in range(args.steps):
@@ -231,8 +349,8 @@ def pretrain(args) -> dict:
                     p.requires_grad_(True)
             samples = [data.sample(step / args.steps) for _ in range(args.batch_size)]
             batch = encoder.batch(*zip(*samples))
-            labels = batch.pop("labels")
-            loss = sample_loss(model(**batch).logits, labels)
+            labels, label_weights = batch.pop("labels"), batch.pop("label_weights")
+            loss = answer_loss(model(**batch).logits, labels, label_weights)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -252,7 +370,8 @@ def pretrain(args) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    summary = {"args": vars(args), "model_config": asdict(model_config), "wall_seconds": wall, "log": log}
+    summary = {"args": vars(args), "model_config": asdict(model_config), "wall_seconds": wall,
+               "vision_log": vision_log, "log": log}
     (out_dir / "training_log.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
@@ -267,12 +386,15 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3, help="2e-3 leaves 12 layers on the plateau")
     parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--turns", type=int, default=6, help="questions per training image (multi-turn)")
     parser.add_argument("--describe-weight", type=float, default=2.0, help="sampling weight of the grounding task")
-    parser.add_argument("--hold", type=float, default=0.2, help="fraction of training on lone objects")
-    parser.add_argument("--ramp", type=float, default=0.5, help="fraction of training to reach the full scenes")
+    parser.add_argument("--hold", type=float, default=0.1, help="fraction of training on lone objects")
+    parser.add_argument("--ramp", type=float, default=0.3, help="fraction of training to reach the full scenes")
     parser.add_argument("--freeze-vision", type=float, default=0.5, help="frozen-vision fraction")
     parser.add_argument("--vision-lr-scale", type=float, default=0.3, help="learning-rate factor of the vision side")
-    parser.add_argument("--eval-every", type=int, default=600)
+    parser.add_argument("--vision-steps", type=int, default=800, help="stage 1: vision-side pre-training steps")
+    parser.add_argument("--vision-lr", type=float, default=2e-3, help="stage 1 learning rate")
+    parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     for f in fields(ModelConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
