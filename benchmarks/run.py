@@ -61,16 +61,23 @@ def plan(quick: bool) -> dict:
 
 
 class Results:
-    def __init__(self, out: Path, env: dict, settings: dict):
+    """Every measurement of a run; with `update`, the entries already in `out` stay unless re-measured."""
+
+    def __init__(self, out: Path, env: dict, settings: dict, update: bool = False):
         self.out, self.env, self.settings = out, env, settings
         self.data = {name: {} for name in FILES}
+        if update:
+            for name in FILES:
+                if (out / f"{name}.json").exists():
+                    self.data[name] = json.loads((out / f"{name}.json").read_text())["results"]
         out.mkdir(parents=True, exist_ok=True)
 
     def put(self, file: str, model: str, key: str, value: dict, shape: dict | None = None) -> None:
         entry = self.data[file].setdefault(model, {})
         if shape is not None:
             entry["shape"] = shape
-        entry[key] = {**value, "machine_load_after": other_load()}
+        entry[key] = {**value, "machine_load_after": other_load(),
+                      "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.write()
 
     def write(self, finished: bool = False) -> None:
@@ -93,6 +100,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="stop starting new sections (and new repeat rounds, once one is done) after this long")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: " + ", ".join(FILES))
+    parser.add_argument("--update", action="store_true",
+                        help="keep the results already in --out and replace only what this run measures")
     args = parser.parse_args(argv)
     if args.threads is None:
         args.threads = 1 if args.quick else 2
@@ -101,14 +110,15 @@ def main(argv: list[str] | None = None) -> Path:
     steps = plan(args.quick)
     begin = time.perf_counter()
     sections.DEADLINE = begin + 60 * args.budget_minutes if args.budget_minutes else None
-    settings = {"quick": args.quick, "threads": args.threads, "skip": args.skip, "_start": begin,
+    settings = {"quick": args.quick, "threads": args.threads, "skip": args.skip, "update": args.update,
+                "_start": begin,
                 "budget_minutes": args.budget_minutes,
                 "timing": "LM only: vision features precomputed and passed as mm_encoder_outputs; wall clock "
                           "(time.perf_counter); medians over repeats after warm-up; full and exit runs interleaved "
                           "round-robin",
                 "plan": [(shape.name if shape else None, name, kw) for shape, name, kw in steps["steps"]],
                 "not_run": []}
-    results = Results(args.out, environment(args.threads), settings)
+    results = Results(args.out, environment(args.threads), settings, args.update)
     engines: dict[str, VisualExit] = {}
     round_b1: dict[str, float] = {}  # seconds of one batch-1 prefill round per model (for the budget)
     for shape, name, kw in steps["steps"]:
@@ -116,9 +126,10 @@ def main(argv: list[str] | None = None) -> Path:
         if (wanted in args.skip) if isinstance(wanted, str) else all(w in args.skip for w in wanted):
             continue
         if sections.DEADLINE is not None:
-            # one round of a batch-B prefill costs about B times the batch-1 round of the same model
+            # one round at batch B (a prefill, or the prefill under the heads) costs about B times the
+            # batch-1 prefill round of the same model
             estimate = 0.0
-            if name == "prefill" and kw["batch"] > 1 and shape.name in round_b1:
+            if kw.get("batch", 1) > 1 and shape.name in round_b1:
                 estimate = kw["batch"] * round_b1[shape.name] * (1.5 if kw.get("mixed") else 1.0)
             if time.perf_counter() + estimate > sections.DEADLINE:
                 settings["not_run"].append([shape.name if shape else None, name, kw,

@@ -92,8 +92,24 @@ def _sampler(trials: int, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(n_startup_trials=min(10, max(1, trials // 2)), seed=seed)
 
 
+class SavedSearch:
+    """JSON save / load of a search result; the file's `method` keeps one search's result from loading as the
+    other's."""
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path):
+        saved = json.loads(Path(path).read_text())
+        method = cls.__dataclass_fields__["method"].default
+        if saved.get("method") != method:
+            raise ValueError(f"{path} is not a saved {method} schedule (its method is {saved.get('method')!r}).")
+        return cls(**saved)
+
+
 @dataclass
-class GSearch:
+class GSearch(SavedSearch):
     """G-Search's keep rates and, per searched layer, every rate tried with its E and objective."""
 
     rates: list[float]
@@ -108,12 +124,6 @@ class GSearch:
     def policy(self) -> KeepRateSchedule:
         return KeepRateSchedule(self.rates, self.queries)
 
-    def save(self, path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, path) -> "GSearch":
-        return cls(**_load(path, "gsearch"))
 
 
 @torch.no_grad()
@@ -165,7 +175,7 @@ def g_search(engine: VisualExit, batches: list[dict], lam: float = 0.01, every: 
 
 
 @dataclass
-class PSigmoidSearch:
+class PSigmoidSearch(SavedSearch):
     """P-Sigmoid's `k` at a budget, the rates it gives, and every `k` tried with its E."""
 
     budget: float
@@ -181,12 +191,6 @@ class PSigmoidSearch:
     def policy(self) -> PSigmoid:
         return PSigmoid(self.budget, self.k, len(self.rates), self.alpha, self.first_layer, self.queries)
 
-    def save(self, path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, path) -> "PSigmoidSearch":
-        return cls(**_load(path, "psigmoid"))
 
 
 @torch.no_grad()
@@ -215,10 +219,3 @@ def p_sigmoid_search(engine: VisualExit, batches: list[dict], budget: float, tri
     return PSigmoidSearch(budget=budget, k=best.k, alpha=flat.alpha, first_layer=first_layer, rates=best.rates,
                           score=study.best_value, queries=queries,
                           trials=[{"k": t.params["k"], "score": t.value} for t in study.trials])
-
-
-def _load(path, method: str) -> dict:
-    saved = json.loads(Path(path).read_text())
-    if saved.get("method") != method:
-        raise ValueError(f"{path} is not a saved {method} schedule (its method is {saved.get('method')!r}).")
-    return saved
