@@ -132,6 +132,9 @@ def test_pretraining_never_sees_held_out_scenes():
     image, turns, hidden = data.sample(0.0)
     assert turns == [("how many objects are there ?", "1")] * 2
     assert len(hidden) == 63  # at the start of the curriculum every empty cell is hidden
+    lone_objects = TrainingData(0, CONFIG, held_out, {"relation": 1.0}, hold=0.2, ramp=0.5)
+    with pytest.raises(ValueError, match="cannot ask 1 questions about a scene of 1 object"):
+        lone_objects.sample(0.0)  # relation needs two objects: an error, not an endless loop
 
 
 def test_llava_json_round_trip(tmp_path):

@@ -198,10 +198,17 @@ class TrainingData:
         """(image, [(question, answer), ...], indices of the visual tokens to hide)."""
         scene, _ = next(self.streams[self.max_objects(progress)])
         turns = []
-        while len(turns) < self.turns:
+        for _ in range(100 * self.turns):  # bounded: some families cannot ask about some scenes (one object)
+            if len(turns) == self.turns:
+                break
             qa = make_question(self.rng.choices(self.names, self.probs)[0], scene, self.rng)
             if qa is not None:
                 turns.append(qa)
+        if len(turns) < self.turns:
+            raise ValueError(
+                f"the families {self.names} cannot ask {self.turns} questions about a scene of {len(scene)} "
+                "object(s); add a family every scene can pose (count, list_colours, describe)"
+            )
         hidden = []
         if self.rng.random() < self.hide_probability(progress):
             grid = self.scene_config.grid
