@@ -13,45 +13,42 @@ def _t(stats: dict, scale: float = 1.0, digits: int = 3) -> str:
             f"{stats['max_s'] * scale:.{digits}f}, n={stats['n']})")
 
 
+def measured(section: dict):
+    """(model, key, result) of every measurement in one section's results; other keys hold shapes or skip notes."""
+    for model, entry in section.items():
+        for key, res in entry.items():
+            if key.startswith("batch_"):
+                yield model, key, res
+
+
 def targets(data: dict) -> list[dict]:
     """Every target with whether it holds on what was measured."""
     out = []
-    for model, entry in data["prefill"].items():
-        for key, res in entry.items():
-            if not key.startswith("batch_"):
-                continue
-            for e in res["exits"]:
-                out.append({"target": "prefill realized/ideal >= 0.9", "model": model, "batch": res["batch"],
-                            "exit_layer": e["exit_layer"], "value": e["realized_over_ideal"],
-                            "holds": e["target_0.9_holds"]})
-    for model, entry in data["mixed_batch"].items():
-        for key, res in entry.items():
-            if key.startswith("batch_"):
-                out.append({"target": "mixed batch throughput >= 0.85 x FLOPs ideal", "model": model,
-                            "batch": key, "value": res["realized_over_ideal"], "holds": res["target_0.85_holds"]})
-    for model, entry in data["decode"].items():
-        for key, res in entry.items():
-            if key.startswith("batch_"):
-                out.append({"target": "decode with exit never slower than full (median ms/token)", "model": model,
-                            "value": min(r["speedup_vs_full"] for r in res["by_exit"].values()),
-                            "holds": res["target_not_slower_holds"],
-                            "within_noise": res["not_slower_within_noise"]})
-                out.append({"target": "KV bytes fall by the withdrawn share", "model": model,
-                            "holds": res["target_kv_bytes_holds"]})
-    for model, entry in data["head_overhead"].items():
-        for key, res in entry.items():
-            if key.startswith("batch_"):
-                out.append({"target": "all exit heads <= 2% of one decoder layer", "model": model, "setting": key,
-                            "value": res["fraction_of_one_layer"]["median"], "holds": res["target_2pct_holds"],
-                            "value_at_full_depth": res["projected_full_depth"]["fraction_of_one_layer"],
-                            "holds_at_full_depth": res["target_2pct_holds_at_full_depth"]})
-    for model, entry in data["labelling"].items():
-        for key, res in entry.items():
-            if key.startswith("batch_"):
-                out.append({"target": "dense labelling >= 10x cheaper per label than naive", "model": model,
-                            "value": res["naive_over_dense"], "holds": res["target_10x_holds"],
-                            "value_at_full_depth_projected": res["projected_full_depth_naive_over_dense"],
-                            "holds_at_full_depth_projected": res["target_10x_holds_at_full_depth_projected"]})
+    for model, key, res in measured(data["prefill"]):
+        for e in res["exits"]:
+            out.append({"target": "prefill realized/ideal >= 0.9", "model": model, "batch": res["batch"],
+                        "exit_layer": e["exit_layer"], "value": e["realized_over_ideal"],
+                        "holds": e["target_0.9_holds"]})
+    for model, key, res in measured(data["mixed_batch"]):
+        out.append({"target": "mixed batch throughput >= 0.85 x FLOPs ideal", "model": model,
+                    "batch": key, "value": res["realized_over_ideal"], "holds": res["target_0.85_holds"]})
+    for model, key, res in measured(data["decode"]):
+        out.append({"target": "decode with exit never slower than full (median ms/token)", "model": model,
+                    "value": min(r["speedup_vs_full"] for r in res["by_exit"].values()),
+                    "holds": res["target_not_slower_holds"],
+                    "within_noise": res["not_slower_within_noise"]})
+        out.append({"target": "KV bytes fall by the withdrawn share", "model": model,
+                    "holds": res["target_kv_bytes_holds"]})
+    for model, key, res in measured(data["head_overhead"]):
+        out.append({"target": "all exit heads <= 2% of one decoder layer", "model": model, "setting": key,
+                    "value": res["fraction_of_one_layer"]["median"], "holds": res["target_2pct_holds"],
+                    "value_at_full_depth": res["projected_full_depth"]["fraction_of_one_layer"],
+                    "holds_at_full_depth": res["target_2pct_holds_at_full_depth"]})
+    for model, key, res in measured(data["labelling"]):
+        out.append({"target": "dense labelling >= 10x cheaper per label than naive", "model": model,
+                    "value": res["naive_over_dense"], "holds": res["target_10x_holds"],
+                    "value_at_full_depth_projected": res["projected_full_depth_naive_over_dense"],
+                    "holds_at_full_depth_projected": res["target_10x_holds_at_full_depth_projected"]})
     return out
 
 
@@ -74,74 +71,61 @@ def write_summary(path: Path, env: dict, settings: dict, data: dict, run: dict) 
                   "| model (layers) | batch | k | full s | exit s | realized × | ideal × | realized/ideal | ≥0.9 | "
                   "predicted from layer times × | KV bytes vs full (expected) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for model, entry in data["prefill"].items():
-            layers = entry["shape"]["num_layers"]
-            for key, res in entry.items():
-                if not key.startswith("batch_"):
-                    continue
-                for e in res["exits"]:
-                    lines.append(
-                        f"| {model} ({layers}) | {res['batch']} | {e['exit_layer']} | {_t(res['full'])} | {_t(e)} | "
-                        f"{_f(e['realized_speedup']['of_medians'])} | {_f(e['ideal_speedup'])} | "
-                        f"{_f(e['realized_over_ideal'])} | {'yes' if e['target_0.9_holds'] else '**no**'} | "
-                        f"{_f(e['speedup_predicted_from_layer_times'])} | "
-                        f"{_f(e['kv_ratio_vs_full'], 3)} ({_f(e['kv_ratio_expected'], 3)}) |")
+        for model, key, res in measured(data["prefill"]):
+            layers = data["prefill"][model]["shape"]["num_layers"]
+            for e in res["exits"]:
+                lines.append(
+                    f"| {model} ({layers}) | {res['batch']} | {e['exit_layer']} | {_t(res['full'])} | {_t(e)} | "
+                    f"{_f(e['realized_speedup']['of_medians'])} | {_f(e['ideal_speedup'])} | "
+                    f"{_f(e['realized_over_ideal'])} | {'yes' if e['target_0.9_holds'] else '**no**'} | "
+                    f"{_f(e['speedup_predicted_from_layer_times'])} | "
+                    f"{_f(e['kv_ratio_vs_full'], 3)} ({_f(e['kv_ratio_expected'], 3)}) |")
         lines += ["", "Where the time goes (decoder-layer calls timed by forward hooks; *non-layer* = embedding, "
                   "sub-batch moves, KV gathering, final norm and lm_head of the full run):", "",
                   "| model | batch | full-length layer s (GFLOP/s) | text-only layer s (GFLOP/s) | time ratio text/full "
                   "(FLOPs ratio) | non-layer s |", "|---|---|---|---|---|---|"]
-        for model, entry in data["prefill"].items():
-            for key, res in entry.items():
-                if key.startswith("batch_"):
-                    d = res["layer_diagnostics"]
-                    lines.append(
-                        f"| {model} | {res['batch']} | {d['full_length_layer_s']:.3f} "
-                        f"({d['full_length_layer_gflops_per_s']:.0f}) | {d['text_only_layer_s']:.3f} "
-                        f"({d['text_only_layer_gflops_per_s']:.0f}) | {d['time_ratio_text_over_full_layer']:.3f} "
-                        f"({d['flops_ratio_text_over_full_layer']:.3f}) | {d['other_s_full']:.3f} |")
+        for model, key, res in measured(data["prefill"]):
+            d = res["layer_diagnostics"]
+            lines.append(
+                f"| {model} | {res['batch']} | {d['full_length_layer_s']:.3f} "
+                f"({d['full_length_layer_gflops_per_s']:.0f}) | {d['text_only_layer_s']:.3f} "
+                f"({d['text_only_layer_gflops_per_s']:.0f}) | {d['time_ratio_text_over_full_layer']:.3f} "
+                f"({d['flops_ratio_text_over_full_layer']:.3f}) | {d['other_s_full']:.3f} |")
         lines.append("")
     if data["mixed_batch"]:
         lines += ["## Mixed-exit batch", "",
                   "| model | exits | full batch s | mixed batch s | one by one s | samples/s mixed / one-by-one / "
                   "full / ideal | realized/ideal | ≥0.85 |", "|---|---|---|---|---|---|---|---|"]
-        for model, entry in data["mixed_batch"].items():
-            for key, res in entry.items():
-                if not key.startswith("batch_"):
-                    continue
-                lines.append(
-                    f"| {model} | {res['exit_layers']} | {_t(res['full'])} | {_t(res['batched'])} | "
-                    f"{_t(res['one_by_one'])} | {_f(res['batched']['samples_per_s'])} / "
-                    f"{_f(res['one_by_one']['samples_per_s'])} / {_f(res['full_batch_samples_per_s'])} / "
-                    f"{_f(res['ideal_samples_per_s'])} | {_f(res['realized_over_ideal'])} | "
-                    f"{'yes' if res['target_0.85_holds'] else '**no**'} |")
+        for model, key, res in measured(data["mixed_batch"]):
+            lines.append(
+                f"| {model} | {res['exit_layers']} | {_t(res['full'])} | {_t(res['batched'])} | "
+                f"{_t(res['one_by_one'])} | {_f(res['batched']['samples_per_s'])} / "
+                f"{_f(res['one_by_one']['samples_per_s'])} / {_f(res['full_batch_samples_per_s'])} / "
+                f"{_f(res['ideal_samples_per_s'])} | {_f(res['realized_over_ideal'])} | "
+                f"{'yes' if res['target_0.85_holds'] else '**no**'} |")
         lines.append("")
     if data["decode"]:
         lines += ["## Decode (batch 1; new tokens forced with min_new_tokens = max_new_tokens)", "",
                   "| model | exit k | ms/token | vs full × | KV bytes after | KV vs full (expected) |",
                   "|---|---|---|---|---|---|"]
-        for model, entry in data["decode"].items():
-            for key, res in entry.items():
-                if not key.startswith("batch_"):
-                    continue
-                for k, r in res["by_exit"].items():
-                    lines.append(f"| {model}, {res['new_tokens']} tokens | {k} | {_t(r['ms_per_token'], digits=1)} | {_f(r['speedup_vs_full'], 3)} "
-                                 f"| {r['kv_cache_bytes']:,} | {_f(r['kv_ratio_vs_full'], 3)} "
-                                 f"({_f(r['kv_ratio_expected'], 3)}) |")
+        for model, key, res in measured(data["decode"]):
+            for k, r in res["by_exit"].items():
+                lines.append(f"| {model}, {res['new_tokens']} tokens | {k} | {_t(r['ms_per_token'], digits=1)} | {_f(r['speedup_vs_full'], 3)} "
+                             f"| {r['kv_cache_bytes']:,} | {_f(r['kv_ratio_vs_full'], 3)} "
+                             f"({_f(r['kv_ratio_expected'], 3)}) |")
         lines.append("")
     if data["head_overhead"]:
         lines += ["## Exit-head overhead (DynamicExit, threshold 2: every head runs)", "",
                   "| model | batch | head hidden | heads run | all heads s | one layer s | fraction | "
                   "projected to full depth |",
                   "|---|---|---|---|---|---|---|---|"]
-        for model, entry in data["head_overhead"].items():
-            for key, res in entry.items():
-                if key.startswith("batch_"):
-                    p = res["projected_full_depth"]
-                    lines.append(f"| {model} | {res['batch']} | {res['head_hidden']} | "
-                                 f"{res['heads_evaluated_per_prefill']} | "
-                                 f"{_t(res['all_heads_per_prefill'], digits=4)} | {_t(res['one_layer'])} | "
-                                 f"{res['fraction_of_one_layer']['median']:.3%} | "
-                                 f"{p['fraction_of_one_layer']:.3%} ({p['heads']} heads) |")
+        for model, key, res in measured(data["head_overhead"]):
+            p = res["projected_full_depth"]
+            lines.append(f"| {model} | {res['batch']} | {res['head_hidden']} | "
+                         f"{res['heads_evaluated_per_prefill']} | "
+                         f"{_t(res['all_heads_per_prefill'], digits=4)} | {_t(res['one_layer'])} | "
+                         f"{res['fraction_of_one_layer']['median']:.3%} | "
+                         f"{p['fraction_of_one_layer']:.3%} ({p['heads']} heads) |")
         lines.append("")
     if data["labelling"]:
         lines += ["## Labelling cost per labelled (sample, exit layer)", "",
