@@ -221,40 +221,57 @@ def vision_parameters(model) -> list[torch.nn.Parameter]:
     return [p for name, p in model.named_parameters() if "vision_tower" in name or "multi_modal_projector" in name]
 
 
-class CellProbe(torch.nn.Module):
-    """Linear read-outs of each visual token: is its cell occupied, and the object's colour, shape, size and
-    digit. Used only to pre-train the vision side (as a real MLLM starts from a pre-trained CLIP), then dropped."""
+class CellCodes:
+    """What each visual token should say after vision pre-training: the sum of the unit-norm input embeddings of
+    its object's words (size, colour, shape, digit or `blank`), or a fixed `empty` code for an empty cell.
 
-    ATTRIBUTES = {"occupied": 2, "colour": len(COLOURS), "shape": len(SHAPES), "size": len(SIZES),
-                  "glyph": len(DIGITS) + 1}
+    A linear probe read every attribute perfectly, yet the decoder never learned to read shape: a probe is happy
+    with an attribute in a low-variance direction, which the decoder's small updates do not find. Equal-norm codes
+    make every attribute equally salient, and codes built from the vocabulary's own embeddings put the visual
+    tokens in the word-embedding space, as a real MLLM's projector does. Used only in stage 1 (a stand-in for a
+    pre-trained CLIP); the decoder learns in stage 2.
+    """
 
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(hidden_size, n) for k, n in self.ATTRIBUTES.items()})
+    ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES, "glyph": ("blank",) + tuple(DIGITS)}
+
+    def __init__(self, embeddings: torch.Tensor, tokenizer, seed: int):
+        def unit(vectors):
+            return vectors / vectors.norm(dim=-1, keepdim=True)
+
+        self.codes = {
+            name: unit(embeddings[tokenizer.convert_tokens_to_ids(list(words))].detach().clone())
+            for name, words in self.ATTRIBUTES.items()
+        }
+        generator = torch.Generator().manual_seed(seed)
+        self.empty = unit(torch.randn(embeddings.shape[-1], generator=generator))
 
     @staticmethod
-    def targets(scenes, grid: int) -> dict[str, torch.Tensor]:
-        """Per-cell class indices; attributes of empty cells are ignored (-100). Glyph 0 means no digit."""
-        targets = {k: torch.full((len(scenes), grid * grid), -100) for k in CellProbe.ATTRIBUTES}
-        targets["occupied"].fill_(0)
+    def indices(scenes, grid: int) -> dict[str, torch.Tensor]:
+        """Per-cell index into each attribute's words; -100 for empty cells."""
+        indices = {name: torch.full((len(scenes), grid * grid), -100) for name in CellCodes.ATTRIBUTES}
         for i, scene in enumerate(scenes):
             for obj in scene:
                 cell = obj.row * grid + obj.col
-                targets["occupied"][i, cell] = 1
-                targets["colour"][i, cell] = list(COLOURS).index(obj.colour)
-                targets["shape"][i, cell] = SHAPES.index(obj.shape)
-                targets["size"][i, cell] = SIZES.index(obj.size)
-                targets["glyph"][i, cell] = 0 if obj.glyph is None else DIGITS.index(obj.glyph) + 1
-        return targets
+                values = {"colour": obj.colour, "shape": obj.shape, "size": obj.size, "glyph": obj.glyph or "blank"}
+                for name, value in values.items():
+                    indices[name][i, cell] = CellCodes.ATTRIBUTES[name].index(value)
+        return indices
 
-    def forward(self, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        loss, accuracy = 0.0, {}
-        for name, head in self.heads.items():
-            logits, target = head(features), targets[name]
-            loss = loss + F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
-            labelled = target != -100
-            accuracy[name] = ((logits.argmax(-1) == target) & labelled).sum().item() / labelled.sum().item()
-        return loss, accuracy
+    def targets(self, indices: dict[str, torch.Tensor]) -> torch.Tensor:
+        occupied = indices["colour"] != -100
+        target = self.empty.expand(*occupied.shape, -1).clone()
+        target[occupied] = sum(self.codes[name][index[occupied]] for name, index in indices.items())
+        return target
+
+    def accuracy(self, features: torch.Tensor, indices: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Per attribute, how often the nearest code (by dot product) is the right one, on occupied cells; and
+        how often `empty` is recognised."""
+        occupied = indices["colour"] != -100
+        scores = {"empty": ((features @ self.empty > 0.5) == ~occupied).float().mean().item()}
+        for name, index in indices.items():
+            nearest = (features[occupied] @ self.codes[name].T).argmax(-1)
+            scores[name] = (nearest == index[occupied]).float().mean().item()
+        return scores
 
 
 def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -262,28 +279,30 @@ def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
     return torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output)
 
 
-def pretrain_vision(model, scene_config: SceneConfig, scenes, args, progress) -> list[dict]:
-    """Stage 1: train the vision tower and projector so every visual token linearly encodes its cell's object.
+def pretrain_vision(model, tokenizer, scene_config: SceneConfig, scenes, args, progress) -> list[dict]:
+    """Stage 1: train the vision tower and projector so every visual token is its cell's `CellCodes` code.
 
     Trained jointly with the decoder from random init, the vision side collapsed every token onto one large
-    common vector and the decoder never left the language-prior plateau. With attributes already readable per
-    token, stage 2 only has to teach the decoder to find and relate them. The projector's output layer is then
+    common vector and the decoder never left the language-prior plateau. With attributes already in the visual
+    tokens, stage 2 only has to teach the decoder to find and relate them. The projector's output layer is then
     rescaled so visual tokens have the norm of text embeddings and do not swamp the residual stream.
     """
-    probe = CellProbe(model.config.text_config.hidden_size)
-    optimizer = torch.optim.AdamW(vision_parameters(model) + list(probe.parameters()), lr=args.vision_lr)
+    codes = CellCodes(model.get_input_embeddings().weight, tokenizer, args.seed)
+    optimizer = torch.optim.AdamW(vision_parameters(model), lr=args.vision_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / args.vision_steps)
     task = progress.add_task("vision pre-training", total=args.vision_steps, status="")
     log = []
     for step in range(args.vision_steps):
         batch = [next(scenes)[0] for _ in range(args.batch_size)]
         features = image_features(model, pixel_values([render(s, scene_config) for s in batch], scene_config))
-        loss, accuracy = probe(features, CellProbe.targets(batch, scene_config.grid))
+        indices = CellCodes.indices(batch, scene_config.grid)
+        loss = F.mse_loss(features, codes.targets(indices), reduction="sum") / (features.shape[0] * features.shape[1])
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.vision_steps:
+            accuracy = codes.accuracy(features.detach(), indices)
             log.append({"step": step + 1, "loss": loss.item(), "cell_accuracy": accuracy})
             progress.console.print(f"vision step {step + 1} loss {loss.item():.3f} " +
                                    " ".join(f"{k}={v:.3f}" for k, v in accuracy.items()))
@@ -343,7 +362,7 @@ def pretrain(args) -> dict:
                TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
     with Progress(*columns) as progress:
         vision_scenes = scene_stream(args.seed, "pretrain/vision", scene_config, held_out)
-        vision_log = pretrain_vision(model, scene_config, vision_scenes, args, progress)
+        vision_log = pretrain_vision(model, processor.tokenizer, scene_config, vision_scenes, args, progress)
         # Stage 2: the decoder learns the questions on top of the pre-trained vision side, which stays frozen
         # for the first `freeze_vision` of the steps and is then fine-tuned at a lower learning rate.
         for p in vision:
@@ -399,12 +418,12 @@ def parse_args(argv=None):
     parser.add_argument("--ramp", type=float, default=0.3, help="fraction of training to reach the full scenes")
     parser.add_argument("--freeze-vision", type=float, default=0.5, help="frozen-vision fraction")
     parser.add_argument("--vision-lr-scale", type=float, default=0.3, help="learning-rate factor of the vision side")
-    parser.add_argument("--vision-steps", type=int, default=800, help="stage 1: vision-side pre-training steps")
+    parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1: vision-side pre-training steps")
     parser.add_argument("--vision-lr", type=float, default=2e-3, help="stage 1 learning rate")
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     for f in fields(ModelConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     return parser.parse_args(argv)
 
 
