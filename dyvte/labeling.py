@@ -128,7 +128,9 @@ def run_labels(
             datamodule=PromptDataModule(pending, collator, batch_size=batch_size),
             return_predictions=False,
         )
-        if not trainer.is_global_zero:
-            return cache
+        if trainer.is_global_zero:
+            cache.mark_complete(len(samples))
+        trainer.strategy.barrier("label cache complete")  # DDP: no rank reads the cache before rank 0 marks it
+        return cache
     cache.mark_complete(len(samples))
     return cache

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 
 from .data import Sample, load_splits
 from .heads import ExitHeads
@@ -114,6 +115,8 @@ def run(cfg, output_dir: Path, model, processor) -> dict:
     result: dict = {}
     if "heads" in stages:
         heads = train_heads(cfg, model, caches, output_dir)
+        if rank_zero_only.rank != 0:  # under DDP every rank ends with the same heads; rank 0 writes them
+            return result
         heads.save_pretrained(output_dir / "heads")
         if "validate" in stages and not cfg.trainer.fast_dev_run:
             result = validate_heads(cfg, model, heads, caches, output_dir)

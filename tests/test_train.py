@@ -95,6 +95,29 @@ def test_interrupted_label_run_resumes_without_loss(checkpoint, tmp_path):
         assert resumed["labels"] == fresh["labels"]
 
 
+def test_ddp_label_run_writes_per_rank_shards_equal_to_one_process(checkpoint, tmp_path):
+    """Two CPU ranks (gloo) label disjoint halves into their own shards; together they equal a one-process run,
+    and only rank 0 writes the heads and validate.json."""
+    args = [f"model.name_or_path={checkpoint}", "data.limit=8", "data.eval_limit=4", "heads.epochs=1",
+            "heads.hidden=8", "labels.batch_size=2"]
+    train(*args, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"cache_dir={tmp_path / 'ddp'}",
+          f"hydra.run.dir={tmp_path / 'ddp-run'}")
+    train(*args, f"cache_dir={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'one-run'}")
+    load = lambda d: datasets.concatenate_datasets(  # noqa: E731
+        [datasets.load_from_disk(str(s)) for s in sorted(d.glob("shard-*"))]).sort("id")
+    for one_dir in (tmp_path / "one").iterdir():
+        ddp_dir = tmp_path / "ddp" / one_dir.name
+        assert {s.name.split("-")[1] for s in ddp_dir.glob("shard-*")} == {"r0", "r1"}
+        ddp, one = load(ddp_dir), load(one_dir)
+        assert ddp["id"] == one["id"] and ddp["labels"] == one["labels"] and ddp["answer"] == one["answer"]
+        assert torch.allclose(torch.tensor(ddp["features"]), torch.tensor(one["features"]), atol=2e-3)
+    run = tmp_path / "ddp-run"
+    assert (run / "train.log").read_text().count("validate (test split)") == 1
+    assert "validate (test split)" not in (run / "train_ddp_process_1.log").read_text()
+    assert (run / "validate.json").exists()
+    ExitHeads.from_pretrained(run / "heads")
+
+
 def test_bad_samples_are_skipped_or_raised(checkpoint, tmp_path):
     Image.new("RGB", (96, 96), "white").save(tmp_path / "ok.png")
     (tmp_path / "corrupt.png").write_bytes(b"not a png")
