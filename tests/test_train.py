@@ -44,6 +44,12 @@ def train(*overrides: str, cwd: Path = ROOT, wait: bool = True, **popen) -> subp
     return result
 
 
+def load_shards(cache_dir: Path) -> datasets.Dataset:
+    """Every shard of one label cache, by id (read directly, not through the `LabelCache` under test)."""
+    shards = sorted(cache_dir.glob("shard-*"))
+    return datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards]).sort("id")
+
+
 def test_train_writes_heads_and_validate_json(checkpoint, tmp_path):
     train(f"model.name_or_path={checkpoint}", "data.limit=16", "data.eval_limit=8", "heads.epochs=2",
           "heads.hidden=16", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}")
@@ -88,9 +94,7 @@ def test_interrupted_label_run_resumes_without_loss(checkpoint, tmp_path):
     for fresh_dir in (tmp_path / "fresh").iterdir():
         resumed_dir = cache / fresh_dir.name
         assert (resumed_dir / "complete.json").exists()
-        load = lambda d: datasets.concatenate_datasets(  # noqa: E731
-            [datasets.load_from_disk(str(s)) for s in sorted(d.glob("shard-*"))]).sort("id")
-        resumed, fresh = load(resumed_dir), load(fresh_dir)
+        resumed, fresh = load_shards(resumed_dir), load_shards(fresh_dir)
         assert resumed["id"] == fresh["id"]  # nothing lost, nothing twice
         assert resumed["labels"] == fresh["labels"]
 
@@ -103,12 +107,10 @@ def test_ddp_label_run_writes_per_rank_shards_equal_to_one_process(checkpoint, t
     train(*args, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"cache_dir={tmp_path / 'ddp'}",
           f"hydra.run.dir={tmp_path / 'ddp-run'}")
     train(*args, f"cache_dir={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'one-run'}")
-    load = lambda d: datasets.concatenate_datasets(  # noqa: E731
-        [datasets.load_from_disk(str(s)) for s in sorted(d.glob("shard-*"))]).sort("id")
     for one_dir in (tmp_path / "one").iterdir():
         ddp_dir = tmp_path / "ddp" / one_dir.name
         assert {s.name.split("-")[1] for s in ddp_dir.glob("shard-*")} == {"r0", "r1"}
-        ddp, one = load(ddp_dir), load(one_dir)
+        ddp, one = load_shards(ddp_dir), load_shards(one_dir)
         assert ddp["id"] == one["id"] and ddp["labels"] == one["labels"] and ddp["answer"] == one["answer"]
         assert torch.allclose(torch.tensor(ddp["features"]), torch.tensor(one["features"]), atol=2e-3)
     run = tmp_path / "ddp-run"
