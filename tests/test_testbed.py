@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from dyvte.loading import TESTBED_MODEL_DIR, load_mllm
-from dyvte.testbed.model import build_processor, pixel_values, prompt_text
-from dyvte.testbed.pretrain import DEFAULT_DATA_DIR, CellCodes, Encoder, TrainingData
+from dyvte.testbed.model import ModelConfig, build_model, build_processor, pixel_values, prompt_text
+from dyvte.testbed.pretrain import DEFAULT_DATA_DIR, CellCodes, Encoder, TrainingData, family_weights
 from dyvte.testbed.scenes import (
     COLOURS,
     FAMILIES,
@@ -160,6 +160,13 @@ def test_bad_input_names_the_problem():
         SceneConfig(max_objects=9)
     with pytest.raises(ValueError, match="unknown split"):
         load_split(DEFAULT_DATA_DIR, "dev")
+    with pytest.raises(ValueError, match="unknown question family 'glpyh'"):
+        family_weights("glpyh=2")
+
+
+def test_family_weights_default_to_one():
+    weights = family_weights("describe=2, presence=0.5")
+    assert weights == {**{family: 1.0 for family in FAMILIES}, "describe": 2.0, "presence": 0.5}
 
 
 def test_processor_matches_the_training_encoding():
@@ -175,24 +182,32 @@ def test_processor_matches_the_training_encoding():
     assert encoder.answer_ids("red blue")[-1] == processor.tokenizer.eos_token_id
 
 
-def test_multi_turn_training_encoding_is_the_chat_template():
+def test_packed_questions_train_exactly_the_single_turn_samples():
+    """Every packed (question, answer) segment must give the logits the stock model gives the single-turn prompt
+    plus answer on its own (2-D mask, default positions); labels are the answers, each weighing 1 in total."""
     processor = build_processor()
     tokenizer = processor.tokenizer
-    turns = [("how many objects are there ?", "3"), ("list the colours from top to bottom .", "red blue green")]
-    conversation = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turns[0][0]}]},
-        {"role": "assistant", "content": [{"type": "text", "text": turns[0][1]}]},
-        {"role": "user", "content": [{"type": "text", "text": turns[1][0]}]},
-        {"role": "assistant", "content": [{"type": "text", "text": turns[1][1]}]},
-    ]
-    text = processor.apply_chat_template(conversation).replace("<image>", "<image>" * 64)
-    expected = tokenizer(text, add_special_tokens=False)["input_ids"]
-    batch = Encoder(processor, CONFIG).batch([render(SCENE, CONFIG)], [turns])
-    assert batch["input_ids"][0].tolist() == expected
-    targets = [tokenizer.convert_ids_to_tokens(i) for i in batch["labels"][0].tolist() if i != -100]
-    assert targets == ["3", "</s>", "red", "blue", "green", "</s>"]
-    weights = batch["label_weights"][0][batch["labels"][0] != -100].tolist()
-    assert weights == pytest.approx([1 / 2] * 2 + [1 / 4] * 4)  # each answer weighs 1 in total
+    torch.manual_seed(0)
+    model = build_model(processor, ModelConfig(num_layers=2)).eval()
+    encoder = Encoder(processor, CONFIG)
+    image = render(SCENE, CONFIG)
+    conversations = [SCENE_QA[1:4] + [("list the colours from top to bottom .", "red blue green")], SCENE_QA[:1]]
+    batch = encoder.batch([image, image], conversations)
+    labels, weights = batch.pop("labels"), batch.pop("label_weights")
+    with torch.no_grad():
+        packed = model(**batch).logits
+        for row, turns in enumerate(conversations):
+            end = 3 + 64  # <s> USER : and the visual tokens: the shared prefix
+            for question, answer in turns:
+                ids = encoder.prompt_ids(question) + encoder.answer_ids(answer)
+                alone = model(input_ids=torch.tensor([ids]), pixel_values=batch["pixel_values"][:1]).logits[0]
+                start, end = end, end + len(ids) - 67
+                assert torch.allclose(packed[row, start:end], alone[67:], atol=1e-5)
+                assert batch["input_ids"][row, start:end].tolist() == ids[67:]
+    targets = [tokenizer.convert_ids_to_tokens(i) for i in labels[0].tolist() if i != -100]
+    assert targets == ["3", "</s>", "green", "</s>", "square", "</s>", "red", "blue", "green", "</s>"]
+    assert weights[0][labels[0] != -100].tolist() == pytest.approx([1 / 2] * 6 + [1 / 4] * 4)
+    assert weights[1].sum().item() == pytest.approx(1.0)
 
 
 def test_vision_codes_are_sums_of_the_object_words_embeddings():
@@ -240,7 +255,7 @@ def test_checkpoint_loads_with_auto_classes_and_is_small():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 3: the shipped checkpoint is undertrained (60.9% test accuracy, target 85%); strict, so this "
+    reason="issue 3: the shipped checkpoint is undertrained (70.8% test accuracy, target 85%); strict, so this "
     "fails loudly, and must lose this marker, once a better checkpoint answers correctly",
 )
 def test_checkpoint_answers_hand_made_questions(testbed):
@@ -269,7 +284,7 @@ def test_checkpoint_answers_batched_like_one_by_one(testbed):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 3: the shipped checkpoint is undertrained (60.9% test accuracy, target 85%); strict, so this "
+    reason="issue 3: the shipped checkpoint is undertrained (70.8% test accuracy, target 85%); strict, so this "
     "fails loudly, and must lose this marker, once a better checkpoint answers correctly",
 )
 def test_checkpoint_answers_fixed_test_questions(testbed):

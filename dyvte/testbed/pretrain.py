@@ -6,9 +6,10 @@ checkpoint.
 Two stages, as a real MLLM is built: `pretrain_vision` teaches the vision tower and projector to describe each
 cell in its visual token (a stand-in for a pre-trained CLIP), then the decoder learns the questions on top.
 Training data is generated on the fly from its own seed stream, excluding every val/test scene; each image
-carries several questions (multi-turn). The mix adds the dense `describe` task (every object's size, colour,
-shape and glyph, top to bottom) to the evaluated families: without it the model learns the language prior and
-ignores the image. How the 12-layer model gets off that plateau is in `TrainingData` and `pretrain`.
+carries several questions, each trained as the single-turn sample it is evaluated as. The mix adds the dense
+`describe` task (every object's size, colour, shape and glyph, top to bottom) to the evaluated families: without
+it the model learns the language prior and ignores the image. How the 12-layer model gets off that plateau is
+in `TrainingData` and `pretrain`.
 """
 
 import argparse
@@ -46,8 +47,15 @@ DEFAULT_DATA_DIR = REPO_ROOT / "data" / "testbed"
 
 
 class Encoder:
-    """Turns (image, conversation) into training tensors with the exact tokens the chat template produces: the
-    first user turn carries `<image>` expanded to one token per patch, every answer + `</s>` is a target."""
+    """Turns (image, questions) into training tensors with the exact tokens the chat template produces: the prompt
+    carries `<image>` expanded to one token per patch, every answer + `</s>` is a target.
+
+    Several questions about one image are packed behind one shared prefix (the prompt up to its last visual
+    token): each question-and-answer segment attends to the prefix and to itself only, and its positions continue
+    from the prefix, so every segment is exactly the single-turn sample the model is evaluated on. As a plain
+    multi-turn conversation, later questions could copy earlier answers (a `describe` answer names every object)
+    and the decoder learned to look things up in text rather than in the visual tokens.
+    """
 
     def __init__(self, processor, scene_config: SceneConfig):
         self.processor = processor
@@ -56,23 +64,14 @@ class Encoder:
         self.image_tokens = scene_config.grid**2
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
         self._prompts: dict[str, list[int]] = {}
-        self._followups: dict[str, list[int]] = {}
         self._answers: dict[str, list[int]] = {}
 
     def prompt_ids(self, question: str) -> list[int]:
-        """The first turn: the processor's prompt for one image and `question`."""
+        """The processor's prompt for one image and `question`."""
         if question not in self._prompts:
             text = prompt_text(self.processor, question).replace("<image>", "<image>" * self.image_tokens)
             self._prompts[question] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._prompts[question]
-
-    def followup_ids(self, question: str) -> list[int]:
-        """A later user turn, as the chat template writes it after an assistant answer."""
-        if question not in self._followups:
-            self._followups[question] = self.tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)[
-                "input_ids"
-            ]
-        return self._followups[question]
 
     def answer_ids(self, answer: str) -> list[int]:
         if answer not in self._answers:
@@ -80,37 +79,53 @@ class Encoder:
             self._answers[answer] = ids + [self.tokenizer.eos_token_id]
         return self._answers[answer]
 
-    def conversation_ids(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[tuple[int, int]]]:
-        """Token ids of a whole conversation and the (start, end) span of every answer."""
-        ids, spans = [], []
-        for i, (question, answer) in enumerate(turns):
-            ids += self.prompt_ids(question) if i == 0 else self.followup_ids(question)
-            spans.append((len(ids), len(ids) + len(self.answer_ids(answer))))
-            ids += self.answer_ids(answer)
-        return ids, spans
+    def packed_ids(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int], list[int], list[tuple]]:
+        """Token ids of the shared prefix and one segment per (question, answer); each token's segment (-1 for
+        the prefix) and position id; the (start, end) span of every answer."""
+        first = self.prompt_ids(turns[0][0])
+        prefix_length = len(first) - first[::-1].index(self.image_token_id)
+        ids, segments, positions = first[:prefix_length], [-1] * prefix_length, list(range(prefix_length))
+        spans = []
+        for index, (question, answer) in enumerate(turns):
+            segment = self.prompt_ids(question)[prefix_length:] + self.answer_ids(answer)
+            ids += segment
+            segments += [index] * len(segment)
+            positions += range(prefix_length, prefix_length + len(segment))
+            spans.append((len(ids) - len(self.answer_ids(answer)), len(ids)))
+        return ids, segments, positions, spans
 
     def batch(self, images, conversations, hidden=None) -> dict[str, torch.Tensor]:
-        """`conversations[i]` is a list of (question, answer) turns about image i; `hidden[i]` lists visual
-        tokens (row-major patch indices) that sample i's attention may not see. `label_weights` give every
-        answer the same total weight, so long `describe` answers do not drown out the one-word ones."""
-        rows = [self.conversation_ids(turns) for turns in conversations]
-        length = max(len(ids) for ids, _ in rows)
+        """`conversations[i]` lists (question, answer) pairs about image i; `hidden[i]` lists visual tokens
+        (row-major patch indices) that sample i's attention may not see. Rows are right-padded; the attention
+        mask is 4-D (batch, 1, query, key) and passed to the model as is. `label_weights` give every answer the
+        same total weight, so long `describe` answers do not drown out the one-word ones."""
+        rows = [self.packed_ids(turns) for turns in conversations]
+        length = max(len(ids) for ids, *_ in rows)
         input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id)
         labels = torch.full((len(rows), length), -100)
         label_weights = torch.zeros((len(rows), length))
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (ids, spans) in enumerate(rows):
+        segments = torch.full((len(rows), length), -2)  # -2: padding
+        position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+        visible = torch.zeros((len(rows), length), dtype=torch.bool)
+        for i, (ids, row_segments, positions, spans) in enumerate(rows):
             input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention_mask[i, : len(ids)] = 1
+            segments[i, : len(ids)] = torch.tensor(row_segments)
+            position_ids[i, : len(ids)] = torch.tensor(positions)
+            visible[i, : len(ids)] = True
             for start, end in spans:
                 labels[i, start:end] = input_ids[i, start:end]
                 label_weights[i, start:end] = 1.0 / (end - start)
             if hidden is not None and hidden[i]:
                 image_start = ids.index(self.image_token_id)
-                attention_mask[i, [image_start + cell for cell in hidden[i]]] = 0
+                visible[i, [image_start + cell for cell in hidden[i]]] = False
+        same_segment = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == -1)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        # The diagonal keeps every row attending somewhere, so padding rows cannot produce NaNs.
+        attention_mask = (same_segment & causal & visible[:, None, :]) | torch.eye(length, dtype=torch.bool)
         return {
             "input_ids": input_ids,
-            "attention_mask": attention_mask,
+            "attention_mask": attention_mask[:, None],
+            "position_ids": position_ids,
             "pixel_values": pixel_values(images, self.scene_config),
             "labels": labels,
             "label_weights": label_weights,
@@ -147,16 +162,27 @@ def teacher_forced_accuracy(model, encoder: Encoder, records: list[dict], images
     return {family: sum(v) / len(v) for family, v in sorted(hits.items())}
 
 
-def family_weights(describe_weight: float) -> dict[str, float]:
-    weights = {family: 1.0 for family in FAMILIES}
-    weights.update({family: describe_weight for family in AUX_FAMILIES})
+# Sampling weights of the question families that differ from 1: the dense grounding task, the families that
+# select an object by a conjunction of attributes (the slowest to learn) up, the ones learned first down.
+FAMILY_WEIGHTS = "describe=2,presence=2,glyph=2,colour=1.5,count=0.5,list_colours=0.5"
+
+
+def family_weights(spec: str) -> dict[str, float]:
+    """Parse `family=weight,...` over every family (evaluated and auxiliary); unnamed families weigh 1."""
+    weights = {family: 1.0 for family in FAMILIES + AUX_FAMILIES}
+    for item in filter(None, spec.split(",")):
+        family, _, weight = item.partition("=")
+        family = family.strip()
+        if family not in weights:
+            raise ValueError(f"unknown question family {family!r} in {spec!r}; known: {tuple(weights)}")
+        weights[family] = float(weight)
     return weights
 
 
 class TrainingData:
     """Endless training conversations, one fresh scene each, never a val/test scene.
 
-    Each image carries `turns` questions (a multi-turn conversation, as in LLaVA's instruction data): the image
+    Each image carries `turns` questions, packed behind the shared image prefix (see `Encoder`): the image
     tokens dominate the sequence, so more questions per image are nearly free supervision.
 
     A fresh model attends uniformly, so one object among 64 visual tokens is a 1/64 signal and training sits on
@@ -336,7 +362,7 @@ def pretrain(args) -> dict:
         args.seed,
         scene_config,
         held_out,
-        family_weights(args.describe_weight),
+        family_weights(args.family_weights),
         hold=args.hold,
         ramp=args.ramp,
         turns=args.turns,
@@ -412,8 +438,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3, help="2e-3 leaves 12 layers on the plateau")
     parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--turns", type=int, default=6, help="questions per training image (multi-turn)")
-    parser.add_argument("--describe-weight", type=float, default=2.0, help="sampling weight of the grounding task")
+    parser.add_argument("--turns", type=int, default=6, help="questions per training image (packed)")
+    parser.add_argument("--family-weights", default=FAMILY_WEIGHTS, help="sampling weights, family=weight,...")
     parser.add_argument("--hold", type=float, default=0.1, help="fraction of training on lone objects")
     parser.add_argument("--ramp", type=float, default=0.3, help="fraction of training to reach the full scenes")
     parser.add_argument("--freeze-vision", type=float, default=0.5, help="frozen-vision fraction")
