@@ -16,7 +16,7 @@ from .label_cache import LabelCache
 from .labeling import run_labels
 from .labels import LabelConfig
 from .loading import model_identity
-from .simulate import calibrate_threshold, head_metrics, validate
+from .simulate import calibrate_threshold, head_metrics, labelled_everywhere, score_family_static, validate
 from .training import HeadsDataModule, HeadsModule
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,9 @@ def _label_trainer_kwargs(cfg) -> dict:
 
 
 def train_heads(cfg, model, caches: dict[str, LabelCache], output_dir: Path) -> ExitHeads:
+    # Seeded here, not only at start-up: a run that labels first draws random numbers a rerun on the cache does
+    # not, and the heads must be the same either way.
+    L.seed_everything(cfg.seed, workers=True)
     text = model.config.get_text_config(decoder=True)
     heads = ExitHeads(
         text.hidden_size, text.num_hidden_layers, cfg.heads.hidden,
@@ -89,11 +92,17 @@ def train_heads(cfg, model, caches: dict[str, LabelCache], output_dir: Path) -> 
 def validate_heads(cfg, model, heads: ExitHeads, caches: dict[str, LabelCache], output_dir: Path) -> dict:
     """Choose the threshold on val, then report simulated dynamic exit on the held-out split."""
     threshold, sweep = cfg.validate.threshold, []
+    val = caches["val"].load() if "val" in caches else None
     if threshold == "auto":
-        threshold, sweep = calibrate_threshold(heads, caches["val"].load(), model.config, cfg.validate.min_agreement)
+        if val is None:
+            raise ValueError("validate.threshold=auto calibrates on a val split, and there is none: set "
+                             "data.val_json_path or data.val_fraction > 0, or give validate.threshold a number")
+        threshold, sweep = calibrate_threshold(heads, val, model.config, cfg.validate.min_agreement)
     split = cfg.validate.split if cfg.validate.split in caches else "val"
     held_out = caches[split].load()
     report = {"split": split, **validate(heads, held_out, model.config, float(threshold))}
+    if val is not None and labelled_everywhere(val) and labelled_everywhere(held_out):
+        report["family_static"] = score_family_static(val, held_out, model.config, cfg.validate.min_agreement)
     report["threshold_sweep_val"] = sweep
     report["heads"] = head_metrics(heads, held_out)
     heads.meta["threshold"] = float(threshold)

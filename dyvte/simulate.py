@@ -28,6 +28,39 @@ def first_exit(p_exit: torch.Tensor, threshold: float) -> torch.Tensor:
                                                                                          dtype=torch.long))
 
 
+def first_safe_exit(dataset: Dataset) -> torch.Tensor:
+    """Exit layer per sample at its first safe label among the exits a head can take (1..L): what heads trained
+    on these labels would do if they were perfect, reported next to them so their headroom is visible."""
+    safe = torch_columns(dataset, ["labels"])["labels"][:, 1:] == 1
+    return torch.where(safe.any(dim=1), safe.int().argmax(dim=1) + 1, safe.shape[1])
+
+
+def family_static_exits(calibration: Dataset, min_agreement: float) -> dict[str, int]:
+    """Per question family, the earliest exit layer that keeps `min_agreement` of the family's answers on
+    `calibration`: one static layer per task, as VTW chooses it, but by agreement. Heads that only recognised the
+    family would do as well as this; exiting earlier needs evidence from the sample itself."""
+    match = torch_columns(calibration, ["match"])["match"].float()
+    families = calibration["family"]
+    layers = {}
+    for family in sorted(set(families)):
+        rows = [i for i, f in enumerate(families) if f == family]
+        layers[family] = int((match[rows].mean(dim=0) >= min_agreement).int().argmax())  # exit L always agrees
+    return layers
+
+
+def score_family_static(calibration: Dataset, dataset: Dataset, model_config, min_agreement: float) -> dict:
+    """`family_static_exits` chosen on `calibration`, scored on `dataset` (a family unseen in calibration: no exit)."""
+    layers = family_static_exits(calibration, min_agreement)
+    num_layers = len(calibration[0]["match"]) - 1
+    exit_layer = torch.tensor([layers.get(family, num_layers) for family in dataset["family"]])
+    return {"layers": layers, **score_exits(dataset, exit_layer, model_config)}
+
+
+def labelled_everywhere(dataset: Dataset) -> bool:
+    """Every exit layer of every sample labelled (`labels.layers=all`), as static and oracle scores need."""
+    return bool((torch_columns(dataset, ["labels"])["labels"] >= 0).all())
+
+
 def score_exits(dataset: Dataset, exit_layer: torch.Tensor, model_config) -> dict:
     """Agreement with the full model, accuracy and LM prefill FLOPs saved for given exit layers."""
     table = torch_columns(dataset, ["match", "accurate", "n_text", "n_visual"])
@@ -79,9 +112,10 @@ def validate(heads: ExitHeads, dataset: Dataset, model_config, threshold: float)
         rows = [i for i, f in enumerate(families) if f == family]
         by_family[family] = score_exits(dataset.select(rows), exit_layer[rows], model_config)
     result["families"] = by_family
-    labelled_everywhere = bool((torch_columns(dataset, ["labels"])["labels"] >= 0).all())
-    result["static_sweep"] = [  # needs every exit layer labelled (labels.layers=all)
+    dense = labelled_everywhere(dataset)
+    result["static_sweep"] = [
         {"k": k, **score_exits(dataset, torch.full((len(dataset),), k), model_config)}
         for k in range(heads.num_layers + 1)
-    ] if labelled_everywhere else []
+    ] if dense else []
+    result["label_oracle"] = score_exits(dataset, first_safe_exit(dataset), model_config) if dense else {}
     return result

@@ -9,7 +9,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from dyvte.loading import TESTBED_MODEL_DIR, load_mllm
 from dyvte.testbed.model import ModelConfig, build_model, build_processor, pixel_values, prompt_text
-from dyvte.testbed.pretrain import DEFAULT_DATA_DIR, CellCodes, Encoder, TrainingData, family_weights
+from dyvte.testbed.pretrain import DEFAULT_DATA_DIR, CellCodes, Encoder, TrainingData, family_weights, parse_args
 from dyvte.testbed.scenes import (
     COLOURS,
     FAMILIES,
@@ -251,6 +251,23 @@ def test_checkpoint_loads_with_auto_classes_and_is_small():
     assert model.generation_config.eos_token_id == processor.tokenizer.eos_token_id
     assert model.generation_config.pad_token_id == processor.tokenizer.pad_token_id
     assert (TESTBED_MODEL_DIR / "model.safetensors").stat().st_size <= 25 * 2**20
+
+
+def test_pretraining_defaults_reproduce_the_shipped_checkpoint():
+    """`python -m dyvte.testbed.pretrain` with no options must rebuild what is committed: its recorded options are
+    today's defaults, and its config has the default architecture."""
+    recorded = json.loads((TESTBED_MODEL_DIR / "training_log.json").read_text())["args"]
+    defaults = vars(parse_args([]))
+    run_specific = {"data_dir", "out", "overwrite"}
+    assert {k: v for k, v in recorded.items() if k not in run_specific} == {
+        k: defaults[k] for k in recorded if k not in run_specific
+    }
+    text = AutoModelForImageTextToText.from_pretrained(TESTBED_MODEL_DIR).config.text_config
+    expected = ModelConfig()
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.intermediate_size) == (
+        expected.hidden_size, expected.num_layers, expected.num_heads, expected.intermediate_size
+    )
+    assert text.rope_parameters["rope_theta"] == expected.rope_theta
 
 
 @pytest.mark.xfail(

@@ -16,6 +16,7 @@ from PIL import Image
 
 from dyvte.data import BadSample, PromptCollator, read_llava_json
 from dyvte.heads import ExitHeads
+from dyvte.simulate import family_static_exits, first_safe_exit, score_exits, score_family_static
 from dyvte.testbed.model import ModelConfig, build_model, build_processor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,8 @@ def test_train_writes_heads_and_validate_json(checkpoint, tmp_path):
     train(f"model.name_or_path={checkpoint}", "data.limit=16", "data.eval_limit=8", "heads.epochs=2",
           "heads.hidden=16", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}")
     report = json.loads((tmp_path / "run" / "validate.json").read_text())
-    for key in ("agreement", "accuracy", "flops_saved", "mean_exit_layer", "threshold", "heads", "families"):
+    for key in ("agreement", "accuracy", "flops_saved", "mean_exit_layer", "threshold", "heads", "families",
+                "label_oracle", "family_static"):
         assert key in report
     assert len(report["heads"]) == 3 and len(report["static_sweep"]) == 4
     assert report["static_sweep"][3]["agreement"] == 1.0 and report["static_sweep"][3]["flops_saved"] == 0.0
@@ -73,6 +75,18 @@ def test_multirun_sweep_reuses_labels(checkpoint, tmp_path):
     first, second = ((tmp_path / "multirun" / str(job) / "train.log").read_text() for job in (0, 1))
     assert "labels for train: labelling 8 samples" in first
     assert "labels for train: reusing the complete cache" in second
+
+
+def test_heads_do_not_depend_on_whether_this_run_labelled(checkpoint, tmp_path):
+    """A fresh run (labels computed) and a rerun on its cache train the same heads: the label pass's random
+    draws must not shift the heads' initialisation, or README numbers would not reproduce from a clean clone."""
+    common = (f"model.name_or_path={checkpoint}", "data.limit=16", "data.eval_limit=8", "heads.epochs=2",
+              "heads.hidden=16", f"cache_dir={tmp_path / 'cache'}")
+    for run in ("fresh", "rerun"):
+        train(*common, f"hydra.run.dir={tmp_path / run}")
+    assert "labels for train: reusing" in (tmp_path / "rerun" / "train.log").read_text()
+    fresh, rerun = (ExitHeads.from_pretrained(tmp_path / run / "heads").state_dict() for run in ("fresh", "rerun"))
+    assert all(torch.equal(fresh[name], rerun[name]) for name in fresh)
 
 
 def test_interrupted_label_run_resumes_without_loss(checkpoint, tmp_path):
@@ -184,3 +198,49 @@ def test_heads_of_a_local_checkpoint_follow_its_weights(checkpoint, tmp_path):
     model.save_pretrained(retrained)
     with pytest.raises(ValueError, match="sha256 .*train the heads again"):
         heads.check_fits(model, str(retrained))
+
+
+def cache_rows(labels, match, accurate, families) -> datasets.Dataset:
+    """A label-cache-shaped dataset (per exit layer 0..L) with the columns the simulation reads."""
+    rows = {"labels": labels, "match": match, "accurate": accurate, "family": families,
+            "n_text": [10] * len(labels), "n_visual": [64] * len(labels)}
+    bools = datasets.Sequence(datasets.Value("bool"))
+    return datasets.Dataset.from_dict(rows).cast_column("match", bools).cast_column("accurate", bools)
+
+
+def test_label_oracle_exits_at_each_samples_first_safe_label():
+    """Hand-made labels for L = 3: the oracle exit is the first safe exit layer >= 1 (exit 0 has no head)."""
+    dataset = cache_rows(
+        labels=[[1, 0, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]],
+        match=[[1, 0, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]],
+        accurate=[[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]],
+        families=["a", "a", "b"],
+    )
+    assert first_safe_exit(dataset).tolist() == [2, 1, 3]
+    config = build_model(build_processor(), ModelConfig(num_layers=3)).config
+    oracle = score_exits(dataset, first_safe_exit(dataset), config)
+    assert oracle["agreement"] == 1.0 and oracle["mean_exit_layer"] == 2.0
+    assert oracle["accuracy"] == pytest.approx(2 / 3) and 0.0 < oracle["flops_saved"] < 1.0
+
+
+def test_family_static_exit_is_each_familys_earliest_layer_keeping_agreement():
+    """Family a agrees on 2/2 from exit 1 on, b on 1/2 at exit 1 and 2/2 from exit 2; c is unseen in calibration."""
+    always = [[1, 1, 1, 1]] * 2
+    calibration = cache_rows(
+        labels=always * 2,
+        match=[[0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]],
+        accurate=always * 2,
+        families=["a", "a", "b", "b"],
+    )
+    assert family_static_exits(calibration, min_agreement=1.0) == {"a": 1, "b": 2}
+    assert family_static_exits(calibration, min_agreement=0.5) == {"a": 1, "b": 1}
+    held_out = cache_rows(
+        labels=always + [[1, 1, 1, 1]],
+        match=[[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 1]],
+        accurate=always + [[1, 1, 1, 1]],
+        families=["a", "b", "c"],
+    )
+    config = build_model(build_processor(), ModelConfig(num_layers=3)).config
+    report = score_family_static(calibration, held_out, config, min_agreement=1.0)
+    assert report["mean_exit_layer"] == pytest.approx((1 + 2 + 3) / 3)
+    assert report["agreement"] == pytest.approx(2 / 3)  # only b changes its answer (at exit 2); c runs in full

@@ -57,6 +57,7 @@ class ModelConfig:
     vision_intermediate_size: int = 192
     vision_layers: int = 2
     vision_heads: int = 4
+    rope_theta: float = 10000.0
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -115,6 +116,7 @@ def build_model(
         num_attention_heads=model_config.num_heads,
         num_key_value_heads=model_config.num_heads,
         max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": model_config.rope_theta},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -449,7 +449,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     for f in fields(ModelConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     return parser.parse_args(argv)
 
 
