@@ -16,7 +16,7 @@ from .label_cache import LabelCache
 from .labeling import run_labels
 from .labels import LabelConfig
 from .loading import model_identity
-from .simulate import calibrate_threshold, head_metrics, labelled_everywhere, score_family_static, validate
+from .simulate import calibrate_threshold, head_metrics, validate
 from .training import HeadsDataModule, HeadsModule
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,8 @@ def validate_heads(cfg, model, heads: ExitHeads, caches: dict[str, LabelCache], 
         threshold, sweep = calibrate_threshold(heads, val, model.config, cfg.validate.min_agreement)
     split = cfg.validate.split if cfg.validate.split in caches else "val"
     held_out = caches[split].load()
-    report = {"split": split, **validate(heads, held_out, model.config, float(threshold))}
-    if val is not None and labelled_everywhere(val) and labelled_everywhere(held_out):
-        report["family_static"] = score_family_static(val, held_out, model.config, cfg.validate.min_agreement)
+    report = {"split": split, **validate(heads, held_out, model.config, float(threshold), calibration=val,
+                                         min_agreement=cfg.validate.min_agreement)}
     report["threshold_sweep_val"] = sweep
     report["heads"] = head_metrics(heads, held_out)
     heads.meta["threshold"] = float(threshold)

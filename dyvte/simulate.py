@@ -102,7 +102,10 @@ def head_metrics(heads: ExitHeads, dataset: Dataset) -> list[dict]:
     return [{"layer": i, **m} for i, m in enumerate(confusion_metrics(counts))]
 
 
-def validate(heads: ExitHeads, dataset: Dataset, model_config, threshold: float) -> dict:
+def validate(heads: ExitHeads, dataset: Dataset, model_config, threshold: float,
+             calibration: Dataset | None, min_agreement: float) -> dict:
+    """Dynamic exit at `threshold` on `dataset`, per family, and (with every exit layer labelled) the references:
+    static exit at each layer, the label oracle, and per-family static exit chosen on `calibration`."""
     p_exit = exit_probabilities(heads, dataset)
     exit_layer = first_exit(p_exit, threshold)
     result = {"threshold": threshold, "samples": len(dataset), **score_exits(dataset, exit_layer, model_config)}
@@ -118,4 +121,6 @@ def validate(heads: ExitHeads, dataset: Dataset, model_config, threshold: float)
         for k in range(heads.num_layers + 1)
     ] if dense else []
     result["label_oracle"] = score_exits(dataset, first_safe_exit(dataset), model_config) if dense else {}
+    if dense and calibration is not None and labelled_everywhere(calibration):
+        result["family_static"] = score_family_static(calibration, dataset, model_config, min_agreement)
     return result
