@@ -1,6 +1,6 @@
 """Generate with visual-token exit, or compare exit policies on a dataset split.
 
-    python infer.py image=data/testbed/images/test_00000.png question="what digit is on the purple diamond ?"
+    python infer.py image=dyvte/testbed/data/images/test_00000.png question="what digit is on the purple diamond ?"
     python infer.py task=eval policies=[none,vtw,fastv,dynamic,fastv+dynamic,gsearch,psigmoid,gsearch+dynamic]
 """
 
@@ -15,16 +15,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dyvte import flops, resolvers
-from dyvte.calibrate import GSearch, PSigmoidSearch, g_search, p_sigmoid_search, vtw_search
+from dyvte import VisualExit, cli, flops
+from dyvte.configs import check_infer_config
 from dyvte.data import PromptCollator, Sample, load_image, load_splits
 from dyvte.evaluation import PolicySettings, build_policy, evaluate, write_report
 from dyvte.heads import ExitHeads
 from dyvte.loading import load_mllm
-from dyvte.engine import VisualExit
 from dyvte.policies import KeepRateSchedule
+from dyvte.policies.search import GSearch, PSigmoidSearch, g_search, p_sigmoid_search, vtw_search
+from dyvte.prompts import chat_prompt
 
-resolvers.register()
+cli.register_resolvers()
 log = logging.getLogger("infer")
 
 
@@ -82,8 +83,7 @@ def one_sample(cfg, engine: VisualExit, processor) -> dict:
     if not cfg.question:
         raise ValueError('task=sample needs question="..." (and image=PATH for a visual question).')
     image = load_image(Sample(id=str(cfg.image), image=cfg.image, question="", answer="")) if cfg.image else None
-    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": cfg.question}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    prompt = chat_prompt(processor, cfg.question, images=int(image is not None))
     if image is None:
         log.warning("no image given: running the question text-only (nothing to withdraw)")
         inputs = processor(text=[prompt], return_tensors="pt")
@@ -91,11 +91,9 @@ def one_sample(cfg, engine: VisualExit, processor) -> dict:
         inputs = processor(images=[image], text=[prompt], return_tensors="pt")
     policy = build_policy(cfg.policy, policy_settings(cfg, engine, processor, [cfg.policy]))
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    positions = engine.adapter.generation_position_ids(ids, mask, **vision)
-    engine.prefill(ids, mask, positions, None, last_only=True, policy=policy, **vision)  # warm-up, untimed
+    engine.prefill(**inputs, policy=policy)  # warm-up, untimed
     start = time.perf_counter()
-    engine.prefill(ids, mask, positions, None, last_only=True, policy=policy, **vision)
+    engine.prefill(**inputs, policy=policy)
     prefill_ms = 1000 * (time.perf_counter() - start)
     start = time.perf_counter()
     out = engine.generate(**inputs, policy=policy, max_new_tokens=cfg.max_new_tokens, do_sample=False,
@@ -123,6 +121,8 @@ def one_sample(cfg, engine: VisualExit, processor) -> dict:
 
 @hydra.main(config_path="conf", config_name="infer", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    check_infer_config(cfg)
+    cli.quiet_libraries(cfg.verbose)
     torch.manual_seed(cfg.seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the searches log their result; not every trial
     model, processor = load_mllm(cfg.model.name_or_path, dtype=cfg.model.dtype,
@@ -132,15 +132,13 @@ def main(cfg: DictConfig) -> None:
     if cfg.task == "sample":
         one_sample(cfg, engine, processor)
         return
-    if cfg.task != "eval":
-        raise ValueError(f"task must be 'sample' or 'eval', got {cfg.task!r}.")
     names = list(cfg.policies)
     samples = load_splits(cfg.data)[cfg.split]
     samples = samples[: cfg.limit] if cfg.limit else samples
     sweep_dynamic = cfg.sweeps and Path(cfg.heads).exists()  # the threshold sweep needs heads
     settings = policy_settings(cfg, engine, processor, names + (["dynamic"] if sweep_dynamic else []))
     results = evaluate(engine, processor, samples, names, settings, cfg.batch_size, cfg.max_new_tokens, cfg.sweeps,
-                       cfg.data.on_bad_sample)
+                       list(cfg.sweep_thresholds), cfg.data.on_bad_sample)
     results["settings"] = {"vtw_layer": settings.vtw_layer, "threshold": settings.threshold
                            if settings.threshold is not None else (settings.heads.threshold if settings.heads else None),
                            "fastv": dict(cfg.fastv), "split": cfg.split, "model": cfg.model.name_or_path,
@@ -152,4 +150,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    cli.verbose_flag()
     main()

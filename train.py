@@ -2,7 +2,9 @@
 
     python train.py                                   # the shipped testbed, on a CPU, in minutes
     python train.py experiment=llava7b_paper data.json_path=... data.image_dir=...
-    python train.py -m heads.hidden=256,2048 heads.lr=1e-4,4e-5   # sweeps reuse the label cache
+    python train.py -m head_training.hidden=256,2048 head_training.lr=1e-4,4e-5   # sweeps reuse the label cache
+    python train.py stages=[validate] heads=outputs/.../heads                     # validate trained heads
+    python train.py -v                                # more log output (Lightning's model summary, tips)
 """
 
 import json
@@ -14,17 +16,20 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dyvte import resolvers
+from dyvte import cli
+from dyvte.configs import check_train_config
 from dyvte.loading import load_mllm
-from dyvte.pipeline import run
+from dyvte.training.pipeline import run
 
-resolvers.register()
+cli.register_resolvers()
 log = logging.getLogger("train")
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    L.seed_everything(cfg.seed, workers=True)
+    check_train_config(cfg)
+    cli.quiet_libraries(cfg.verbose)
+    L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     model, processor = load_mllm(
         cfg.model.name_or_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
@@ -39,4 +44,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    cli.verbose_flag()
     main()

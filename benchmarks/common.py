@@ -23,7 +23,6 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
-
 from transformers.initialization import no_init_weights
 
 from dyvte.adapters import ADAPTERS

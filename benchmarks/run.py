@@ -165,10 +165,10 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def testbed_labelling(results: Results) -> None:
-    """Labelling cost on the project's testbed model, when `data/testbed/model/config.json` exists."""
-    testbed = sections.load_testbed(ROOT)
+    """Labelling cost on the project's testbed model, when it has been built."""
+    testbed = sections.load_testbed()
     if testbed is None:
-        results.put("labelling", "testbed", "skipped", {"reason": "data/testbed/model/config.json not found"})
+        results.put("labelling", "testbed", "skipped", {"reason": "dyvte/testbed/data/model/config.json not found"})
         return
     model, path = testbed
     text, vision = model.config.text_config, model.config.vision_config

@@ -4,15 +4,15 @@ dense vs naive labelling, and head-training throughput. Each returns a JSON-read
 import copy
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from dyvte.engine import VisualExit
 from dyvte.flops import DecoderShape, decode_step_flops, kv_cache_bytes, layer_flops, lm_head_flops, prefill_flops
-from dyvte.heads import ExitHeads
-from dyvte.labels import candidate_exits, dense_labels, LabelConfig
+from dyvte.heads import ExitHeads, ExitHeadsConfig
 from dyvte.policies import DynamicExit
+from dyvte.testbed import MODEL_DIR as TESTBED_MODEL_DIR
+from dyvte.training.dense_labels import LabelConfig, candidate_exits, dense_labels
 
 from .common import Shape, build_inputs, select_rows, summarize
 
@@ -23,8 +23,7 @@ def exit_points(num_layers: int) -> list[int]:
 
 
 def _prefill(engine: VisualExit, inputs: dict, exit_layer, policy=None):
-    return engine.prefill(**inputs, position_ids=None, exit_layer=exit_layer, use_cache=True, last_only=True,
-                          policy=policy)
+    return engine.prefill(**inputs, exit_layer=exit_layer, policy=policy)
 
 
 #: wall-clock time (time.perf_counter) after which repeated rounds stop early (set by `run.py --budget-minutes`)
@@ -278,7 +277,7 @@ def head_overhead(engine: VisualExit, shape: Shape, repeats: int, warmup: int, b
     L = engine.num_layers
     inputs = build_inputs(engine.model, shape, batch)
     dtype = getattr(torch, shape.dtype)
-    heads = ExitHeads(shape.hidden_size, L, head_hidden).to(dtype).eval().requires_grad_(False)
+    heads = ExitHeads(ExitHeadsConfig(shape.hidden_size, L, head_hidden)).to(dtype).eval().requires_grad_(False)
     policy = DynamicExit(heads, threshold=2.0, force=True)
     head_time = []
     original = policy.before_layer
@@ -393,7 +392,7 @@ def head_training(hidden_size: int, num_layers: int, samples: int, repeats: int,
     import lightning as L_
     import numpy as np
 
-    from dyvte.training import HeadsDataModule, HeadsModule
+    from dyvte.training.heads_module import HeadsDataModule, HeadsModule
 
     rng = np.random.default_rng(0)
     features = rng.standard_normal((samples, num_layers, 2 * hidden_size), dtype=np.float32).astype(np.float16)
@@ -404,7 +403,7 @@ def head_training(hidden_size: int, num_layers: int, samples: int, repeats: int,
     times = []
     for _ in range(repeats):
         torch.manual_seed(0)
-        module = HeadsModule(ExitHeads(hidden_size, num_layers, head_hidden), lr=1e-4)
+        module = HeadsModule(ExitHeads(ExitHeadsConfig(hidden_size, num_layers, head_hidden)), lr=1e-4)
         data = HeadsDataModule(table, None, batch_size=batch_size)
         trainer = L_.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
@@ -421,9 +420,9 @@ def head_training(hidden_size: int, num_layers: int, samples: int, repeats: int,
     return out
 
 
-def load_testbed(root: Path):
-    """The testbed model if it has been trained (`data/testbed/model/config.json`), else None."""
-    path = root / "data" / "testbed" / "model"
+def load_testbed():
+    """The shipped testbed model (`dyvte/testbed/data/model`), or None where it has not been built."""
+    path = TESTBED_MODEL_DIR
     if not (path / "config.json").exists():
         return None
     from transformers import LlavaForConditionalGeneration

@@ -1,13 +1,19 @@
-"""dyvte: dynamic visual-token exit for Hugging Face multimodal LLMs."""
+"""dyvte: dynamic visual-token exit for Hugging Face multimodal LLMs.
+
+Data flows through the sub-packages in this order, each importing only from those before it:
+`adapters` (one per model family) -> `engine` (prefill and decode with withdrawal) -> `policies` (who decides
+exits and pruning; searches) -> `training` (labels, label cache, heads, simulation) -> `evaluation` (comparison,
+harness). `heads`, `flops`, `data`, `prompts` and `loading` are small modules every stage may use.
+"""
 
 from . import flops
-from .cache import WithdrawalCache
-from .engine import VisualExit, VisualExitGenerateOutput, VisualExitOutput
-from .heads import ExitHeads
+from .engine import VisualExit, VisualExitGenerateOutput, VisualExitOutput, WithdrawalCache
+from .heads import ExitHeads, ExitHeadsConfig
 from .loading import load_mllm
 from .policies import DynamicExit, ExitPolicy, FastV, KeepRateSchedule, NoExit, PSigmoid, StaticExit
 
 __all__ = [
-    "DynamicExit", "ExitHeads", "ExitPolicy", "FastV", "KeepRateSchedule", "NoExit", "PSigmoid", "StaticExit",
-    "VisualExit", "VisualExitGenerateOutput", "VisualExitOutput", "WithdrawalCache", "flops", "load_mllm",
+    "DynamicExit", "ExitHeads", "ExitHeadsConfig", "ExitPolicy", "FastV", "KeepRateSchedule", "NoExit", "PSigmoid",
+    "StaticExit", "VisualExit", "VisualExitGenerateOutput", "VisualExitOutput", "WithdrawalCache", "flops",
+    "load_mllm",
 ]

@@ -11,11 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-IMAGE_PLACEHOLDER = "<image>"
+from .prompts import IMAGE_PLACEHOLDER, assistant_message, chat_prompt, user_message
+
+
+def normalize_answer(text: str) -> str:
+    """What exact-match scoring compares: the answer stripped and lower-cased."""
+    return text.strip().lower()
 
 
 class BadSample(ValueError):
@@ -59,7 +63,7 @@ def read_llava_json(json_path: str | Path, image_dir: str | Path, multi_turn: bo
             )
             if not multi_turn:
                 break
-            history += [_user_message(human["value"], with_image=turn_index == 0), _assistant_message(gpt["value"])]
+            history += [user_message(human["value"], images=int(turn_index == 0)), assistant_message(gpt["value"])]
     return samples
 
 
@@ -94,16 +98,6 @@ def subsample(samples: list[Sample], fraction: float = 1.0, limit: int | None = 
     return [samples[i] for i in chosen]
 
 
-def _user_message(question: str, with_image: bool) -> dict:
-    text = question.replace(IMAGE_PLACEHOLDER, "").strip()
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
-    return {"role": "user", "content": content}
-
-
-def _assistant_message(answer: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": answer}]}
-
-
 def load_image(sample: Sample) -> Image.Image:
     if isinstance(sample.image, Image.Image):
         return sample.image.convert("RGB")
@@ -132,8 +126,7 @@ class PromptCollator:
         processor.tokenizer.padding_side = "left"
 
     def prompt(self, sample: Sample) -> str:
-        messages = sample.history + [_user_message(sample.question, with_image=not sample.history)]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return chat_prompt(self.processor, sample.question, images=int(not sample.history), history=sample.history)
 
     def check(self, sample: Sample) -> tuple[str, Image.Image]:
         if IMAGE_PLACEHOLDER not in sample.question and not sample.history:
@@ -195,35 +188,36 @@ class PromptDataModule(L.LightningDataModule):
         )
 
 
-def move_to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def load_splits(data_config) -> dict[str, list[Sample]]:
-    """`train`, `val` and (if configured) `test` samples from a `conf/data/*.yaml` config."""
+    """`train`, `val` and (if configured) `test` samples from a `conf/data/*.yaml` config.
+
+    `llava_json`: `json_path`, with `val_json_path` / `test_json_path` for the other splits. `hf`: the dataset's
+    `split`, with `val_split` / `test_split` naming its other splits. Without a val split, `val_fraction` of the
+    training samples is held out."""
     if data_config.source == "llava_json":
         samples = read_llava_json(data_config.json_path, data_config.image_dir, data_config.multi_turn)
+        val_source, test_source = data_config.val_json_path, data_config.test_json_path
 
         def read_split(path):
             return read_llava_json(path, data_config.image_dir, data_config.multi_turn) if path else None
     elif data_config.source == "hf":
-        samples = read_hf_dataset(
-            data_config.path, data_config.split, data_config.image_column, data_config.question_column,
-            data_config.answer_column, data_config.id_column, data_config.family_column, data_config.name,
-        )
+        columns = (data_config.image_column, data_config.question_column, data_config.answer_column,
+                   data_config.id_column, data_config.family_column, data_config.name)
+        samples = read_hf_dataset(data_config.path, data_config.split, *columns)
+        val_source, test_source = data_config.val_split, data_config.test_split
 
-        def read_split(path):
-            return None
+        def read_split(split):
+            return read_hf_dataset(data_config.path, split, *columns) if split else None
     else:
         raise ValueError(f"data.source must be 'llava_json' or 'hf', got {data_config.source!r}.")
     samples = subsample(samples, data_config.fraction, seed=data_config.seed)
-    val = read_split(data_config.val_json_path)
+    val = read_split(val_source)
     if val is None and data_config.val_fraction > 0:
         held_out = {s.id for s in subsample(samples, data_config.val_fraction, seed=data_config.seed + 1)}
         val = [s for s in samples if s.id in held_out]
         samples = [s for s in samples if s.id not in held_out]
     splits = {"train": samples[: data_config.limit] if data_config.limit else samples, "val": val or []}
-    test = read_split(data_config.test_json_path)
+    test = read_split(test_source)
     if test is not None:
         splits["test"] = test
     eval_limit = data_config.get("eval_limit")

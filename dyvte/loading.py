@@ -6,11 +6,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-TESTBED_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "testbed" / "model"
+from .testbed import MODEL_DIR as TESTBED_MODEL_DIR
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`"testbed"` is the committed checkpoint, found relative to the package so any working directory works."""
+    """`"testbed"` is the shipped checkpoint (package data, so any working directory works)."""
     if name_or_path == "testbed":
         if not (TESTBED_MODEL_DIR / "config.json").exists():
             raise FileNotFoundError(
@@ -18,7 +18,6 @@ def resolve_model_path(name_or_path: str) -> str:
             )
         return str(TESTBED_MODEL_DIR)
     return str(name_or_path)
-
 
 
 def model_identity(name_or_path: str, revision: str | None) -> dict:

@@ -11,10 +11,10 @@ from reference import forward_positions, greedy_without_cache, stock_inputs_embe
 from tiny_models import EOS, IMAGE_TOKEN, Sample, build_batch, build_model
 
 from dyvte import DynamicExit, KeepRateSchedule, PSigmoid, VisualExit
-from dyvte.calibrate import GSearch, PSigmoidSearch, g_search, p_sigmoid_search
 from dyvte.evaluation import PolicySettings, build_policy
-from dyvte.heads import ExitHeads
+from dyvte.heads import ExitHeads, ExitHeadsConfig
 from dyvte.policies import Decision, ExitPolicy
+from dyvte.policies.search import GSearch, PSigmoidSearch, g_search, p_sigmoid_search
 
 NEW = 6
 SAMPLES = [Sample(left_pad=2), Sample(text_after=9), Sample(text_before=5, left_pad=1, images=[(16, 16), (16, 16)])]
@@ -175,7 +175,7 @@ def test_rates_dropping_to_zero_are_static_exit(first_zero):
 
 def forced_heads(exit_after: int, num_layers: int) -> ExitHeads:
     """Heads that say "exit" (p = 1) after layer `exit_after` only."""
-    heads = ExitHeads(32, num_layers, 8)
+    heads = ExitHeads(ExitHeadsConfig(32, num_layers, 8))
     for i, head in enumerate(heads.heads):
         head[2].weight.data.zero_()
         head[2].bias.data = torch.tensor([0.0, 20.0]) if i == exit_after else torch.tensor([20.0, 0.0])

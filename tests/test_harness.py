@@ -5,8 +5,9 @@ import torch
 from PIL import Image
 
 from dyvte import VisualExit
-from dyvte.harness import ExitRunner
+from dyvte.evaluation.harness import ExitRunner, generation_settings
 from dyvte.policies import NoExit, StaticExit
+from dyvte.prompts import chat_prompt
 from dyvte.testbed.model import ModelConfig, build_model, build_processor
 
 
@@ -60,3 +61,30 @@ def test_generate_matches_engine_and_cuts_at_stop_strings(runner_parts):
                           do_sample=True)
     assert cut == [" ".join(words[: later[1]])]
     assert runner.stats.exit_layers.count(1) >= 2
+
+
+def test_generation_settings_follow_lmms_eval():
+    assert generation_settings({"until": ["</s>"], "max_new_tokens": 16, "temperature": 0}) == {"do_sample": False}
+    assert generation_settings({"temperature": 0, "top_p": 0.9, "num_beams": 1}) == {"do_sample": False,
+                                                                                     "num_beams": 1}
+    assert generation_settings({"temperature": 0.7, "top_p": 0.9}) == {"do_sample": True, "temperature": 0.7,
+                                                                       "top_p": 0.9}
+    assert generation_settings({"do_sample": True}) == {"do_sample": True, "temperature": 1.0}
+    assert generation_settings({"repetition_penalty": 1.2}) == {"do_sample": False, "repetition_penalty": 1.2}
+
+
+def test_task_temperature_reaches_generation(runner_parts):
+    """A task's temperature samples at that temperature, exactly as `generate` does with it."""
+    model, processor, images = runner_parts
+    engine = VisualExit(model)
+    runner = ExitRunner(engine, processor, StaticExit(1))
+    settings = generation_settings({"temperature": 5.0, "until": ["</s>"], "max_new_tokens": 8})
+    torch.manual_seed(3)
+    answer = runner.generate(["describe the image"], images[:1], max_new_tokens=8, **settings)[0]
+    inputs = processor(images=images[0], text=[chat_prompt(processor, "describe the image")], return_tensors="pt")
+    torch.manual_seed(3)
+    ids = engine.generate(**inputs, exit_layer=1, max_new_tokens=8, do_sample=True, temperature=5.0)
+    assert answer == processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    torch.manual_seed(3)
+    greedy = runner.generate(["describe the image"], images[:1], max_new_tokens=8)[0]
+    assert answer != greedy  # at temperature 5 the random model's sample differs from its greedy answer

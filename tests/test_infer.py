@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from dyvte import VisualExit
-from dyvte.calibrate import vtw_search
-from dyvte.heads import ExitHeads
+from dyvte.heads import ExitHeads, ExitHeadsConfig
 from dyvte.loading import load_mllm
+from dyvte.policies.search import vtw_search
+from dyvte.testbed import DATA_DIR as TESTBED_DATA_DIR
 from dyvte.testbed.model import ModelConfig, build_model, build_processor
 
 ROOT = Path(__file__).resolve().parent.parent
-IMAGE = ROOT / "data" / "testbed" / "images" / "test_00000.png"
+IMAGE = TESTBED_DATA_DIR / "images" / "test_00000.png"
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
     run([ROOT / "train.py", f"model.name_or_path={root / 'model'}", "data.limit=8", "data.eval_limit=8",
-         "heads.epochs=1", "heads.hidden=8", f"cache_dir={root / 'cache'}", f"hydra.run.dir={root / 'train'}"])
+         "head_training.epochs=1", "head_training.hidden=8", f"cache_dir={root / 'cache'}", f"hydra.run.dir={root / 'train'}"])
     return root / "model", root / "train" / "heads"
 
 
@@ -110,7 +111,7 @@ def test_bad_input_is_named(trained, tmp_path, caplog):
     model, processor = load_mllm(str(checkpoint))
     engine = VisualExit(model)
     base = [f"model.name_or_path={checkpoint}", f"heads={heads}", "question=how many objects are there ?"]
-    other = ExitHeads(64, 3, 4)
+    other = ExitHeads(ExitHeadsConfig(64, 3, 4))
     other.save_pretrained(tmp_path / "other")
     cases = [
         ([f"heads={tmp_path / 'other'}", f"image={IMAGE}"], "do not fit the model: hidden size 64 vs the model's 32"),
@@ -127,7 +128,8 @@ def test_bad_input_is_named(trained, tmp_path, caplog):
 
 
 def test_vtw_search_returns_first_layer_below_eta():
-    from tiny_models import Sample, build_batch, build_model as build_tiny
+    from tiny_models import Sample, build_batch
+    from tiny_models import build_model as build_tiny
 
     model = build_tiny("llava", num_layers=4, seed=0)
     batches = [build_batch(model, [Sample(left_pad=i % 2) for i in range(4)], seed=s) for s in range(2)]

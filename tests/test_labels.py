@@ -5,7 +5,8 @@ import torch
 from tiny_models import EOS, IMAGE_TOKEN, PAD, Sample, build_batch, build_model
 
 from dyvte import VisualExit
-from dyvte.labels import LabelConfig, candidate_exits, dense_labels, greedy_answers
+from dyvte.engine import greedy_answers
+from dyvte.training.dense_labels import LabelConfig, candidate_exits, dense_labels
 
 L = 4
 NEW_TOKENS = 5

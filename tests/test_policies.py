@@ -8,9 +8,10 @@ from reference import masked_logits, stock_inputs_embeds
 from tiny_models import EOS, IMAGE_TOKEN, PAD, Sample, build_batch, build_model
 
 from dyvte import VisualExit
-from dyvte.heads import ExitHeads
-from dyvte.labels import LabelConfig, candidate_exits, dense_labels, greedy_answers
-from dyvte.policies import DynamicExit, FastV, NoExit, StaticExit
+from dyvte.engine import greedy_answers
+from dyvte.heads import ExitHeads, ExitHeadsConfig
+from dyvte.policies import DynamicExit, FastV, KeepRateSchedule, NoExit, StaticExit
+from dyvte.training.dense_labels import LabelConfig, candidate_exits, dense_labels
 
 L = 4
 NEW = 8
@@ -28,7 +29,7 @@ def batch(engine):
 
 def forced_heads(exit_after: int) -> ExitHeads:
     """Heads that say "exit" (p = 1) after layer `exit_after` only."""
-    heads = ExitHeads(32, L, 8)
+    heads = ExitHeads(ExitHeadsConfig(32, L, 8))
     for i, head in enumerate(heads.heads):
         head[2].weight.data.zero_()
         head[2].bias.data = torch.tensor([0.0, 20.0]) if i == exit_after else torch.tensor([20.0, 0.0])
@@ -41,7 +42,7 @@ def splitting_heads(engine, batch) -> ExitHeads:
     answers = greedy_answers(engine, batch, 2, EOS)
     candidates = candidate_exits(LabelConfig(), [str(i) for i in range(len(answers))], L)
     features = dense_labels(engine, batch, answers, candidates, "after_first_visual", PAD).features.float()
-    heads = ExitHeads(32, L, 2)
+    heads = ExitHeads(ExitHeadsConfig(32, L, 2))
     for i, head in enumerate(heads.heads):
         column = int(features[:, i].std(dim=0).argmax())
         values = features[:, i, column].sort().values
@@ -128,3 +129,27 @@ def test_fastv_plus_dynamic(engine, batch):
     assert cache.num_keys(1).tolist() == n_real.tolist()
     assert cache.num_keys(2).tolist() == (n_real - n_visual // 2).tolist()
     assert cache.num_keys(3).tolist() == (n_real - n_visual).tolist()
+
+
+def test_two_static_exits_compose_to_the_earlier_exit(engine, batch):
+    """Each policy keeps its own state: composed, every sample leaves at the earlier of its two exits."""
+    first, second = torch.tensor([1, 3, 2]), torch.tensor([2, 1, 3])
+    out = engine(**batch, policy=StaticExit(first) + StaticExit(second))
+    assert out.exit_layer.tolist() == [1, 1, 2]
+    expected = engine(**batch, exit_layer=torch.minimum(first, second))
+    assert torch.equal(out.logits[batch["attention_mask"].bool() & ~out.visual_mask],
+                       expected.logits[batch["attention_mask"].bool() & ~expected.visual_mask])
+
+
+def test_a_policy_reused_on_another_batch_starts_afresh(engine, batch):
+    """A schedule keeps its ranking queries and scores for one prefill only: reused on a batch of another shape,
+    it ranks by that batch's own text tokens, as a fresh instance does."""
+    other = build_batch(engine.model, [Sample(text_after=7), Sample(left_pad=2)], seed=3)
+    rates = [1.0, 0.5, 0.25, 0.25]
+    policy = KeepRateSchedule(rates)
+    engine(**batch, policy=policy)
+    reused = engine(**other, policy=policy)
+    fresh = engine(**other, policy=KeepRateSchedule(rates))
+    assert [reused.past_key_values.num_keys(i).tolist() for i in range(L)] == \
+        [fresh.past_key_values.num_keys(i).tolist() for i in range(L)]
+    assert torch.equal(reused.logits, fresh.logits)

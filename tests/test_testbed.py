@@ -7,9 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from dyvte.loading import TESTBED_MODEL_DIR, load_mllm
-from dyvte.testbed.model import ModelConfig, build_model, build_processor, pixel_values, prompt_text
-from dyvte.testbed.pretrain import DEFAULT_DATA_DIR, CellCodes, Encoder, TrainingData, family_weights, parse_args
+from dyvte.loading import load_mllm
+from dyvte.prompts import chat_prompt
+from dyvte.testbed import DATA_DIR as DEFAULT_DATA_DIR
+from dyvte.testbed import MODEL_DIR as TESTBED_MODEL_DIR
+from dyvte.testbed.model import ModelConfig, build_model, build_processor, pixel_values
+from dyvte.testbed.pretrain import CellCodes, Encoder, TrainingData, family_weights, parse_args
 from dyvte.testbed.scenes import (
     COLOURS,
     FAMILIES,
@@ -52,7 +55,7 @@ def testbed():
 
 
 def greedy_answers(model, processor, images, questions, max_new_tokens=8):
-    prompts = [prompt_text(processor, q) for q in questions]
+    prompts = [chat_prompt(processor, q) for q in questions]
     inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return [a.strip() for a in processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
@@ -129,7 +132,7 @@ def test_pretraining_never_sees_held_out_scenes():
     data = TrainingData(0, CONFIG, held_out, {"count": 1.0}, hold=0.2, ramp=0.5, turns=2)
     assert [data.max_objects(p) for p in (0.0, 0.2, 0.35, 0.5, 1.0)] == [1, 1, 3, 6, 6]
     assert [data.hide_probability(p) for p in (0.0, 0.2, 0.35, 0.5, 1.0)] == pytest.approx([1, 1, 0.5, 0, 0])
-    image, turns, hidden = data.sample(0.0)
+    image, turns, hidden, scene = data.sample(0.0)
     assert turns == [("how many objects are there ?", "1")] * 2
     assert len(hidden) == 63  # at the start of the curriculum every empty cell is hidden
     lone_objects = TrainingData(0, CONFIG, held_out, {"relation": 1.0}, hold=0.2, ramp=0.5)
@@ -172,9 +175,9 @@ def test_family_weights_default_to_one():
 def test_processor_matches_the_training_encoding():
     processor = build_processor()
     question = "what colour is the object above the blue circle ?"
-    assert prompt_text(processor, question) == "<s>USER: <image>\n" + question + " ASSISTANT:"
+    assert chat_prompt(processor, question) == "<s>USER: <image>\n" + question + " ASSISTANT:"
     image = render(SCENE, CONFIG)
-    inputs = processor(images=[image], text=[prompt_text(processor, question)], return_tensors="pt")
+    inputs = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt")
     encoder = Encoder(processor, CONFIG)
     assert inputs["input_ids"][0].tolist() == encoder.prompt_ids(question)
     assert (inputs["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum() == 64

@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 
 from dyvte.data import BadSample, PromptCollator, read_llava_json
-from dyvte.heads import ExitHeads
-from dyvte.simulate import family_static_exits, first_safe_exit, score_exits, score_family_static
+from dyvte.heads import ExitHeads, ExitHeadsConfig
+from dyvte.testbed import DATA_DIR as TESTBED_DATA_DIR
 from dyvte.testbed.model import ModelConfig, build_model, build_processor
+from dyvte.training.simulate import family_static_exits, first_safe_exit, score_exits, score_family_static
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTBED = ROOT / "data" / "testbed"
+TESTBED = TESTBED_DATA_DIR
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,8 @@ def load_shards(cache_dir: Path) -> datasets.Dataset:
 
 
 def test_train_writes_heads_and_validate_json(checkpoint, tmp_path):
-    train(f"model.name_or_path={checkpoint}", "data.limit=16", "data.eval_limit=8", "heads.epochs=2",
-          "heads.hidden=16", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}")
+    train(f"model.name_or_path={checkpoint}", "data.limit=16", "data.eval_limit=8", "head_training.epochs=2",
+          "head_training.hidden=16", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}")
     report = json.loads((tmp_path / "run" / "validate.json").read_text())
     for key in ("agreement", "accuracy", "flops_saved", "mean_exit_layer", "threshold", "heads", "families",
                 "label_oracle", "family_static"):
@@ -67,7 +68,7 @@ def test_train_writes_heads_and_validate_json(checkpoint, tmp_path):
 
 def test_multirun_sweep_reuses_labels(checkpoint, tmp_path):
     train("-m", f"model.name_or_path={checkpoint}", "data.limit=8", "data.eval_limit=4",
-                   "trainer.fast_dev_run=true", "heads.hidden=16,32", f"cache_dir={tmp_path / 'cache'}",
+                   "trainer.fast_dev_run=true", "head_training.hidden=16,32", f"cache_dir={tmp_path / 'cache'}",
                    f"hydra.sweep.dir={tmp_path / 'multirun'}")
     for job, hidden in ((0, 16), (1, 32)):
         assert ExitHeads.from_pretrained(tmp_path / "multirun" / str(job) / "heads").head_hidden == hidden
@@ -80,8 +81,8 @@ def test_multirun_sweep_reuses_labels(checkpoint, tmp_path):
 def test_heads_do_not_depend_on_whether_this_run_labelled(checkpoint, tmp_path):
     """A fresh run (labels computed) and a rerun on its cache train the same heads: the label pass's random
     draws must not shift the heads' initialisation, or README numbers would not reproduce from a clean clone."""
-    common = (f"model.name_or_path={checkpoint}", "data.limit=16", "data.eval_limit=8", "heads.epochs=2",
-              "heads.hidden=16", f"cache_dir={tmp_path / 'cache'}")
+    common = (f"model.name_or_path={checkpoint}", "data.limit=16", "data.eval_limit=8", "head_training.epochs=2",
+              "head_training.hidden=16", f"cache_dir={tmp_path / 'cache'}")
     for run in ("fresh", "rerun"):
         train(*common, f"hydra.run.dir={tmp_path / run}")
     assert "labels for train: reusing" in (tmp_path / "rerun" / "train.log").read_text()
@@ -116,8 +117,8 @@ def test_interrupted_label_run_resumes_without_loss(checkpoint, tmp_path):
 def test_ddp_label_run_writes_per_rank_shards_equal_to_one_process(checkpoint, tmp_path):
     """Two CPU ranks (gloo) label disjoint halves into their own shards; together they equal a one-process run,
     and only rank 0 writes the heads and validate.json."""
-    args = [f"model.name_or_path={checkpoint}", "data.limit=8", "data.eval_limit=4", "heads.epochs=1",
-            "heads.hidden=8", "labels.batch_size=2"]
+    args = [f"model.name_or_path={checkpoint}", "data.limit=8", "data.eval_limit=4", "head_training.epochs=1",
+            "head_training.hidden=8", "labels.batch_size=2"]
     train(*args, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"cache_dir={tmp_path / 'ddp'}",
           f"hydra.run.dir={tmp_path / 'ddp-run'}")
     train(*args, f"cache_dir={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'one-run'}")
@@ -175,11 +176,11 @@ def test_heads_refuse_another_model(checkpoint):
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(checkpoint)
-    ExitHeads(32, 3, 8, meta={"model": "a", "revision": "r1"}).check_fits(model, "a", "r1")
+    ExitHeads(ExitHeadsConfig(32, 3, 8, model="a", revision="r1")).check_fits(model, "a", "r1")
     with pytest.raises(ValueError, match="hidden size 64 vs the model's 32; 4 layers vs the model's 3"):
-        ExitHeads(64, 4, 8).check_fits(model)
+        ExitHeads(ExitHeadsConfig(64, 4, 8)).check_fits(model)
     with pytest.raises(ValueError, match="trained on revision 'r1', not 'r2'"):
-        ExitHeads(32, 3, 8, meta={"model": "a", "revision": "r1"}).check_fits(model, "a", "r2")
+        ExitHeads(ExitHeadsConfig(32, 3, 8, model="a", revision="r1")).check_fits(model, "a", "r2")
 
 
 def test_heads_of_a_local_checkpoint_follow_its_weights(checkpoint, tmp_path):
@@ -188,7 +189,7 @@ def test_heads_of_a_local_checkpoint_follow_its_weights(checkpoint, tmp_path):
 
     model = AutoModelForImageTextToText.from_pretrained(checkpoint)
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(Path(checkpoint).glob("*.safetensors"))))
-    heads = ExitHeads(32, 3, 8, meta={"model": "testbed", "weights_sha256": digest.hexdigest()})
+    heads = ExitHeads(ExitHeadsConfig(32, 3, 8, model="testbed", weights_sha256=digest.hexdigest()))
     copy = tmp_path / "copy"
     shutil.copytree(checkpoint, copy)
     heads.check_fits(model, str(copy))
@@ -244,3 +245,21 @@ def test_family_static_exit_is_each_familys_earliest_layer_keeping_agreement():
     report = score_family_static(calibration, held_out, config, min_agreement=1.0)
     assert report["mean_exit_layer"] == pytest.approx((1 + 2 + 3) / 3)
     assert report["agreement"] == pytest.approx(2 / 3)  # only b changes its answer (at exit 2); c runs in full
+
+
+def test_validate_stage_alone_validates_given_heads_quietly(checkpoint, tmp_path):
+    """`stages=[validate] heads=DIR` validates trained heads on the cached labels (it did nothing before), with
+    the threshold grid from the config; and a run prints one progress bar per stage and dyvte's lines only."""
+    common = (f"model.name_or_path={checkpoint}", "data.limit=16", "data.eval_limit=8", "head_training.epochs=2",
+              "head_training.hidden=16", f"cache_dir={tmp_path / 'cache'}", "validate.thresholds=[0.5,0.9]")
+    full = train(*common, f"hydra.run.dir={tmp_path / 'full'}")
+    alone = train(*common, "stages=[validate]", f"heads={tmp_path / 'full' / 'heads'}",
+                  f"hydra.run.dir={tmp_path / 'alone'}")
+    report = json.loads((tmp_path / "full" / "validate.json").read_text())
+    assert [point["threshold"] for point in report["threshold_sweep_val"]] == [0.5, 0.9]
+    assert (tmp_path / "alone" / "validate.json").read_text() == (tmp_path / "full" / "validate.json").read_text()
+    assert "labelling" not in (tmp_path / "alone" / "train.log").read_text()
+    output = full.stdout + full.stderr
+    for noise in ("Saving the dataset", "Tip:", "Total FLOPs", "GPU available", "Loading weights", "Seed set"):
+        assert noise not in output, noise
+    assert "Loading weights" not in alone.stdout + alone.stderr

@@ -188,6 +188,26 @@ class FamilyAdapter:
                 f"prompt with the processor so it inserts the {modality} tokens."
             )
 
+    def scatter_features(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, modality: str, items: list[torch.Tensor],
+        item: str | None = None,
+    ) -> torch.Tensor:
+        """`inputs_embeds` with the vision features of `items` (one [n_i, d] tensor per image, video or tile, in
+        prompt order) in the positions of the `modality` ("image" or "video") placeholder token.
+
+        The counts are checked first, naming the sample whose placeholders do not match its features; the
+        positions come from the model's own `get_placeholder_mask`."""
+        token_id = self.image_token_id if modality == "image" else self.video_token_id
+        runs = image_token_runs(input_ids == token_id)
+        check_feature_counts(runs, [f.shape[0] for f in items], item or modality, modality)
+        features = torch.cat(list(items), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        masks = self.model.model.get_placeholder_mask(
+            input_ids, inputs_embeds=inputs_embeds, **{f"{modality}_features": features}
+        )
+        if isinstance(masks, tuple):  # families with videos return (image mask, video mask)
+            masks = masks[0 if modality == "image" else 1]
+        return inputs_embeds.masked_scatter(masks, features)
+
     def last_query_attention(self, layer: nn.Module, sub, keys: torch.Tensor | None = None) -> torch.Tensor:
         """[b, n] attention of each row's last token over its slots in `layer`, averaged over heads (FastV's score)."""
         last = torch.zeros_like(sub.valid)
@@ -225,3 +245,39 @@ class FamilyAdapter:
         scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
         per_query = scores.softmax(dim=-1).mean(dim=1) * used[..., None]
         return per_query.sum(dim=1) / counts.clamp(min=1)[:, None].to(per_query.dtype)
+
+
+def image_token_runs(placeholders: torch.Tensor) -> list[tuple[int, int]]:
+    """`(sample, length)` of every contiguous run of placeholder tokens [B, T], in batch order (one per image)."""
+    runs = []
+    for sample, row in enumerate(placeholders):
+        positions = row.nonzero().squeeze(1)
+        if positions.numel() == 0:
+            continue
+        breaks = ((positions[1:] != positions[:-1] + 1).nonzero().squeeze(1) + 1).tolist()
+        runs.extend((sample, len(run)) for run in torch.tensor_split(positions, breaks))
+    return runs
+
+
+def check_feature_counts(runs: list[tuple[int, int]], feature_counts: list[int], item: str = "image",
+                         modality: str = "image") -> None:
+    """Name the sample whose `modality` placeholder tokens do not match the vision tower's features, before
+    `masked_scatter` fails. `runs` come from `image_token_runs`; `feature_counts` holds one count per `item`
+    (image, video or tile)."""
+    if len(runs) == len(feature_counts):
+        for index, ((sample, n_tokens), n_features) in enumerate(zip(runs, feature_counts)):
+            if n_tokens != n_features:
+                raise ValueError(
+                    f"sample {sample}: {item} {index} has {n_tokens} {modality} tokens in the prompt but {n_features} "
+                    f"features from the vision tower (prompt built for another image size or processor?)."
+                )
+        return
+    n_tokens, n_features = sum(n for _, n in runs), sum(feature_counts)
+    if n_tokens != n_features:  # adjacent images share one run, so only the totals can be compared then
+        per_sample: dict[int, int] = {}
+        for sample, n in runs:
+            per_sample[sample] = per_sample.get(sample, 0) + n
+        raise ValueError(
+            f"{modality} tokens per sample {per_sample} (total {n_tokens}) do not match the {len(feature_counts)} "
+            f"{item}(s) given, which have {n_features} features in total."
+        )

@@ -10,7 +10,6 @@ import torch
 
 from .base import EmbeddedInputs, FamilyAdapter
 
-
 VISION_OPTIONS = ("vision_feature_layer", "vision_feature_select_strategy")
 
 
@@ -34,14 +33,6 @@ class InternVLAdapter(FamilyAdapter):
         if encoded is None:
             options = {k: vision_kwargs[k] for k in VISION_OPTIONS if vision_kwargs.get(k) is not None}
             encoded = inner.get_image_features(pixel_values=pixel_values, return_dict=True, **options)
-        features = encoded.pooler_output  # [tiles, tokens per tile, d]
-        features = features.reshape(-1, features.shape[-1]).to(inputs_embeds.device, inputs_embeds.dtype)
-        mask = input_ids == self.image_token_id
-        if int(mask.sum()) != features.shape[0]:
-            per_sample = mask.sum(dim=1).tolist()
-            raise ValueError(
-                f"image tokens per sample {per_sample} (total {int(mask.sum())}) do not match the "
-                f"{encoded.pooler_output.shape[0]} tile(s) given, which have {features.shape[0]} features in total."
-            )
-        placeholder = inner.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
-        return EmbeddedInputs(inputs_embeds.masked_scatter(placeholder, features), self.withdrawn_mask(input_ids))
+        tiles = list(encoded.pooler_output)  # [tokens per tile, d] each
+        inputs_embeds = self.scatter_features(input_ids, inputs_embeds, "image", tiles, item="tile")
+        return EmbeddedInputs(inputs_embeds, self.withdrawn_mask(input_ids))

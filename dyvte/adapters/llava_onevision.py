@@ -8,7 +8,7 @@ The language model is a stock Qwen2 decoder with 1-D positions (the base default
 import torch
 
 from .base import EmbeddedInputs
-from .llava import LlavaAdapter, check_feature_counts, image_token_runs
+from .llava import LlavaAdapter
 
 VISION_OPTIONS = ("batch_num_images", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio")
 
@@ -38,11 +38,5 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         if encoded is None and pixel_values_videos is not None:
             encoded = self.model.model.get_video_features(pixel_values_videos, return_dict=True)
         if encoded is not None:
-            per_video = list(encoded.pooler_output)  # [videos, tokens, d]
-            check_feature_counts(image_token_runs(input_ids == self.video_token_id), [f.shape[0] for f in per_video])
-            features = torch.cat(per_video, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-            _, placeholder = self.model.model.get_placeholder_mask(
-                input_ids, inputs_embeds=inputs_embeds, video_features=features
-            )
-            inputs_embeds = inputs_embeds.masked_scatter(placeholder, features)
+            inputs_embeds = self.scatter_features(input_ids, inputs_embeds, "video", list(encoded.pooler_output))
         return EmbeddedInputs(inputs_embeds, self.withdrawn_mask(input_ids))

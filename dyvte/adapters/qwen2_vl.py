@@ -10,7 +10,6 @@ after the visual tokens leave. Decoding continues each row from the last prompt 
 import torch
 
 from .base import EmbeddedInputs, FamilyAdapter
-from .llava import check_feature_counts, image_token_runs
 
 
 class QwenVLAdapter(FamilyAdapter):
@@ -34,14 +33,8 @@ class QwenVLAdapter(FamilyAdapter):
         for modality, token_id in (("image", self.image_token_id), ("video", self.video_token_id)):
             output = encoded.get(modality)
             self.check_placeholders(input_ids, modality, token_id, output is not None)
-            if output is None:
-                continue
-            mask = input_ids == token_id
-            check_feature_counts(image_token_runs(mask), [f.shape[0] for f in output.pooler_output])
-            features = torch.cat(list(output.pooler_output), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-            kwargs = {f"{modality}_features": features}
-            image_mask, video_mask = inner.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, **kwargs)
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask if modality == "image" else video_mask, features)
+            if output is not None:
+                inputs_embeds = self.scatter_features(input_ids, inputs_embeds, modality, list(output.pooler_output))
         return EmbeddedInputs(inputs_embeds, self.withdrawn_mask(input_ids))
 
     @staticmethod

@@ -58,6 +58,7 @@ class ModelConfig:
     vision_layers: int = 2
     vision_heads: int = 4
     rope_theta: float = 10000.0
+    tie_embeddings: bool = True  # the output head shares the input embeddings
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -120,7 +121,7 @@ def build_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=model_config.tie_embeddings,
     )
     config = LlavaConfig(
         vision_config=vision,
@@ -129,7 +130,7 @@ def build_model(
         image_seq_length=scene_config.grid**2,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
-        tie_word_embeddings=True,
+        tie_word_embeddings=model_config.tie_embeddings,
     )
     config.model_config = asdict(model_config)
     config.scene_config = asdict(scene_config)
@@ -142,12 +143,6 @@ def build_model(
         max_new_tokens=32,
     )
     return model
-
-
-def prompt_text(processor: LlavaProcessor, question: str) -> str:
-    """The chat prompt for one image and question, exactly as the processor's chat template writes it."""
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
 def pixel_values(images, scene_config: SceneConfig = SceneConfig()) -> torch.Tensor:

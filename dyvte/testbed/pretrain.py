@@ -23,8 +23,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers.models.llama.modeling_llama import rotate_half
 
-from dyvte.testbed.model import ModelConfig, build_model, build_processor, pixel_values, prompt_text
+from dyvte.prompts import chat_prompt
+from dyvte.testbed import DATA_DIR as DEFAULT_DATA_DIR
+from dyvte.testbed.model import ModelConfig, build_model, build_processor, pixel_values
 from dyvte.testbed.scenes import (
     AUX_FAMILIES,
     COLOURS,
@@ -32,6 +35,7 @@ from dyvte.testbed.scenes import (
     FAMILIES,
     SHAPES,
     SIZES,
+    Scene,
     SceneConfig,
     SplitSizes,
     generate_dataset,
@@ -42,8 +46,23 @@ from dyvte.testbed.scenes import (
     scene_stream,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA_DIR = REPO_ROOT / "data" / "testbed"
+
+def referent(question: str, scene: Scene) -> tuple[str, int] | None:
+    """The word of `question` that names the one object it asks about, and that object's index in `scene`; None
+    when the question names no object (count, list, describe) or one that is not there (presence "no").
+
+    The object is the one matching every colour, shape and digit word of the question, and the word is the last of
+    them: "what colour is the object above the red circle ?" refers to the red circle through "circle"."""
+    words = question.split()
+    named = [(i, w) for i, w in enumerate(words) if w in COLOURS or w in SHAPES or w in DIGITS]
+    if not named:
+        return None
+    matches = [
+        index
+        for index, obj in enumerate(scene)
+        if all(w in (obj.colour, obj.shape, obj.glyph) for _, w in named)
+    ]
+    return (named[-1][1], matches[0]) if len(matches) == 1 else None
 
 
 class Encoder:
@@ -65,11 +84,12 @@ class Encoder:
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
         self._prompts: dict[str, list[int]] = {}
         self._answers: dict[str, list[int]] = {}
+        self.image_start = self.prompt_ids("?").index(self.image_token_id)
 
     def prompt_ids(self, question: str) -> list[int]:
         """The processor's prompt for one image and `question`."""
         if question not in self._prompts:
-            text = prompt_text(self.processor, question).replace("<image>", "<image>" * self.image_tokens)
+            text = chat_prompt(self.processor, question).replace("<image>", "<image>" * self.image_tokens)
             self._prompts[question] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._prompts[question]
 
@@ -93,6 +113,24 @@ class Encoder:
             positions += range(prefix_length, prefix_length + len(segment))
             spans.append((len(ids) - len(self.answer_ids(answer)), len(ids)))
         return ids, segments, positions, spans
+
+    def grounding_pairs(self, turns: list[tuple[str, str]], scene: Scene) -> list[tuple[int, int]]:
+        """(query, key) token positions in the packed row of `turns` about `scene`: each question's word naming an
+        object (`referent`) and that object's visual token."""
+        first = self.prompt_ids(turns[0][0])
+        image_start = first.index(self.image_token_id)
+        prefix_length = image_start + self.image_tokens
+        pairs, segment_start = [], prefix_length
+        for question, answer in turns:
+            question_ids = self.prompt_ids(question)[prefix_length:]
+            found = referent(question, scene)
+            if found:
+                word, index = found
+                obj = scene[index]
+                query = segment_start + question_ids.index(self.tokenizer.convert_tokens_to_ids(word))
+                pairs.append((query, image_start + obj.row * self.scene_config.grid + obj.col))
+            segment_start += len(question_ids) + len(self.answer_ids(answer))
+        return pairs
 
     def batch(self, images, conversations, hidden=None) -> dict[str, torch.Tensor]:
         """`conversations[i]` lists (question, answer) pairs about image i; `hidden[i]` lists visual tokens
@@ -221,7 +259,7 @@ class TrainingData:
         return min(1.0, max(0.0, (progress - self.hold) / (self.ramp - self.hold)))
 
     def sample(self, progress: float) -> tuple:
-        """(image, [(question, answer), ...], indices of the visual tokens to hide)."""
+        """(image, [(question, answer), ...], indices of the visual tokens to hide, the scene)."""
         scene, _ = next(self.streams[self.max_objects(progress)])
         turns = []
         for _ in range(100 * self.turns):  # bounded: some families cannot ask about some scenes (one object)
@@ -240,7 +278,48 @@ class TrainingData:
             grid = self.scene_config.grid
             occupied = {obj.row * grid + obj.col for obj in scene}
             hidden = [cell for cell in range(grid * grid) if cell not in occupied]
-        return render(scene, self.scene_config), turns, hidden
+        return render(scene, self.scene_config), turns, hidden, scene
+
+
+class GroundingLoss:
+    """Cross-entropy that teaches one attention head to find the object a question names: the attention of each
+    question's referent word (`referent`: "circle" in "what colour is the circle ?") over the visual tokens, at
+    decoder layer `layer`, head `head`, against that object's visual token.
+
+    Without it every wrong look-up answer of the earlier checkpoints was another object's attribute: the decoder
+    read the visual tokens but did not select one by content. The scores are recomputed from the layer's own
+    input, projections and rotary embedding for the supervised queries only, so the model's attention stays SDPA.
+    """
+
+    def __init__(self, model, layer: int, head: int):
+        self.attention = model.model.language_model.layers[layer].self_attn
+        self.head = head
+        self.inputs = None
+        self.attention.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
+
+    def _keep_inputs(self, module, args, kwargs):
+        self.inputs = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0], kwargs["position_embeddings"])
+
+    def __call__(self, pairs: list[list[tuple[int, int]]], image_start: int, image_tokens: int) -> torch.Tensor:
+        """`pairs[i]` lists (query, key) positions of row i from the model call just made; mean cross-entropy."""
+        rows = torch.tensor([i for i, row in enumerate(pairs) for _ in row])
+        if len(rows) == 0:
+            return torch.zeros(())
+        queries = torch.tensor([q for row in pairs for q, _ in row])
+        targets = torch.tensor([k for row in pairs for _, k in row]) - image_start
+        hidden, (cos, sin) = self.inputs
+        attention, head_dim = self.attention, self.attention.head_dim
+        head = slice(self.head * head_dim, (self.head + 1) * head_dim)
+
+        def rotate(x, positions):
+            return x * cos[rows[:, None], positions] + rotate_half(x) * sin[rows[:, None], positions]
+
+        keys = torch.arange(image_start, image_start + image_tokens).expand(len(rows), -1)
+        q = rotate(F.linear(hidden[rows, queries], attention.q_proj.weight[head])[:, None], queries[:, None])
+        k = rotate(F.linear(hidden[rows[:, None], keys], attention.k_proj.weight[head]), keys)
+        scores = (q * k).sum(-1) * attention.scaling
+        self.inputs = None
+        return F.cross_entropy(scores, targets)
 
 
 def vision_parameters(model) -> list[torch.nn.Parameter]:
@@ -343,6 +422,11 @@ def pretrain_vision(model, tokenizer, scene_config: SceneConfig, scenes, args, p
     return log
 
 
+def ema(average: float | None, value: float) -> float:
+    """Running mean of a training loss, for the log."""
+    return value if average is None else 0.95 * average + 0.05 * value
+
+
 def pretrain(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -367,9 +451,12 @@ def pretrain(args) -> dict:
         ramp=args.ramp,
         turns=args.turns,
     )
+    grounding = GroundingLoss(model, args.grounding_layer, args.grounding_head) if args.grounding_weight else None
     vision = vision_parameters(model)
     vision_ids = {id(p) for p in vision}
-    decoder = [p for p in model.parameters() if id(p) not in vision_ids]
+    if args.freeze_embeddings:  # the visual codes are sums of these embeddings: keep the two spaces aligned
+        model.get_input_embeddings().weight.requires_grad_(False)
+    decoder = [p for p in model.parameters() if id(p) not in vision_ids and p.requires_grad]
     groups = [{"params": decoder, "lr": args.lr}, {"params": vision, "lr": args.lr * args.vision_lr_scale}]
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     unfreeze_step = int(args.freeze_vision * args.steps)
@@ -394,27 +481,33 @@ def pretrain(args) -> dict:
         for p in vision:
             p.requires_grad_(unfreeze_step == 0)
         task = progress.add_task("pre-training", total=args.steps, status="")
-        running = None
+        running = grounding_running = None
         for step in range(args.steps):
             if step == unfreeze_step:
                 for p in vision:
                     p.requires_grad_(True)
-            samples = [data.sample(step / args.steps) for _ in range(args.batch_size)]
-            batch = encoder.batch(*zip(*samples))
+            images, conversations, hidden, scenes = zip(*(data.sample(step / args.steps) for _ in range(args.batch_size)))
+            batch = encoder.batch(images, conversations, hidden)
             labels, label_weights = batch.pop("labels"), batch.pop("label_weights")
             loss = answer_loss(model(**batch).logits, labels, label_weights)
+            if grounding is not None:
+                pairs = [encoder.grounding_pairs(turns, scene) for turns, scene in zip(conversations, scenes)]
+                grounding_loss = grounding(pairs, encoder.image_start, encoder.image_tokens)
+                grounding_running = ema(grounding_running, grounding_loss.item())
+                loss = loss + args.grounding_weight * grounding_loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            running = ema(running, loss.item())
             if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
                 accuracy = teacher_forced_accuracy(model, encoder, val, data_dir / "images")
                 mean = sum(accuracy.values()) / len(accuracy)
-                log.append({"step": step + 1, "loss": running, "minutes": (time.time() - start) / 60,
-                            "val_accuracy": accuracy})
-                progress.console.print(f"step {step + 1} loss {running:.3f} val {mean:.3f} " +
+                log.append({"step": step + 1, "loss": running, "grounding_loss": grounding_running,
+                            "minutes": (time.time() - start) / 60, "val_accuracy": accuracy})
+                grounded = "" if grounding_running is None else f"grounding {grounding_running:.3f} "
+                progress.console.print(f"step {step + 1} loss {running:.3f} {grounded}val {mean:.3f} " +
                                        " ".join(f"{k}={v:.2f}" for k, v in accuracy.items()))
             progress.update(task, advance=1, status=f"loss {running:.3f}")
 
@@ -446,10 +539,17 @@ def parse_args(argv=None):
     parser.add_argument("--vision-lr-scale", type=float, default=0.3, help="learning-rate factor of the vision side")
     parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1: vision-side pre-training steps")
     parser.add_argument("--vision-lr", type=float, default=2e-3, help="stage 1 learning rate")
+    parser.add_argument("--freeze-embeddings", action="store_true", help="keep the (tied) word embeddings fixed")
+    parser.add_argument("--grounding-weight", type=float, default=0.0, help="weight of `GroundingLoss` (0: off)")
+    parser.add_argument("--grounding-layer", type=int, default=2, help="decoder layer whose attention is grounded")
+    parser.add_argument("--grounding-head", type=int, default=0, help="attention head that is grounded")
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     for f in fields(ModelConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        if isinstance(f.default, bool):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     return parser.parse_args(argv)
 
 

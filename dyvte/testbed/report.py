@@ -16,8 +16,11 @@ from PIL import Image
 from rich.progress import Progress
 
 from dyvte import VisualExit
+from dyvte.data import normalize_answer
+from dyvte.evaluation.tables import markdown_table
 from dyvte.loading import load_mllm
-from dyvte.testbed.pretrain import DEFAULT_DATA_DIR
+from dyvte.prompts import chat_prompt
+from dyvte.testbed import DATA_DIR
 from dyvte.testbed.scenes import FAMILIES, load_split
 
 # A family "recovers" at the first k from which accuracy stays within this margin of the full model.
@@ -46,7 +49,7 @@ def decode_answers(processor, sequences: torch.Tensor, prompt_length: int) -> li
     answers = []
     for row in sequences[:, prompt_length:].tolist():
         row = row[: row.index(eos)] if eos in row else row
-        answers.append(processor.tokenizer.decode(row, skip_special_tokens=True).strip().lower())
+        answers.append(normalize_answer(processor.tokenizer.decode(row, skip_special_tokens=True)))
     return answers
 
 
@@ -60,16 +63,10 @@ def withdrawal_curve(model, processor, records: list[dict], images_dir: Path, ba
     with Progress() as progress:
         task = progress.add_task("withdrawal curve", total=len(records))
         for chunk in batches(records, batch_size):
-            prompts = [
-                processor.apply_chat_template(
-                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question_of(r)}]}],
-                    add_generation_prompt=True,
-                )
-                for r in chunk
-            ]
+            prompts = [chat_prompt(processor, question_of(r)) for r in chunk]
             images = [Image.open(images_dir / r["image"]).convert("RGB") for r in chunk]
             inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
-            references = [answer_of(r).strip().lower() for r in chunk]
+            references = [normalize_answer(answer_of(r)) for r in chunk]
             max_new = 1 + max(len(processor.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in references)
             length = inputs["input_ids"].shape[1]
             full = decode_answers(processor, model.generate(**inputs, max_new_tokens=max_new, do_sample=False), length)
@@ -124,17 +121,14 @@ def markdown(summary: dict, split: str) -> str:
         "Exact-match accuracy (%) with all visual tokens withdrawn after layer k (k = 0: text only; "
         f"k = {summary['num_layers']}: every layer sees the image). `full` is stock `model.generate`.",
         "",
-        "| k | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
     ]
-    for k, row in summary["accuracy_by_exit"].items():
-        lines.append(f"| {k} | " + " | ".join(f"{100 * row[c]:.1f}" for c in columns) + " |")
-    lines.append("| full | " + " | ".join(f"{100 * summary['full_model'][c]:.1f}" for c in columns) + " |")
-    lines.append("| gap at k=0 | " + " | ".join(f"{100 * summary['gap_at_exit_0'][c]:.1f}" for c in columns) + " |")
-    lines.append("| recovery layer | " + " | ".join(str(summary["recovery_layer"][c]) for c in columns) + " |")
-    lines.append("| n | " + " | ".join(str(summary["counts"].get(c, sum(summary["counts"].values()))) for c in columns)
-                 + " |")
+    rows = [[k, *(f"{100 * row[c]:.1f}" for c in columns)] for k, row in summary["accuracy_by_exit"].items()]
+    rows.append(["full", *(f"{100 * summary['full_model'][c]:.1f}" for c in columns)])
+    rows.append(["gap at k=0", *(f"{100 * summary['gap_at_exit_0'][c]:.1f}" for c in columns)])
+    rows.append(["recovery layer", *(summary["recovery_layer"][c] for c in columns)])
+    rows.append(["n", *(summary["counts"].get(c, sum(summary["counts"].values())) for c in columns)])
     lines += [
+        markdown_table(["k", *columns], rows),
         "",
         f"Recovery layer: first k from which accuracy stays within {100 * RECOVERY_MARGIN:.0f} point of the full "
         f"model. Exit at k = L agrees with stock generation on {100 * summary['exit_L_matches_full']:.1f}% of samples.",
@@ -170,7 +164,7 @@ def plot(summary: dict, path: Path, split: str):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="testbed", help='"testbed", a local checkpoint or a Hub id')
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    parser.add_argument("--data-dir", default=str(DATA_DIR))
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", default="reports/testbed")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -157,29 +157,22 @@ def make_question(family: str, scene: Scene, rng: random.Random) -> tuple[str, s
         return f"is there a {colour} {shape} ?", answer
     if family == "count":
         return "how many objects are there ?", str(len(scene))
-    if family == "colour":
-        unique = [o for o in scene if sum(p.shape == o.shape for p in scene) == 1]
+    if family in ("colour", "shape"):  # one attribute names the object, the other is asked
+        named_by = "shape" if family == "colour" else "colour"
+        unique = [o for o in scene if sum(getattr(p, named_by) == getattr(o, named_by) for p in scene) == 1]
         if not unique:
             return None
         obj = rng.choice(unique)
-        return f"what colour is the {obj.shape} ?", obj.colour
-    if family == "shape":
-        unique = [o for o in scene if sum(p.colour == o.colour for p in scene) == 1]
-        if not unique:
-            return None
-        obj = rng.choice(unique)
+        if family == "colour":
+            return f"what colour is the {obj.shape} ?", obj.colour
         return f"what shape is the {obj.colour} object ?", obj.shape
-    if family == "glyph":
+    if family in ("glyph", "glyph_colour"):  # read the digit of an object, or find the object by its digit
         marked = [o for o in scene if o.glyph is not None]
         if not marked:
             return None
         obj = rng.choice(marked)
-        return f"what digit is on the {_name(obj)} ?", obj.glyph
-    if family == "glyph_colour":
-        marked = [o for o in scene if o.glyph is not None]
-        if not marked:
-            return None
-        obj = rng.choice(marked)
+        if family == "glyph":
+            return f"what digit is on the {_name(obj)} ?", obj.glyph
         return f"what colour is the object with digit {obj.glyph} ?", obj.colour
     if family == "relation":
         if len(scene) < 2:

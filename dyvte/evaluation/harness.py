@@ -1,15 +1,15 @@
 """Benchmark-harness requests answered with visual-token exit: batched generation and log-likelihoods.
 
-Kept free of any harness import so it is tested here; `dyvte.lmms_eval_plugin` adapts it to lmms-eval.
+Kept free of any harness import so it is tested here; `dyvte.evaluation.lmms_eval_plugin` adapts it to lmms-eval.
 """
 
 from dataclasses import dataclass, field
 
 import torch
 
-from .engine import VisualExit
-from .labels import LabelConfig, candidate_exits, dense_labels
-from .policies import ExitPolicy
+from ..engine import ExitPolicy, VisualExit
+from ..prompts import chat_prompt
+from ..training.dense_labels import LabelConfig, candidate_exits, dense_labels
 
 
 @dataclass
@@ -30,18 +30,30 @@ class ExitStats:
         }
 
 
+def generation_settings(task_kwargs: dict) -> dict:
+    """A harness task's generation kwargs as `generate` arguments (`until` and `max_new_tokens` are taken apart).
+
+    As lmms-eval's own models read them: `temperature` 0 (or absent) is greedy decoding, a positive temperature
+    samples at that temperature; `top_p`, `top_k`, `num_beams`, `repetition_penalty` and any other `generate`
+    argument pass through unchanged (beam search is refused by the engine, naming it)."""
+    settings = {k: v for k, v in task_kwargs.items() if k not in ("until", "max_new_tokens")}
+    temperature = float(settings.pop("temperature", 0.0) or 0.0)
+    settings.setdefault("do_sample", temperature > 0)
+    if settings["do_sample"]:
+        settings["temperature"] = temperature or 1.0
+    else:
+        settings.pop("top_p", None), settings.pop("top_k", None)  # sampling-only settings: unused by greedy search
+    return settings
+
+
 class ExitRunner:
     def __init__(self, engine: VisualExit, processor, policy: ExitPolicy):
         self.engine, self.processor, self.policy = engine, processor, policy
         self.processor.tokenizer.padding_side = "left"
         self.stats = ExitStats()
 
-    def _inputs(self, contexts: list[str], images: list[list], continuations: list[str] | None = None) -> dict:
-        prompts = []
-        for context, visuals in zip(contexts, images):
-            content = [{"type": "image"} for _ in visuals] + [{"type": "text", "text": context}]
-            prompts.append(self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                              add_generation_prompt=True))
+    def _inputs(self, contexts: list[str], images: list[list]) -> dict:
+        prompts = [chat_prompt(self.processor, context, len(visuals)) for context, visuals in zip(contexts, images)]
         flat = [image for visuals in images for image in visuals]
         kwargs = {"images": flat} if flat else {}
         device = next(self.engine.model.parameters()).device
@@ -66,11 +78,7 @@ class ExitRunner:
         """Sum of the continuation's log-probabilities and whether greedy decoding yields it, with the exit the
         policy chooses for the prompt (the continuation never influences that choice)."""
         inputs = self._inputs(contexts, images)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        positions = self.engine.adapter.generation_position_ids(ids, mask, **vision)
-        exits = self.engine.prefill(ids, mask, positions, None, use_cache=False, last_only=True, policy=self.policy,
-                                    **vision).exit_layer.cpu()
+        exits = self.engine.prefill(**inputs, policy=self.policy, use_cache=False).exit_layer.cpu()
         self.stats.exit_layers += exits.tolist()
         tokens = [self.processor.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
         candidates = candidate_exits(LabelConfig(layers=[]), [str(i) for i in range(len(tokens))],

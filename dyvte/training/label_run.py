@@ -1,21 +1,17 @@
-"""The label pass as a Lightning `predict` run: batches of prompts in, cache shards out."""
+"""The label pass as a Lightning `predict` run: batches of prompts in, label-cache shards out."""
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from .data import PromptCollator, PromptDataModule, Sample
-from .engine import VisualExit
-from .label_cache import LabelCache, row_features
-from .labels import LabelConfig, answer_tokens, candidate_exits, dense_labels, greedy_answers
-
-
-def normalize_answer(text: str) -> str:
-    return text.strip().lower()
+from ..data import PromptCollator, PromptDataModule, Sample, normalize_answer
+from ..engine import VisualExit, greedy_answers
+from .dense_labels import LabelConfig, answer_tokens, candidate_exits, dense_labels
+from .label_store import LabelStore, row_features
 
 
 class LabelModule(L.LightningModule):
-    """Holds the frozen MLLM; `predict_step` returns one cache row per sample."""
+    """Holds the frozen MLLM; `predict_step` returns one label-cache row per sample."""
 
     def __init__(self, model, tokenizer, config: LabelConfig, withdraw: str = "both"):
         super().__init__()
@@ -76,17 +72,16 @@ class LabelModule(L.LightningModule):
 
 
 class ShardWriter(BasePredictionWriter):
-    """Buffers rows and writes a cache shard every `shard_size` samples (and at the end)."""
+    """Buffers rows and writes a label-cache shard every `shard_size` samples (and at the end)."""
 
-    def __init__(self, cache: LabelCache, num_layers: int, hidden_size: int, shard_size: int = 256):
+    def __init__(self, store: LabelStore, num_layers: int, hidden_size: int, shard_size: int = 256):
         super().__init__(write_interval="batch")
-        self.cache, self.shard_size = cache, shard_size
+        self.store, self.shard_size = store, shard_size
         self.features = row_features(num_layers, hidden_size)
         self.buffer: dict[str, list] = {}
-        self.written = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        self.cache.add_skipped(prediction["skipped"], trainer.global_rank)
+        self.store.add_skipped(prediction["skipped"])
         if prediction["rows"] is None:
             return
         for key, values in prediction["rows"].items():
@@ -99,25 +94,24 @@ class ShardWriter(BasePredictionWriter):
 
     def flush(self, rank: int) -> None:
         if self.buffer.get("id"):
-            self.cache.write_shard(self.buffer, self.features, rank)
-            self.written += len(self.buffer["id"])
+            self.store.write_shard(self.buffer, self.features, rank)
         self.buffer = {}
 
 
 def run_labels(
-    model, processor, samples: list[Sample], config: LabelConfig, cache: LabelCache, *, batch_size: int = 8,
+    model, processor, samples: list[Sample], config: LabelConfig, store: LabelStore, *, batch_size: int = 8,
     shard_size: int = 256, on_bad_sample: str = "skip", max_length: int | None = None, trainer_kwargs: dict | None = None,
     withdraw: str = "both",
-) -> LabelCache:
-    """Label every sample not yet in `cache`; a finished cache is returned untouched."""
-    if cache.complete:
-        return cache
-    done = cache.done_ids() | {s["id"] for s in cache.skipped()}
+) -> LabelStore:
+    """Label every sample not yet in `store`; a finished store is returned untouched."""
+    if store.complete:
+        return store
+    done = store.done_ids() | {s["id"] for s in store.skipped()}
     pending = [s for s in samples if s.id not in done]
     text = model.config.get_text_config(decoder=True)
     if pending:
         collator = PromptCollator(processor, max_length=max_length, on_bad_sample=on_bad_sample)
-        writer = ShardWriter(cache, text.num_hidden_layers, text.hidden_size, shard_size)
+        writer = ShardWriter(store, text.num_hidden_layers, text.hidden_size, shard_size)
         trainer = L.Trainer(
             **{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
                "enable_model_summary": False, **(trainer_kwargs or {})},
@@ -129,8 +123,8 @@ def run_labels(
             return_predictions=False,
         )
         if trainer.is_global_zero:
-            cache.mark_complete(len(samples))
-        trainer.strategy.barrier("label cache complete")  # DDP: no rank reads the cache before rank 0 marks it
-        return cache
-    cache.mark_complete(len(samples))
-    return cache
+            store.mark_complete(len(samples))
+        trainer.strategy.barrier("label store complete")  # DDP: no rank reads the store before rank 0 marks it
+        return store
+    store.mark_complete(len(samples))
+    return store

@@ -4,22 +4,22 @@
     python -m lmms_eval --model dyvte --model_args pretrained=llava-hf/llava-1.5-7b-hf,heads=DIR,policy=dynamic
 
 Registered through the `lmms_eval.models` entry point (see pyproject.toml); the work is done by
-`dyvte.harness.ExitRunner`, this module only translates lmms-eval's requests.
+`dyvte.evaluation.harness.ExitRunner`, this module only translates lmms-eval's requests.
 """
 
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
-from .evaluation import PolicySettings, build_policy
-from .engine import VisualExit
-from .harness import ExitRunner
-from .heads import ExitHeads
-from .loading import load_mllm
+from ..engine import VisualExit
+from ..heads import ExitHeads
+from ..loading import load_mllm
+from .compare import PolicySettings, build_policy
+from .harness import ExitRunner, generation_settings
 
 
 def manifest() -> ModelManifest:
-    return ModelManifest(model_id="dyvte", simple_class_path="dyvte.lmms_eval_plugin.DyvteModel")
+    return ModelManifest(model_id="dyvte", simple_class_path="dyvte.evaluation.lmms_eval_plugin.DyvteModel")
 
 
 class DyvteModel(lmms):
@@ -60,7 +60,7 @@ class DyvteModel(lmms):
                 texts = self.runner.generate(
                     [requests[i].args[0] for i in chunk], [self._visuals(*requests[i].args[2:]) for i in chunk],
                     until=[until] if isinstance(until, str) else until,
-                    max_new_tokens=int(kwargs.pop("max_new_tokens", 32)),
+                    max_new_tokens=int(kwargs.get("max_new_tokens", 32)), **generation_settings(kwargs),
                 )
                 for i, text in zip(chunk, texts):
                     answers[i] = text

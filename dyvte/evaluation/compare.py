@@ -1,4 +1,4 @@
-"""Comparing exit policies on one set of samples: accuracy, agreement, FLOPs, time, KV memory; sweeps; plots.
+"""Comparing exit policies on one set of samples: accuracy, agreement, FLOPs, time, KV memory; sweeps.
 
 Every policy generates for the same batches. FLOPs come from the tokens each layer really computed (the KV
 cache's per-sample key counts), so pruning policies such as FastV are counted as exactly as full exits.
@@ -11,14 +11,13 @@ from pathlib import Path
 
 import torch
 
-from . import flops
-from .data import PromptCollator, Sample
-from .engine import VisualExit
-from .heads import ExitHeads
-from .labeling import normalize_answer
-from .policies import DynamicExit, ExitPolicy, FastV, KeepRateSchedule, NoExit, StaticExit
-
-DYNAMIC_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+from .. import flops
+from ..data import PromptCollator, Sample, normalize_answer
+from ..engine import ExitPolicy, VisualExit
+from ..heads import ExitHeads
+from ..policies import DynamicExit, FastV, KeepRateSchedule, NoExit, StaticExit
+from .plots import plot_exit_histograms, plot_pareto
+from .tables import markdown_table, number
 
 
 @dataclass
@@ -85,11 +84,8 @@ def run_policy(engine: VisualExit, processor, batches: list[dict], policy: ExitP
         inputs = {k: v for k, v in batch.items() if k not in ("samples", "skipped")}
         prefill_seconds = 0.0
         if timed:
-            ids, mask = inputs["input_ids"], inputs["attention_mask"]
-            vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
             start = time.perf_counter()
-            engine.prefill(ids, mask, engine.adapter.generation_position_ids(ids, mask, **vision), None,
-                           last_only=True, policy=policy, **vision)
+            engine.prefill(**inputs, policy=policy)
             prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
         out = engine.generate(**inputs, policy=policy, max_new_tokens=max_new_tokens, do_sample=False,
@@ -133,8 +129,9 @@ def summarize(run: PolicyRun, samples: list[Sample], reference: list[str], full_
 
 def evaluate(engine: VisualExit, processor, samples: list[Sample], policy_names: list[str],
              settings: PolicySettings, batch_size: int = 16, max_new_tokens: int = 16, sweeps: bool = True,
-             on_bad_sample: str = "skip") -> dict:
-    """Every policy on the same batches; the full model first, as the reference for agreement and FLOPs."""
+             sweep_thresholds: list[float] = (), on_bad_sample: str = "skip") -> dict:
+    """Every policy on the same batches; the full model first, as the reference for agreement and FLOPs. With
+    `sweeps`, also static exit at every `k` and dynamic exit at each of `sweep_thresholds` (for the Pareto plot)."""
     collator = PromptCollator(processor, on_bad_sample=on_bad_sample, require_answer=False)
     batches = [collator(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
     batches = [b for b in batches if b["samples"]]
@@ -158,7 +155,7 @@ def evaluate(engine: VisualExit, processor, samples: list[Sample], policy_names:
         results["dynamic_sweep"] = [
             {"threshold": t, **_sweep_point(engine, processor, batches, DynamicExit(settings.heads, t), kept, full,
                                             max_new_tokens)}
-            for t in DYNAMIC_THRESHOLDS
+            for t in sweep_thresholds
         ] if settings.heads is not None else []
     return results
 
@@ -183,61 +180,5 @@ def write_report(results: dict, output_dir: Path) -> str:
 def format_table(results: dict) -> str:
     columns = ("accuracy", "agreement", "mean_exit_layer", "tflops", "flops_saved", "prefill_ms",
                "decode_ms_per_token", "kv_bytes")
-    lines = ["| policy | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, metrics in results["policies"].items():
-        cells = []
-        for column in columns:
-            value = metrics[column]
-            cells.append("—" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_exit_histograms(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    policy = next((p for p in ("dynamic", "fastv+dynamic") if p in results["exit_layers"]), None)
-    if policy is None:
-        return
-    exits, families = results["exit_layers"][policy], results["families"]
-    names = sorted(set(families))
-    figure, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 2.4), sharey=True, squeeze=False)
-    top = max(exits)
-    for axis, family in zip(axes[0], names):
-        values = [e for e, f in zip(exits, families) if f == family]
-        axis.hist(values, bins=range(0, top + 2), align="left", rwidth=0.85)
-        axis.set_title(family or "all", fontsize=8)
-        axis.set_xlabel("exit layer", fontsize=8)
-    axes[0][0].set_ylabel("samples")
-    figure.suptitle(f"exit layers ({policy})", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def plot_pareto(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 3.6))
-    for key, label, marker in (("static_sweep", "static exit k (VTW)", "s"), ("dynamic_sweep", "dynamic (thresholds)", "o")):
-        points = sorted(results.get(key, []), key=lambda p: p["tflops"])
-        if points:
-            axis.plot([p["tflops"] for p in points], [p["accuracy"] for p in points], marker=marker, label=label)
-    for name, metrics in results["policies"].items():
-        axis.scatter(metrics["tflops"], metrics["accuracy"], marker="*", s=90, zorder=3)
-        axis.annotate(name, (metrics["tflops"], metrics["accuracy"]), fontsize=7, xytext=(3, 3),
-                      textcoords="offset points")
-    axis.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))  # readable at testbed and 7B scales
-    axis.set_xlabel("LM prefill TFLOPs per sample")
-    axis.set_ylabel("accuracy")
-    axis.legend(fontsize=7)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    rows = [[name, *(number(metrics[c]) for c in columns)] for name, metrics in results["policies"].items()]
+    return markdown_table(["policy", *columns], rows)

@@ -8,9 +8,9 @@ import optuna
 import torch
 import torch.nn.functional as F
 
-from .engine import VisualExit
-from .labels import greedy_answers
-from .policies import ExitPolicy, KeepRateSchedule, NoExit, PSigmoid, kept_count
+from ..engine import ExitPolicy, VisualExit, greedy_answers
+from .exit import NoExit
+from .pruning import KeepRateSchedule, PSigmoid, kept_count
 
 
 def check_visual(engine: VisualExit, batches: list[dict], search: str) -> None:
@@ -37,19 +37,15 @@ def vtw_search(engine: VisualExit, batches: list[dict], eta: float = 0.003, star
     for batch in batches:  # whole batches until at least `n` samples
         if seen >= n:
             break
-        inputs = dict(batch)
-        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-        positions = engine.adapter.generation_position_ids(ids, mask, **inputs)
-
         def next_token_log_p(exit_layer):
-            logits = engine.prefill(ids, mask, positions, exit_layer, use_cache=False, last_only=True, **inputs)
-            return F.log_softmax(logits.logits[:, -1].float(), dim=-1)
+            logits = engine.prefill(**batch, exit_layer=exit_layer, use_cache=False).logits
+            return F.log_softmax(logits[:, -1].float(), dim=-1)
 
         full = next_token_log_p(None)
         for k in range(engine.num_layers + 1):
             kl = F.kl_div(next_token_log_p(k), full, log_target=True, reduction="none").sum(dim=-1)
             totals[k] += kl.sum().double()
-        seen += ids.shape[0]
+        seen += batch["input_ids"].shape[0]
     kl = (totals / seen).tolist()
     below = [k for k in range(start_layer, engine.num_layers + 1) if kl[k] < eta]
     return VTWSearch(k=below[0] if below else engine.num_layers, kl=kl, eta=eta, start_layer=start_layer)

@@ -7,16 +7,14 @@ model's answer (`match`) and whether it is right (`accurate`), so no model pass 
 import torch
 from datasets import Dataset
 
-from . import flops
-from .heads import ExitHeads
-from .training import cache_tensors, confusion_metrics, torch_columns
-
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+from .. import flops
+from ..heads import ExitHeads
+from .heads_module import head_stat_scores, layer_metrics, store_tensors, torch_columns
 
 
 @torch.no_grad()
 def exit_probabilities(heads: ExitHeads, dataset: Dataset) -> torch.Tensor:
-    features, _ = cache_tensors(dataset)
+    features, _ = store_tensors(dataset)
     return heads(features).softmax(dim=-1)[..., 1]
 
 
@@ -81,10 +79,11 @@ def score_exits(dataset: Dataset, exit_layer: torch.Tensor, model_config) -> dic
     }
 
 
-def calibrate_threshold(heads: ExitHeads, dataset: Dataset, model_config, min_agreement: float) -> tuple[float, list]:
-    """The lowest threshold (most saving) whose agreement on `dataset` is at least `min_agreement`."""
+def choose_threshold(heads: ExitHeads, dataset: Dataset, model_config, min_agreement: float,
+                     thresholds: list[float]) -> tuple[float, list]:
+    """The lowest of `thresholds` (most saving) whose agreement on `dataset` is at least `min_agreement`."""
     p_exit = exit_probabilities(heads, dataset)
-    sweep = [{"threshold": t, **score_exits(dataset, first_exit(p_exit, t), model_config)} for t in THRESHOLDS]
+    sweep = [{"threshold": t, **score_exits(dataset, first_exit(p_exit, t), model_config)} for t in thresholds]
     passing = [point for point in sweep if point["agreement"] >= min_agreement]
     chosen = min(passing, key=lambda point: point["threshold"]) if passing else sweep[-1]
     return chosen["threshold"], sweep
@@ -93,13 +92,10 @@ def calibrate_threshold(heads: ExitHeads, dataset: Dataset, model_config, min_ag
 def head_metrics(heads: ExitHeads, dataset: Dataset) -> list[dict]:
     """Per head: accuracy, precision/recall of the exit class at 0.5, and how often exit is safe."""
     p_exit = exit_probabilities(heads, dataset)
-    _, labels = cache_tensors(dataset)
-    predicted, labelled, positive = p_exit > 0.5, labels >= 0, labels == 1
-    counts = torch.stack([
-        (predicted & positive & labelled).sum(0), (predicted & ~positive & labelled).sum(0),
-        (~predicted & positive & labelled).sum(0), (~predicted & ~positive & labelled).sum(0),
-    ], dim=1).float()
-    return [{"layer": i, **m} for i, m in enumerate(confusion_metrics(counts))]
+    _, labels = store_tensors(dataset)
+    stats = head_stat_scores(heads.num_layers, sync_on_compute=False)  # one process scores the whole split
+    stats.update((p_exit > 0.5).int(), labels)
+    return [{"layer": i, **m} for i, m in enumerate(layer_metrics(stats.compute()))]
 
 
 def validate(heads: ExitHeads, dataset: Dataset, model_config, threshold: float,

@@ -12,16 +12,13 @@ keeps the answer from leaking into them.
 """
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .engine import VisualExit
-from .adapters.base import TEXT_SPANS
-from .features import feature_tokens, head_features
-from .policies import ExitPolicy
-from .subbatch import SubBatch
+from ..adapters.base import TEXT_SPANS
+from ..engine import SubBatch, VisualExit, feature_tokens, head_features
 
 
 @dataclass
@@ -32,7 +29,6 @@ class LabelConfig:
     max_new_tokens: int = 16
     feature_span: str = "after_first_visual"  # or "all_text"
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.reference not in ("model", "ground_truth"):
@@ -64,17 +60,6 @@ def candidate_exits(config: LabelConfig, sample_ids: list[str], num_layers: int)
 def answer_tokens(answers: list[str], tokenizer) -> list[list[int]]:
     """Dataset answers as the tokens the model would have to generate, ending with EOS."""
     return [tokenizer(a.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
-
-
-@torch.no_grad()
-def greedy_answers(engine: VisualExit, inputs: dict, max_new_tokens: int, eos_token_id: int,
-                   policy: ExitPolicy | None = None) -> list[list[int]]:
-    """The frozen model's own greedy answers (or with `policy`'s exits), each up to and including its EOS."""
-    generated = engine.generate(**inputs, policy=policy, max_new_tokens=max_new_tokens, do_sample=False)
-    answers = []
-    for row in generated[:, inputs["input_ids"].shape[1] :].tolist():
-        answers.append(row[: row.index(eos_token_id) + 1] if eos_token_id in row else row)
-    return answers
 
 
 @dataclass

@@ -13,9 +13,9 @@ import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import ModelOutput
 
-from .adapters import get_adapter
+from ..adapters import get_adapter
 from .cache import WithdrawalCache
-from .policies import Decision, ExitPolicy, PrefillState, StaticExit
+from .hooks import Decision, ExitPolicy, PrefillState
 from .subbatch import SubBatch, attention_mask
 
 
@@ -28,7 +28,12 @@ class VisualExitGenerateOutput(GenerateDecoderOnlyOutput):
 
 @dataclass
 class VisualExitOutput(ModelOutput):
-    """`logits` [B, T, V] aligned with the input (values at withdrawn visual positions are undefined)."""
+    """A prefill's result.
+
+    `logits`: [B, T, V] aligned with the input from `engine(**inputs)` (values at withdrawn visual positions are
+    undefined), [B, 1, V] at each sample's last prompt token from `engine.prefill(**inputs)`. `past_key_values`:
+    the withdrawal KV cache; `exit_layer` [B]: where each sample's visual tokens left (`L`: never);
+    `visual_mask` [B, T]: the visual tokens that could leave."""
 
     logits: torch.Tensor | None = None
     past_key_values: WithdrawalCache | None = None
@@ -89,27 +94,46 @@ class VisualExit:
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         exit_layer=None,
-        use_cache: bool = True,
         policy: ExitPolicy | None = None,
+        use_cache: bool = True,
         **vision_inputs,
     ) -> VisualExitOutput:
-        """Prefill with per-sample exit (static `exit_layer` or a `policy`); logits for every input position."""
-        return self.prefill(
-            input_ids, attention_mask, position_ids, exit_layer, use_cache=use_cache, last_only=False, policy=policy,
-            **vision_inputs,
-        )
+        """Like `model(**inputs)`: logits [B, T, V] for every input position, at the positions the stock forward
+        uses when none are given; exits from a static `exit_layer` or from a `policy`."""
+        if position_ids is None:
+            position_ids = self.adapter.prefill_position_ids(input_ids, attention_mask, **vision_inputs)
+        return self._prefill(input_ids, attention_mask, position_ids, exit_layer, policy, use_cache, False,
+                             vision_inputs)
 
     @torch.no_grad()
     def prefill(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         exit_layer=None,
-        use_cache: bool = True,
-        last_only: bool = False,
         policy: ExitPolicy | None = None,
+        use_cache: bool = True,
         **vision_inputs,
+    ) -> VisualExitOutput:
+        """The prefill of `generate` on a processor batch (`engine.prefill(**inputs, policy=...)`): positions as
+        `model.generate` forms them (padding skipped), logits [B, 1, V] at each sample's last prompt token, and the
+        KV cache that decoding continues from."""
+        if position_ids is None:
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            position_ids = self.adapter.generation_position_ids(input_ids, mask, **vision_inputs)
+        return self._prefill(input_ids, attention_mask, position_ids, exit_layer, policy, use_cache, True, vision_inputs)
+
+    def _prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        exit_layer,
+        policy: ExitPolicy | None,
+        use_cache: bool,
+        last_only: bool,
+        vision_inputs: dict,
     ) -> VisualExitOutput:
         """Run the decoder in at most two sub-batches per layer: samples still with visual tokens, and the rest.
 
@@ -120,17 +144,24 @@ class VisualExit:
         batch, length = input_ids.shape
         if policy is not None and exit_layer is not None:
             raise ValueError("give either exit_layer (a static exit) or policy, not both.")
-        if policy is None:
-            policy = StaticExit(self.resolve_exit_layer(exit_layer, batch, input_ids.device))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with_visual, visual_mask = self.embed_batch(input_ids, attention_mask, position_ids, **vision_inputs)
         state = PrefillState(self, input_ids, attention_mask, visual_mask)
+        if policy is None:
+            static_exit = self.resolve_exit_layer(exit_layer, batch, input_ids.device)
+        else:
+            policy.reset(state)
         exited_at = torch.full((batch,), self.num_layers, dtype=torch.long, device=input_ids.device)
         text_only: SubBatch | None = None
         keys, values, key_valid = [], [], []
         for layer_idx, layer in enumerate(self.adapter.layers):
-            decision = policy.before_layer(layer_idx, with_visual, state) if len(with_visual) else Decision()
+            if not len(with_visual):
+                decision = Decision()
+            elif policy is None:
+                decision = Decision(exit=static_exit[with_visual.rows] == layer_idx)
+            else:
+                decision = policy.before_layer(layer_idx, with_visual, state)
             leaving = decision.exit if decision.exit is not None else torch.zeros_like(with_visual.rows, dtype=torch.bool)
             if leaving.any():
                 moved = with_visual.compact(leaving, ~with_visual.slots_of(visual_mask))
@@ -240,6 +271,17 @@ class VisualExit:
         )
 
 
+@torch.no_grad()
+def greedy_answers(engine: "VisualExit", inputs: dict, max_new_tokens: int, eos_token_id: int,
+                   policy: ExitPolicy | None = None) -> list[list[int]]:
+    """The frozen model's own greedy answers (or with `policy`'s exits), each up to and including its EOS."""
+    generated = engine.generate(**inputs, policy=policy, max_new_tokens=max_new_tokens, do_sample=False)
+    answers = []
+    for row in generated[:, inputs["input_ids"].shape[1] :].tolist():
+        answers.append(row[: row.index(eos_token_id) + 1] if eos_token_id in row else row)
+    return answers
+
+
 def _gather_layer_cache(calls: list[tuple[SubBatch, _KVCapture]], batch: int):
     """One layer's keys and values for the whole batch, each sample's kept keys packed to the right."""
     length = max(sub.index.shape[1] for sub, _ in calls)
@@ -285,12 +327,10 @@ def _decode_with_exit(
     for key in _NOT_VISION_INPUTS:
         model_kwargs.pop(key, None)
 
-    prefill = engine.prefill(
-        input_ids, attention_mask, position_ids, exit_layer, last_only=True, policy=policy, **model_kwargs
-    )
-    cache = prefill.past_key_values
     if position_ids is None:
-        position_ids = engine.adapter.prefill_position_ids(input_ids, attention_mask, **model_kwargs)
+        position_ids = engine.adapter.generation_position_ids(input_ids, attention_mask, **model_kwargs)
+    prefill = engine.prefill(input_ids, attention_mask, position_ids, exit_layer, policy, **model_kwargs)
+    cache = prefill.past_key_values
     next_positions = engine.adapter.next_position_ids(position_ids, attention_mask)
 
     pad_token_id = generation_config._pad_token_tensor

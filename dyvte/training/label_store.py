@@ -1,4 +1,4 @@
-"""The label/feature cache: `datasets` Arrow shards keyed by everything that determines their content.
+"""The label/feature store: `datasets` Arrow shards keyed by everything that determines their content.
 
 Shards are written to a temporary folder and renamed into place, so a crash never leaves a half shard; on rerun,
 samples already in a shard are skipped. Each rank of a multi-GPU run writes its own shards.
@@ -8,17 +8,32 @@ import hashlib
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
 from datasets import Array2D, Dataset, Features, Sequence, Value
+
+from ..files import atomic_write_text
 
 META_NAME = "meta.json"
 SKIPPED_NAME = "skipped.jsonl"
 COMPLETE_NAME = "complete.json"
 
 
-def cache_key(fields: dict) -> str:
+@contextmanager
+def quiet_datasets():
+    """No "Saving the dataset" / "Loading dataset shards" progress bar per shard: the label pass has its own."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def store_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -40,22 +55,23 @@ def row_features(num_layers: int, hidden_size: int) -> Features:
     )
 
 
-class LabelCache:
+class LabelStore:
     def __init__(self, root: str | Path, key_fields: dict):
         self.key_fields = key_fields
-        self.dir = Path(root) / cache_key(key_fields)
+        self.dir = Path(root) / store_key(key_fields)
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / META_NAME
         if not meta.exists():
-            _atomic_text(meta, json.dumps(key_fields, indent=2, sort_keys=True, default=str))
+            atomic_write_text(meta, json.dumps(key_fields, indent=2, sort_keys=True, default=str))
 
     def shards(self) -> list[Path]:
         return sorted(p for p in self.dir.glob("shard-*") if p.is_dir())
 
     def done_ids(self) -> set[str]:
         done: set[str] = set()
-        for shard in self.shards():
-            done.update(datasets.load_from_disk(str(shard))["id"])
+        with quiet_datasets():
+            for shard in self.shards():
+                done.update(datasets.load_from_disk(str(shard))["id"])
         return done
 
     def skipped(self) -> list[dict]:
@@ -65,12 +81,13 @@ class LabelCache:
     def write_shard(self, rows: dict[str, list], features: Features, rank: int = 0) -> Path:
         name = f"shard-r{rank}-{uuid.uuid4().hex[:12]}"
         tmp = self.dir / f".tmp-{name}"
-        Dataset.from_dict(rows, features=features).save_to_disk(str(tmp))
+        with quiet_datasets():
+            Dataset.from_dict(rows, features=features).save_to_disk(str(tmp))
         final = self.dir / name
         os.replace(tmp, final)
         return final
 
-    def add_skipped(self, skipped: list[dict], rank: int = 0) -> None:
+    def add_skipped(self, skipped: list[dict]) -> None:
         if not skipped:
             return
         path = self.dir / SKIPPED_NAME
@@ -78,10 +95,10 @@ class LabelCache:
         lines = [json.dumps(s) for s in skipped if s["id"] not in known]
         if lines:
             existing = path.read_text() if path.exists() else ""
-            _atomic_text(path, existing + "\n".join(lines) + "\n")
+            atomic_write_text(path, existing + "\n".join(lines) + "\n")
 
     def mark_complete(self, n_samples: int) -> None:
-        _atomic_text(self.dir / COMPLETE_NAME, json.dumps({"samples": n_samples, "skipped": len(self.skipped())}))
+        atomic_write_text(self.dir / COMPLETE_NAME, json.dumps({"samples": n_samples, "skipped": len(self.skipped())}))
 
     @property
     def complete(self) -> bool:
@@ -90,11 +107,6 @@ class LabelCache:
     def load(self) -> Dataset:
         shards = self.shards()
         if not shards:
-            raise FileNotFoundError(f"the label cache {self.dir} has no shards yet.")
-        return datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards]).sort("id")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+            raise FileNotFoundError(f"the label store {self.dir} has no shards yet.")
+        with quiet_datasets():
+            return datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards]).sort("id")

@@ -1,10 +1,10 @@
 """Prompt, image and scoring functions for the `testbed_vqa` lmms-eval task (the testbed's LLaVA-format json)."""
 
-from pathlib import Path
-
 from PIL import Image
 
-IMAGE_DIR = Path(__file__).resolve().parents[2] / "testbed" / "images"  # data/testbed/images, whatever the cwd
+from dyvte.testbed import DATA_DIR
+
+IMAGE_DIR = DATA_DIR / "images"  # the shipped testbed's images, whatever the cwd
 
 
 def doc_to_visual(doc: dict) -> list:

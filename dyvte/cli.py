@@ -1,0 +1,43 @@
+"""What the Hydra entry points (`train.py`, `infer.py`) share: the `${dyvte_testbed:...}` resolver, the `-v` flag
+and quiet library logging.
+
+Quiet by default: one progress bar per stage and dyvte's own log lines. `-v` (or `verbose=true`) brings back
+Lightning's device lines, tips and model summary.
+"""
+
+import logging
+import sys
+import warnings
+
+import transformers
+from omegaconf import OmegaConf
+
+from .testbed import DATA_DIR
+
+NOISY_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning")
+# Library warnings about the libraries' own internals, which a user of dyvte cannot act on.
+NOISY_WARNING_MODULES = (r"lightning\..*", r"pyarrow\..*")
+
+
+def register_resolvers() -> None:
+    """`${dyvte_testbed:train.json}` is a file of the shipped testbed (package data)."""
+    if not OmegaConf.has_resolver("dyvte_testbed"):
+        OmegaConf.register_new_resolver("dyvte_testbed", lambda relative: str(DATA_DIR / relative))
+
+
+def verbose_flag() -> None:
+    """`-v` on the command line is the override `verbose=true` (Hydra itself knows no such flag)."""
+    if "-v" in sys.argv[1:]:
+        sys.argv = [arg for arg in sys.argv if arg != "-v"] + ["verbose=true"]
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Lightning's per-trainer info lines (devices, tips), its and pyarrow's warnings about their internals and
+    transformers' weight-loading bar only when `verbose`."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        return
+    transformers.utils.logging.disable_progress_bar()
+    for module in NOISY_WARNING_MODULES:
+        warnings.filterwarnings("ignore", module=module)

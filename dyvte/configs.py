@@ -1,0 +1,153 @@
+"""Checks of the Hydra configs of `train.py` and `infer.py`, run at start-up before any model time.
+
+Every value a user can set is checked here, and a bad one stops the run with a `ConfigError` that names the key,
+the value and what it may be, instead of a torch error deep inside a stage.
+"""
+
+from numbers import Integral, Real
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .adapters.base import TEXT_SPANS, WITHDRAW_CHOICES
+
+STAGES = ("labels", "heads", "validate")
+DTYPES = ("float32", "float16", "bfloat16")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+QUANTIZATION = (None, "4bit", "8bit")
+DATA_SOURCES = ("llava_json", "hf")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, named with its key."""
+
+
+def _fail(key: str, value, expected: str):
+    raise ConfigError(f"{key}={value!r}: {expected}")
+
+
+def _integer(cfg, key: str, minimum: int, optional: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        _fail(key, value, f"must be an integer >= {minimum}" + (" (or null)" if optional else ""))
+
+
+def _number(cfg, key: str, low: float, high: float, low_open: bool = False, optional: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, Real):
+        _fail(key, value, "must be a number" + (" (or null)" if optional else ""))
+    if not (low < value if low_open else low <= value) or value > high:
+        _fail(key, value, f"must be in {'(' if low_open else '['}{low}, {high}]")
+
+
+def _choice(cfg, key: str, choices) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in choices:
+        _fail(key, value, "must be one of " + ", ".join("null" if c is None else str(c) for c in choices))
+
+
+def _given(cfg, key: str, hint: str) -> None:
+    if OmegaConf.is_missing(cfg, key) or OmegaConf.select(cfg, key) in (None, ""):
+        raise ConfigError(f"{key} is not set: {hint}")
+
+
+def check_model(cfg: DictConfig) -> None:
+    _given(cfg, "model.name_or_path", "give a Hugging Face id, a local checkpoint folder or `testbed`")
+    _choice(cfg, "model.dtype", DTYPES)
+    _choice(cfg, "model.attn_implementation", ATTENTION)
+    _choice(cfg, "model.quantization", QUANTIZATION)
+    _choice(cfg, "model.withdraw", WITHDRAW_CHOICES)
+
+
+def check_data(cfg: DictConfig) -> None:
+    _choice(cfg, "data.source", DATA_SOURCES)
+    if cfg.data.source == "llava_json":
+        _given(cfg, "data.json_path", "the LLaVA instruction JSON (e.g. llava_v1_5_mix665k.json)")
+        _given(cfg, "data.image_dir", "the folder the records' image paths are relative to")
+    else:
+        _given(cfg, "data.path", "a `datasets` source: a Hub id or a local dataset folder")
+    _number(cfg, "data.fraction", 0.0, 1.0, low_open=True)
+    _number(cfg, "data.val_fraction", 0.0, 0.99)
+    _integer(cfg, "data.limit", 1, optional=True)
+    _integer(cfg, "data.eval_limit", 1, optional=True)
+    _integer(cfg, "data.max_length", 1, optional=True)
+    _choice(cfg, "data.on_bad_sample", ("skip", "raise"))
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Every key of `conf/train.yaml` (with its groups) that a user sets."""
+    stages = cfg.stages
+    if not isinstance(stages, (list, ListConfig)) or not stages or set(stages) - set(STAGES):
+        _fail("stages", OmegaConf.to_object(stages) if isinstance(stages, ListConfig) else stages,
+              f"must be a non-empty list of {', '.join(STAGES)}")
+    _integer(cfg, "seed", 0)
+    check_model(cfg)
+    check_data(cfg)
+    _choice(cfg, "labels.reference", ("model", "ground_truth"))
+    _number(cfg, "labels.alpha", 0.0, float("inf"), low_open=True)
+    layers = cfg.labels.layers
+    if isinstance(layers, ListConfig):
+        if not layers or not all(isinstance(k, Integral) and not isinstance(k, bool) and k >= 0 for k in layers):
+            _fail("labels.layers", OmegaConf.to_object(layers), "must be all, random or a list of exit layers >= 0")
+    elif layers not in ("all", "random"):
+        _fail("labels.layers", layers, "must be all, random or a list of exit layers")
+    _integer(cfg, "labels.max_new_tokens", 1)
+    _integer(cfg, "labels.batch_size", 1)
+    _integer(cfg, "labels.shard_size", 1)
+    _choice(cfg, "features.span", TEXT_SPANS)
+    _integer(cfg, "head_training.hidden", 1)
+    _number(cfg, "head_training.lr", 0.0, float("inf"), low_open=True)
+    _number(cfg, "head_training.weight_decay", 0.0, float("inf"))
+    _integer(cfg, "head_training.epochs", 1)
+    _integer(cfg, "head_training.batch_size", 1)
+    weights = cfg.head_training.class_weights
+    if weights is not None and (len(weights) != 2 or not all(isinstance(w, Real) and w > 0 for w in weights)):
+        _fail("head_training.class_weights", OmegaConf.to_object(weights), "must be null or [w_stay, w_exit], both > 0")
+    if cfg.validate.threshold != "auto":
+        _number(cfg, "validate.threshold", 0.0, 1.0)
+    _number(cfg, "validate.min_agreement", 0.0, 1.0, low_open=True)
+    thresholds = cfg.validate.thresholds
+    if not thresholds or not all(isinstance(t, Real) and 0.0 <= t <= 1.0 for t in thresholds):
+        _fail("validate.thresholds", OmegaConf.to_object(thresholds), "must be a non-empty list of numbers in [0, 1]")
+    if "validate" in stages and "heads" not in stages and not cfg.heads:
+        raise ConfigError(
+            "stages without heads validate heads trained before: set heads=DIR (a train.py run's heads/ folder or "
+            "a Hub id), or add the heads stage"
+        )
+
+
+def check_infer_config(cfg: DictConfig) -> None:
+    """Every key of `conf/infer.yaml` (with its groups) that a user sets."""
+    _choice(cfg, "task", ("sample", "eval"))
+    check_model(cfg)
+    check_data(cfg)
+    _number(cfg, "threshold", 0.0, float("inf"), optional=True)
+    if cfg.threshold is not None and cfg.threshold > 1 and not cfg.force:
+        _fail("threshold", cfg.threshold, "must be in [0, 1]; pass force=true to use it anyway (above 1 never exits)")
+    _integer(cfg, "vtw.layer", 0, optional=True)
+    _number(cfg, "vtw.eta", 0.0, float("inf"), low_open=True)
+    _integer(cfg, "vtw.start_layer", 0)
+    _integer(cfg, "vtw.n", 1)
+    _integer(cfg, "fastv.layer", 1)
+    _number(cfg, "fastv.keep_ratio", 0.0, 1.0)
+    for method in ("gsearch", "psigmoid"):
+        _integer(cfg, f"{method}.n", 1)
+        _integer(cfg, f"{method}.trials", 1)
+        _integer(cfg, f"{method}.first_layer", 1)
+        _choice(cfg, f"{method}.queries", ("text", "last"))
+    _number(cfg, "gsearch.lam", 0.0, float("inf"))
+    _integer(cfg, "gsearch.every", 1)
+    _number(cfg, "psigmoid.budget", 0.0, 1.0)
+    _number(cfg, "psigmoid.k_max", 0.0, float("inf"), low_open=True)
+    _integer(cfg, "limit", 1, optional=True)
+    _integer(cfg, "batch_size", 1)
+    _integer(cfg, "max_new_tokens", 1)
+    _integer(cfg, "seed", 0)
+    thresholds = cfg.sweep_thresholds
+    if not all(isinstance(t, Real) and 0.0 <= t <= 1.0 for t in thresholds):
+        _fail("sweep_thresholds", OmegaConf.to_object(thresholds), "must be a list of numbers in [0, 1]")
+    if cfg.task == "sample" and not cfg.question:
+        raise ConfigError('task=sample needs question="..." (and image=PATH for a visual question).')

@@ -1,0 +1,13 @@
+"""The withdrawal engine: prefill and decode of a stock MLLM in which each sample's visual tokens leave at its own
+exit layer, the sub-batches that make that real, the withdrawal KV cache, the policy hook and head features."""
+
+from .cache import WithdrawalCache
+from .features import feature_tokens, head_features
+from .hooks import Compose, Decision, ExitPolicy, PrefillState
+from .subbatch import SubBatch
+from .visual_exit import VisualExit, VisualExitGenerateOutput, VisualExitOutput, greedy_answers
+
+__all__ = [
+    "Compose", "Decision", "ExitPolicy", "PrefillState", "SubBatch", "VisualExit", "VisualExitGenerateOutput",
+    "VisualExitOutput", "WithdrawalCache", "feature_tokens", "greedy_answers", "head_features",
+]

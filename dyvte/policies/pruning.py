@@ -1,0 +1,169 @@
+"""Pruning policies: visual tokens leave a few at a time, the least attended first.
+
+FastV prunes once, G-Search's keep-rate schedules and P-Sigmoid layer by layer; all rank a sample's visual tokens
+by the attention they receive in the previous layer (`attention_by_position`) and keep the top ones
+(`keep_most_attended`). The attention is recomputed for the queries that rank (the last prompt token, or the
+prompt's text), so the model keeps running with SDPA.
+"""
+
+import math
+
+import torch
+
+from ..engine import Decision, ExitPolicy, PrefillState, SubBatch
+
+
+def kept_count(rate: float, n_visual: int) -> int:
+    """`ceil(rate * n_visual)`, rounded first so that e.g. 0.3 of 10 tokens keeps 3, not 4 through float error."""
+    return math.ceil(round(rate * n_visual, 9))
+
+
+def attention_by_position(scores: torch.Tensor, sub: SubBatch, shape: torch.Size) -> torch.Tensor:
+    """Per-slot scores [b, n] of `sub` laid out by input position, [B, T] (0 where `sub` has no slot)."""
+    by_position = torch.zeros(shape, dtype=scores.dtype, device=scores.device)
+    row, slot = sub.valid.nonzero(as_tuple=True)
+    by_position[sub.rows[row], sub.index[row, slot]] = scores[row, slot]
+    return by_position
+
+
+def keep_most_attended(sub: SubBatch, visual_mask: torch.Tensor, scores: torch.Tensor, n_keep: torch.Tensor
+                       ) -> torch.Tensor:
+    """[b, n] slots to keep: every non-visual slot and each row's `n_keep[row]` visual slots with the highest
+    `scores` (by input position, [B, T]); ties go to the earlier position."""
+    visual = sub.slots_of(visual_mask)
+    slot_scores = scores[sub.rows[:, None], sub.index.clamp(min=0)]
+    ranked = slot_scores.masked_fill(~visual, -1.0).argsort(dim=1, descending=True, stable=True)
+    rank = ranked.argsort(dim=1)  # 0 for the most attended visual token of the row
+    return ~visual | (visual & (rank < n_keep[:, None]))
+
+
+class FastV(ExitPolicy):
+    """FastV: before layer `layer`, keep the `keep_ratio` visual tokens the last prompt token attends to most
+    in layer `layer - 1`. The attention is recomputed for that one query only, so SDPA stays on elsewhere."""
+
+    name = "fastv"
+
+    def __init__(self, layer: int = 2, keep_ratio: float = 0.5):
+        if layer < 1:
+            raise ValueError(f"FastV ranks tokens by the attention of layer `layer - 1`; layer must be >= 1, got {layer}.")
+        if not 0.0 <= keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio}.")
+        self.layer, self.keep_ratio = layer, keep_ratio
+        self._scores: torch.Tensor | None = None  # [B, T] layer `layer - 1`'s attention of this prefill
+
+    def reset(self, state: PrefillState) -> None:
+        self._scores = None
+
+    def before_layer(self, layer_idx, sub, state) -> Decision:
+        if layer_idx == self.layer - 1:
+            scores = state.engine.adapter.last_query_attention(state.engine.adapter.layers[layer_idx], sub)
+            self._scores = attention_by_position(scores, sub, state.visual_mask.shape)
+            return Decision()
+        if layer_idx != self.layer:
+            return Decision()
+        n_visual = sub.slots_of(state.visual_mask).sum(dim=1).tolist()  # per sample: the visual tokens it still has
+        n_keep = torch.tensor([kept_count(self.keep_ratio, n) for n in n_visual], device=sub.rows.device)
+        return Decision(keep=keep_most_attended(sub, state.visual_mask, self._scores, n_keep))
+
+
+QUERIES = ("text", "last")
+
+
+class KeepRateSchedule(ExitPolicy):
+    """G-Search's Sort & Reduce: before layer `i`, each sample keeps the `ceil(rates[i] * N)` visual tokens (`N`:
+    its visual tokens in the prompt) that received the most attention in layer `i - 1`, among those it still has.
+
+    `rates` holds one keep rate per decoder layer, non-increasing with depth. A rate of 0 withdraws all visual
+    tokens (an exit, as `StaticExit`). The attention is that of the prompt's text tokens after the first visual
+    token (`queries="text"`, averaged over them) or of the last prompt token (`"last"`), recomputed for those
+    queries only, so SDPA stays on. Pruned tokens leave the hidden states and later layers' KV cache; the kept
+    ones keep their positions.
+    """
+
+    name = "schedule"
+
+    def __init__(self, rates, queries: str = "text"):
+        rates = [float(r) for r in rates]
+        if not rates:
+            raise ValueError("rates is empty; give one keep rate per decoder layer.")
+        for i, rate in enumerate(rates):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"rates[{i}] = {rate} is outside [0, 1].")
+            if i and rate > rates[i - 1]:
+                raise ValueError(
+                    f"rates must not increase with depth: rates[{i}] = {rate} > rates[{i - 1}] = {rates[i - 1]}."
+                )
+        if 0.0 < rates[0] < 1.0:
+            raise ValueError(
+                f"rates[0] = {rates[0]}: layer 0 has no earlier layer to rank visual tokens by; use 1.0, or 0.0 to "
+                "withdraw them all."
+            )
+        if queries not in QUERIES:
+            raise ValueError(f"queries must be one of {', '.join(QUERIES)}; got {queries!r}.")
+        self.rates, self.queries = rates, queries
+        self._queries: torch.Tensor | None = None  # [B, T] this prefill's ranking queries (`queries="text"`)
+        self._scores: torch.Tensor | None = None  # [B, T] the last ranked layer's attention
+
+    def reset(self, state: PrefillState) -> None:
+        if len(self.rates) != state.engine.num_layers:
+            raise ValueError(
+                f"the schedule has {len(self.rates)} keep rates but the model has {state.engine.num_layers} decoder "
+                "layers."
+            )
+        self._scores = None
+        self._queries = state.engine.adapter.text_mask(
+            state.input_ids, state.attention_mask, state.visual_mask, "after_first_visual"
+        ) if self.queries == "text" else None
+
+    def before_layer(self, layer_idx, sub, state) -> Decision:
+        rates = self.rates
+        rate = rates[layer_idx]
+        if rate == 0.0:
+            return Decision(exit=torch.ones_like(sub.rows, dtype=torch.bool))
+        keep = None
+        if layer_idx and rate < rates[layer_idx - 1]:
+            prompt_visual = state.visual_mask.sum(dim=1)[sub.rows].tolist()
+            n_keep = torch.tensor([kept_count(rate, n) for n in prompt_visual], device=sub.rows.device)
+            keep = keep_most_attended(sub, state.visual_mask, self._scores, n_keep)
+        if layer_idx + 1 < len(rates) and 0.0 < rates[layer_idx + 1] < rate:
+            self._rank(layer_idx, sub, state, keep)
+        return Decision(keep=keep)
+
+    def _rank(self, layer_idx: int, sub: SubBatch, state: PrefillState, keep: torch.Tensor | None) -> None:
+        """Score every visual token by the attention it receives in this layer (over the tokens it really runs
+        on), stored by position for the next layer's pruning."""
+        adapter = state.engine.adapter
+        layer = adapter.layers[layer_idx]
+        if self.queries == "last":
+            scores = adapter.last_query_attention(layer, sub, keep)
+        else:
+            scores = adapter.query_attention(layer, sub, sub.slots_of(self._queries), keep)
+        self._scores = attention_by_position(scores, sub, state.visual_mask.shape)
+
+
+class PSigmoid(KeepRateSchedule):
+    """P-Sigmoid: keep rate `r(i) = 2b / (1 + exp(k (i - alpha)))` for decoder layers `i >= first_layer` (0-based;
+    the paper's layers 3..L are 2..L-1 here), 1 before; clipped to [0, 1].
+
+    Over `first_layer..L-1` the rates average to the budget `b` (when no clipping happens: `b <= 0.5`), whatever
+    `k >= 0`; `k` shapes the curve (0: flat at `b`, large: a step at `alpha`). `alpha` defaults to the midpoint.
+    """
+
+    name = "psigmoid"
+
+    def __init__(self, budget: float, k: float, num_layers: int, alpha: float | None = None, first_layer: int = 2,
+                 queries: str = "text"):
+        if not 0.0 <= budget <= 1.0:
+            raise ValueError(f"budget must be in [0, 1], got {budget}.")
+        if k < 0:
+            raise ValueError(f"k must be >= 0 (a negative k makes the rates increase with depth), got {k}.")
+        if not 1 <= first_layer < num_layers:
+            raise ValueError(f"first_layer must be in [1, {num_layers - 1}] for {num_layers} layers, got {first_layer}.")
+        alpha = (first_layer + num_layers - 1) / 2 if alpha is None else float(alpha)
+        rates = [1.0] * first_layer
+        for i in range(first_layer, num_layers):
+            exponent = min(k * (i - alpha), 700.0)  # exp overflows a float past ~709; the rate is 0 by then
+            rate = min(1.0, 2 * budget / (1 + math.exp(exponent)))
+            rates.append(min(rate, rates[-1]))
+        super().__init__(rates, queries)
+        self.budget, self.k, self.alpha, self.first_layer = budget, k, alpha, first_layer

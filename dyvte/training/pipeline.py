@@ -1,0 +1,143 @@
+"""The stages of `train.py` as functions: labels -> heads -> validate. Entry points stay thin; tests call these."""
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+
+from ..data import Sample, load_splits
+from ..heads import ExitHeads, ExitHeadsConfig
+from ..loading import model_identity
+from .dense_labels import LabelConfig
+from .heads_module import HeadsDataModule, HeadsModule
+from .label_run import run_labels
+from .label_store import LabelStore
+from .simulate import choose_threshold, head_metrics, validate
+
+log = logging.getLogger(__name__)
+
+
+def label_config(cfg) -> LabelConfig:
+    layers = cfg.labels.layers if isinstance(cfg.labels.layers, str) else list(cfg.labels.layers)
+    return LabelConfig(
+        alpha=cfg.labels.alpha, reference=cfg.labels.reference, layers=layers,
+        max_new_tokens=cfg.labels.max_new_tokens, feature_span=cfg.features.span, seed=cfg.seed,
+    )
+
+
+def label_stores(cfg, model, processor, splits: dict[str, list[Sample]], compute: bool = True) -> dict[str, LabelStore]:
+    """One label cache per split, keyed by model, split contents and label/feature settings; filled unless
+    complete."""
+    config = label_config(cfg)
+    identity = model_identity(cfg.model.name_or_path, cfg.model.revision)
+    stores = {}
+    for name, samples in splits.items():
+        if not samples:
+            continue
+        ids = hashlib.sha256("\n".join(s.id for s in samples).encode()).hexdigest()
+        key = {**identity, "dtype": cfg.model.dtype, "quantization": cfg.model.quantization,
+               "withdraw": cfg.model.withdraw, "split": name, "sample_ids_sha256": ids, "labels": asdict(config)}
+        store = LabelStore(cfg.cache_dir, key)
+        if compute and store.complete:
+            log.info("labels for %s: reusing the complete cache %s", name, store.dir)
+        elif compute:
+            log.info("labels for %s: labelling %d samples into %s", name, len(samples), store.dir)
+            run_labels(
+                model, processor, samples, config, store, batch_size=cfg.labels.batch_size,
+                shard_size=cfg.labels.shard_size, on_bad_sample=cfg.data.on_bad_sample,
+                max_length=cfg.data.max_length, trainer_kwargs=_label_trainer_kwargs(cfg), withdraw=cfg.model.withdraw,
+            )
+            skipped = store.skipped()
+            if skipped:
+                log.warning("%s: skipped %d bad samples, ids in %s", name, len(skipped), store.dir / "skipped.jsonl")
+        stores[name] = store
+    return stores
+
+
+def _label_trainer_kwargs(cfg) -> dict:
+    """The configured devices/strategy; `fast_dev_run` would stop the label pass after one batch, so not that."""
+    return {k: v for k, v in cfg.trainer.items() if k not in ("fast_dev_run", "precision")}
+
+
+def train_heads(cfg, model, stores: dict[str, LabelStore], output_dir: Path) -> ExitHeads:
+    # Seeded here, not only at start-up: a run that labels first draws random numbers a rerun on the cache does
+    # not, and the heads must be the same either way.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    text = model.config.get_text_config(decoder=True)
+    config = ExitHeadsConfig(
+        text.hidden_size, text.num_hidden_layers, cfg.head_training.hidden, feature_span=cfg.features.span,
+        withdraw=cfg.model.withdraw, labels=asdict(label_config(cfg)),
+        **model_identity(cfg.model.name_or_path, cfg.model.revision),
+    )
+    heads = ExitHeads(config)
+    training = cfg.head_training
+    module = HeadsModule(heads, lr=training.lr, weight_decay=training.weight_decay,
+                         class_weights=list(training.class_weights) if training.class_weights else None)
+    datamodule = HeadsDataModule(
+        stores["train"].load(), stores["val"].load() if "val" in stores else None,
+        batch_size=training.batch_size, seed=cfg.seed,
+    )
+    trainer = L.Trainer(
+        **cfg.trainer, max_epochs=training.epochs, logger=instantiate(cfg.logger),
+        callbacks=[RichProgressBar()], enable_checkpointing=False, enable_model_summary=cfg.verbose,
+        default_root_dir=str(output_dir),
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return heads
+
+
+def validate_heads(cfg, model, heads: ExitHeads, stores: dict[str, LabelStore], output_dir: Path) -> dict:
+    """Choose the threshold on val, then report simulated dynamic exit on the held-out split."""
+    threshold, sweep = cfg.validate.threshold, []
+    val = stores["val"].load() if "val" in stores else None
+    if threshold == "auto":
+        if val is None:
+            raise ValueError("validate.threshold=auto calibrates on a val split, and there is none: set "
+                             "data.val_json_path or data.val_fraction > 0, or give validate.threshold a number")
+        threshold, sweep = choose_threshold(heads, val, model.config, cfg.validate.min_agreement,
+                                            list(cfg.validate.thresholds))
+    split = cfg.validate.split if cfg.validate.split in stores else "val"
+    held_out = stores[split].load()
+    report = {"split": split, **validate(heads, held_out, model.config, float(threshold), calibration=val,
+                                         min_agreement=cfg.validate.min_agreement)}
+    report["threshold_sweep_val"] = sweep
+    report["heads"] = head_metrics(heads, held_out)
+    heads.config.threshold = float(threshold)
+    heads.save_pretrained(output_dir / "heads")
+    (output_dir / "validate.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def load_trained_heads(cfg, model) -> ExitHeads:
+    """`heads=DIR` (or a Hub id) for a run without the heads stage; refused if trained on another model."""
+    heads = ExitHeads.from_pretrained(cfg.heads)
+    heads.check_fits(model, cfg.model.name_or_path, cfg.model.revision)
+    return heads
+
+
+def run(cfg, output_dir: Path, model, processor) -> dict:
+    """The configured stages in order; returns the validation report (empty without the validate stage)."""
+    stages = list(cfg.stages)
+    splits = load_splits(cfg.data)
+    stores = label_stores(cfg, model, processor, splits, compute="labels" in stages)
+    for name, store in stores.items():
+        if not store.complete:
+            raise FileNotFoundError(f"the {name} label cache {store.dir} is incomplete: run the labels stage.")
+    if "heads" in stages:
+        heads = train_heads(cfg, model, stores, output_dir)
+        if rank_zero_only.rank != 0:  # under DDP every rank ends with the same heads; rank 0 writes them
+            return {}
+        heads.save_pretrained(output_dir / "heads")
+        if cfg.trainer.fast_dev_run:
+            return {}
+    elif "validate" in stages:
+        heads = load_trained_heads(cfg, model)
+    if "validate" in stages:
+        return validate_heads(cfg, model, heads, stores, output_dir)
+    return {}

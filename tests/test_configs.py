@@ -1,0 +1,94 @@
+"""Every value a user sets in train.py / infer.py is checked at start-up, with an error naming the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from dyvte import cli
+from dyvte.configs import ConfigError, check_infer_config, check_train_config
+
+ROOT = Path(__file__).resolve().parent.parent
+cli.register_resolvers()
+
+
+def compose_config(name: str, *overrides: str):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def test_shipped_configs_pass():
+    check_train_config(compose_config("train"))
+    check_train_config(compose_config("train", "experiment=llava7b_paper", "data.json_path=x.json", "data.image_dir=d"))
+    check_infer_config(compose_config("infer", "question=is there a red circle ?"))
+    check_infer_config(compose_config("infer", "task=eval"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["head_training.hidden=-5"], r"head_training.hidden=-5: must be an integer >= 1"),
+        (["head_training.lr=0"], r"head_training.lr=0: must be in \(0.0, inf\]"),
+        (["head_training.epochs=1.5"], r"head_training.epochs=1.5: must be an integer >= 1"),
+        (["head_training.class_weights=[1.0]"], r"head_training.class_weights=\[1.0\]: must be null or"),
+        (["labels.alpha=-1"], r"labels.alpha=-1: must be in \(0.0, inf\]"),
+        (["labels.reference=gold"], r"labels.reference='gold': must be one of model, ground_truth"),
+        (["labels.layers=[1,-2]"], r"labels.layers=\[1, -2\]: must be all, random or a list"),
+        (["labels.batch_size=0"], r"labels.batch_size=0: must be an integer >= 1"),
+        (["features.span=everything"], r"features.span='everything': must be one of after_first_visual, all_text"),
+        (["validate.threshold=1.5"], r"validate.threshold=1.5: must be in \[0.0, 1.0\]"),
+        (["validate.min_agreement=0"], r"validate.min_agreement=0: must be in \(0.0, 1.0\]"),
+        (["validate.thresholds=[0.5,2]"], r"validate.thresholds=\[0.5, 2\]: must be a non-empty list"),
+        (["stages=[label]"], r"stages=\['label'\]: must be a non-empty list of labels, heads, validate"),
+        (["stages=[validate]"], r"stages without heads validate heads trained before: set heads=DIR"),
+        (["model.dtype=float8"], r"model.dtype='float8': must be one of float32, float16, bfloat16"),
+        (["model.withdraw=audio"], r"model.withdraw='audio': must be one of both, images, videos"),
+        (["data.fraction=0"], r"data.fraction=0: must be in \(0.0, 1.0\]"),
+        (["data.limit=0"], r"data.limit=0: must be an integer >= 1 \(or null\)"),
+        (["data.on_bad_sample=ignore"], r"data.on_bad_sample='ignore': must be one of skip, raise"),
+        (["data=llava665k"], r"data.json_path is not set: the LLaVA instruction JSON"),
+        (["data=hf"], r"data.path is not set: a `datasets` source"),
+    ],
+)
+def test_bad_train_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_train_config(compose_config("train", *overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["task=train"], r"task='train': must be one of sample, eval"),
+        (["threshold=1.5"], r"threshold=1.5: must be in \[0, 1\]; pass force=true"),
+        (["fastv.layer=0"], r"fastv.layer=0: must be an integer >= 1"),
+        (["fastv.keep_ratio=2"], r"fastv.keep_ratio=2: must be in \[0.0, 1.0\]"),
+        (["gsearch.queries=first"], r"gsearch.queries='first': must be one of text, last"),
+        (["psigmoid.budget=-0.1"], r"psigmoid.budget=-0.1: must be in \[0.0, 1.0\]"),
+        (["batch_size=0"], r"batch_size=0: must be an integer >= 1"),
+        (["sweep_thresholds=[0.5,1.2]"], r"sweep_thresholds=\[0.5, 1.2\]: must be a list of numbers in \[0, 1\]"),
+        ([], r"task=sample needs question="),
+    ],
+)
+def test_bad_infer_values_name_the_key(overrides, message):
+    task = [] if any(o.startswith("task=") for o in overrides) or not overrides else ["task=eval"]
+    with pytest.raises(ConfigError, match=message):
+        check_infer_config(compose_config("infer", *task, *overrides))
+
+
+def test_hf_data_refuses_the_json_keys():
+    """`data=hf` has no val_json_path / test_json_path / multi_turn: setting them is an error, not ignored."""
+    for key, value in (("val_json_path", "v.json"), ("test_json_path", "t.json"), ("multi_turn", "true")):
+        with pytest.raises(Exception, match=f"Could not override 'data.{key}'"):
+            compose_config("train", "data=hf", f"data.{key}={value}")
+
+
+def test_bad_value_stops_train_py_before_any_model_time(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "head_training.hidden=-5", "model.name_or_path=/nonexistent",
+         f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "head_training.hidden=-5: must be an integer >= 1" in result.stderr
+    assert "Traceback" in result.stderr and "load_mllm" not in result.stderr  # stopped before loading the model
