@@ -18,6 +18,7 @@ from dyvte.data import BadSample, PromptCollator, read_llava_json
 from dyvte.heads import ExitHeads, ExitHeadsConfig
 from dyvte.testbed import DATA_DIR as TESTBED_DATA_DIR
 from dyvte.testbed.model import ModelConfig, build_model, build_processor
+from dyvte.training.heads_module import head_stat_scores, layer_metrics
 from dyvte.training.simulate import family_static_exits, first_safe_exit, score_exits, score_family_static
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,3 +264,16 @@ def test_validate_stage_alone_validates_given_heads_quietly(checkpoint, tmp_path
     for noise in ("Saving the dataset", "Tip:", "Total FLOPs", "GPU available", "Loading weights", "Seed set"):
         assert noise not in output, noise
     assert "Loading weights" not in alone.stdout + alone.stderr
+
+
+def test_head_metrics_by_hand():
+    """Per head: accuracy, precision, recall and positive rate of the exit class, unlabelled (-1) entries left out."""
+    predictions = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0]])  # p_exit > 0.5 per (sample, head)
+    labels = torch.tensor([[1, -1], [0, 1], [1, 1], [0, 0]])
+    stats = head_stat_scores(2, sync_on_compute=False)
+    stats.update(predictions, labels)
+    head0, head1 = layer_metrics(stats.compute())
+    # head 0: tp 1 (sample 0), fp 1 (sample 1), fn 1 (sample 2), tn 1 (sample 3)
+    assert head0 == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "positive_rate": 0.5}
+    # head 1, samples 1-3: tp 2, tn 1
+    assert head1 == {"accuracy": 1.0, "precision": 1.0, "recall": 1.0, "positive_rate": pytest.approx(2 / 3)}

@@ -28,10 +28,11 @@ def head_stat_scores(num_layers: int, sync_on_compute: bool = True) -> Multilabe
 
 
 def layer_metrics(stats: torch.Tensor) -> list[dict[str, float]]:
-    """Per head, from `head_stat_scores` ([L, 5]: tp, fp, tn, fn, support): accuracy, precision and recall of the
-    exit class, and how often exit is safe."""
+    """Per head, from `head_stat_scores` ([L, 5]: tp, fp, tn, fn, positives): accuracy, precision and recall of
+    the exit class, and how often exit is safe."""
     metrics = []
-    for tp, fp, tn, fn, total in stats.tolist():
+    for tp, fp, tn, fn, _ in stats.tolist():
+        total = tp + fp + tn + fn
         metrics.append({
             "accuracy": (tp + tn) / total if total else float("nan"),
             "precision": tp / (tp + fp) if tp + fp else float("nan"),
