@@ -403,8 +403,9 @@ def head_training(hidden_size: int, num_layers: int, samples: int, repeats: int,
     times = []
     for _ in range(repeats):
         torch.manual_seed(0)
-        module = HeadsModule(ExitHeads(ExitHeadsConfig(hidden_size, num_layers, head_hidden)), lr=1e-4)
-        data = HeadsDataModule(table, None, batch_size=batch_size)
+        config = ExitHeadsConfig(hidden_size, num_layers, head_hidden)
+        module = HeadsModule(ExitHeads(config), lr=1e-4)
+        data = HeadsDataModule(table, config, batch_size=batch_size)
         trainer = L_.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
         start = time.perf_counter()

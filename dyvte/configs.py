@@ -9,6 +9,8 @@ from numbers import Integral, Real
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .adapters.base import TEXT_SPANS, WITHDRAW_CHOICES
+from .engine.features import FEATURE_GROUPS
+from .heads import ARCHITECTURES, INPUT_PARTS, LABEL_SHAPES
 
 STAGES = ("labels", "heads", "validate")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -98,6 +100,20 @@ def check_train_config(cfg: DictConfig) -> None:
     _integer(cfg, "labels.batch_size", 1)
     _integer(cfg, "labels.shard_size", 1)
     _choice(cfg, "features.span", TEXT_SPANS)
+    groups = list(cfg.features.groups)
+    if "text" not in groups or set(groups) - set(FEATURE_GROUPS):
+        _fail("features.groups", groups, f"must hold text and only {', '.join(FEATURE_GROUPS)}")
+    inputs = list(cfg.head_training.inputs)
+    if not inputs or set(inputs) - set(INPUT_PARTS) or len(set(inputs)) != len(inputs):
+        _fail("head_training.inputs", inputs, f"must be distinct parts of {', '.join(INPUT_PARTS)}")
+    needed = {INPUT_PARTS[part][0] for part in inputs} - set(groups)
+    if needed:
+        _fail("head_training.inputs", inputs, f"read feature groups {sorted(needed)}: add them to features.groups")
+    _choice(cfg, "head_training.architecture", ARCHITECTURES)
+    _choice(cfg, "head_training.label_shape", LABEL_SHAPES)
+    _choice(cfg, "validate.decision", ("global", "per_layer"))
+    if cfg.validate.decision == "per_layer" and cfg.validate.threshold != "auto":
+        _fail("validate.decision", "per_layer", "calibrates one threshold per head on val: needs validate.threshold=auto")
     _integer(cfg, "head_training.hidden", 1)
     _number(cfg, "head_training.lr", 0.0, float("inf"), low_open=True)
     _number(cfg, "head_training.weight_decay", 0.0, float("inf"))

@@ -1,7 +1,8 @@
 """Exit heads: one small MLP per decoder layer that reads the text tokens' state and scores "exit now".
 
-Head `i` reads the output of decoder layer `i`; its "exit" means `exit_layer = i + 1`. Features are
-`[mean of the prompt's text tokens except the last, last prompt token]`, so a head's input is `2 * hidden_size`.
+Head `i` reads the output of decoder layer `i`; its "exit" means `exit_layer = i + 1`. DyVTE's heads read
+`[mean of the prompt's text tokens except the last, last prompt token]` (`2 * hidden_size` wide); the inputs and
+architecture are configurable (`ExitHeadsConfig`), and the features come from `dyvte.engine.features`.
 
 `ExitHeads` is a Hub model (`huggingface_hub.PyTorchModelHubMixin`): `save_pretrained(dir)` writes
 `config.json` (an `ExitHeadsConfig`) and `model.safetensors`; `ExitHeads.from_pretrained(dir or "user/heads")` and
@@ -16,42 +17,94 @@ from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .engine.features import LENS_FEATURES
 from .files import atomic_write
 from .loading import model_identity
+
+# What a head can read (`ExitHeadsConfig.inputs`): halves of the feature groups of `dyvte.engine.features`.
+INPUT_PARTS = {
+    "mean_text": ("text", 0), "last_text": ("text", 1), "mean_visual": ("visual", 0), "last_visual": ("visual", 1),
+    "attention": ("attention", None), "lens": ("lens", None),
+}
+PAPER_INPUTS = ("mean_text", "last_text")
+ARCHITECTURES = ("per_layer", "shared")
+LABEL_SHAPES = ("per_layer", "monotone")
 
 
 @dataclass
 class ExitHeadsConfig:
-    """What the heads are and what they were trained on (`config.json`)."""
+    """What the heads are and what they were trained on (`config.json`).
 
-    hidden_size: int  # the decoder's hidden size d (features are 2d wide)
+    DyVTE's heads are `inputs=("mean_text", "last_text")`, `architecture="per_layer"`, `head_hidden=2048`, one
+    global `threshold`, trained on per-layer labels. The other settings: `inputs` may add the visual tokens' mean and
+    last state, the attention status and the logit lens; `architecture="shared"` is one MLP for every layer with a
+    learned layer embedding; `thresholds` holds one threshold per head; `label_shape="monotone"` records heads
+    trained on "safe from here on" labels."""
+
+    hidden_size: int  # the decoder's hidden size d
     num_layers: int  # one head per decoder layer
     head_hidden: int = 2048  # width h of each head's hidden layer
-    feature_span: str = "after_first_visual"  # which prompt tokens are averaged into the features
+    feature_span: str = "after_first_visual"  # which prompt tokens are averaged into the text features
     threshold: float = 0.5  # default exit threshold, calibrated by `train.py`
     model: str | None = None  # the MLLM the heads were trained on: name or path
     revision: str | None = None
     weights_sha256: str | None = None  # that MLLM's weights, for a local checkpoint
     withdraw: str = "both"  # which visual tokens exit (images, videos or both)
     labels: dict | None = None  # the label settings of the training data
+    inputs: tuple[str, ...] = PAPER_INPUTS  # the parts of the features a head reads (`INPUT_PARTS`)
+    num_attention_heads: int | None = None  # the decoder's attention heads (width of the `attention` input)
+    architecture: str = "per_layer"  # per_layer (the paper) | shared
+    thresholds: tuple[float, ...] | None = None  # per-head thresholds (None: `threshold` for every head)
+    label_shape: str = "per_layer"  # what the heads were trained on: per_layer (the paper) | monotone
 
     def __post_init__(self):
         for name in ("hidden_size", "num_layers", "head_hidden"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ExitHeadsConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
+        self.inputs = tuple(self.inputs)
+        if not self.inputs or set(self.inputs) - set(INPUT_PARTS) or len(set(self.inputs)) != len(self.inputs):
+            raise ValueError(f"inputs must be distinct parts of {', '.join(INPUT_PARTS)}; got {list(self.inputs)}.")
+        if "attention" in self.inputs and not self.num_attention_heads:
+            raise ValueError("the attention input needs num_attention_heads (the decoder's attention heads).")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {self.architecture!r}.")
+        if self.label_shape not in LABEL_SHAPES:
+            raise ValueError(f"label_shape must be one of {', '.join(LABEL_SHAPES)}; got {self.label_shape!r}.")
+        if self.thresholds is not None:
+            self.thresholds = tuple(float(t) for t in self.thresholds)
+            if len(self.thresholds) != self.num_layers:
+                raise ValueError(f"thresholds needs one value per head ({self.num_layers}), got {len(self.thresholds)}.")
+
+    @property
+    def feature_groups(self) -> tuple[str, ...]:
+        """The feature groups the inputs come from, in `dyvte.engine.features.FEATURE_GROUPS` order."""
+        needed = {INPUT_PARTS[part][0] for part in self.inputs}
+        return tuple(g for g in ("text", "visual", "attention", "lens") if g in needed)
+
+    @property
+    def input_size(self) -> int:
+        widths = {"attention": self.num_attention_heads or 0, "lens": LENS_FEATURES}
+        return sum(self.hidden_size if half is not None else widths[group]
+                   for group, half in (INPUT_PARTS[part] for part in self.inputs))
 
 
 class ExitHeads(nn.Module, PyTorchModelHubMixin, library_name="dyvte", tags=["visual-token-exit", "dyvte"]):
-    """Independent `Linear(2d, h) -> GELU -> Linear(h, 2)` heads, one per decoder layer (DyVTE's hyper-networks)."""
+    """One exit head per decoder layer: `Linear(n_in, h) -> GELU -> Linear(h, 2)` on the configured inputs.
+
+    `per_layer` (DyVTE's hyper-networks): independent MLPs. `shared`: one MLP for all layers, with a learned
+    embedding of the layer added to its hidden layer, so a head costs `n_in * h` parameters once, not per layer."""
 
     def __init__(self, config: ExitHeadsConfig):
         super().__init__()
         self.config = config
-        self.heads = nn.ModuleList(
-            nn.Sequential(nn.Linear(2 * config.hidden_size, config.head_hidden), nn.GELU(),
-                          nn.Linear(config.head_hidden, 2))
-            for _ in range(config.num_layers)
-        )
+        n_in, hidden = config.input_size, config.head_hidden
+        if config.architecture == "per_layer":
+            self.heads = nn.ModuleList(
+                nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, 2)) for _ in range(config.num_layers)
+            )
+        else:
+            self.shared = nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, 2))
+            self.layer_embedding = nn.Embedding(config.num_layers, hidden)
 
     @property
     def hidden_size(self) -> int:
@@ -69,14 +122,46 @@ class ExitHeads(nn.Module, PyTorchModelHubMixin, library_name="dyvte", tags=["vi
     def threshold(self) -> float:
         return float(self.config.threshold)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Features [B, L, 2d] -> logits [B, L, 2]."""
-        return torch.stack([head(features[:, i]) for i, head in enumerate(self.heads)], dim=1)
+    @property
+    def feature_groups(self) -> tuple[str, ...]:
+        return self.config.feature_groups
 
-    def exit_probability(self, layer_idx: int, features: torch.Tensor) -> torch.Tensor:
-        """p(exit) [B] of head `layer_idx` for features [B, 2d]."""
-        head = self.heads[layer_idx]
-        return head(features.to(head[0].weight.dtype)).softmax(dim=-1)[:, 1]
+    def layer_threshold(self, layer_idx: int) -> float:
+        """Head `layer_idx`'s default threshold: its own where calibrated per head, else the global one."""
+        return self.config.thresholds[layer_idx] if self.config.thresholds else self.threshold
+
+    def assemble(self, groups: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The heads' input [..., n_in] from feature groups [..., width] (`dyvte.engine.features`)."""
+        return self.assemble_inputs(self.config, groups)
+
+    @staticmethod
+    def assemble_inputs(config: ExitHeadsConfig, groups: dict[str, torch.Tensor]) -> torch.Tensor:
+        d = config.hidden_size
+        parts = []
+        for part in config.inputs:
+            group, half = INPUT_PARTS[part]
+            values = groups[group]
+            parts.append(values if half is None else values[..., half * d : (half + 1) * d])
+        return torch.cat(parts, dim=-1)
+
+    def layer_logits(self, layer_idx: int, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 2] of head `layer_idx` for inputs [B, n_in]."""
+        if self.config.architecture == "per_layer":
+            return self.heads[layer_idx](inputs)
+        first, activation, second = self.shared
+        return second(activation(first(inputs) + self.layer_embedding.weight[layer_idx]))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Inputs [B, L, n_in] -> logits [B, L, 2]."""
+        if self.config.architecture == "per_layer":
+            return torch.stack([head(inputs[:, i]) for i, head in enumerate(self.heads)], dim=1)
+        first, activation, second = self.shared
+        return second(activation(first(inputs) + self.layer_embedding.weight))
+
+    def exit_probability(self, layer_idx: int, inputs: torch.Tensor) -> torch.Tensor:
+        """p(exit) [B] of head `layer_idx` for inputs [B, n_in]."""
+        dtype = next(self.parameters()).dtype
+        return self.layer_logits(layer_idx, inputs.to(dtype)).softmax(dim=-1)[:, 1]
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """The weights as a plain safetensors state dict (the mixin writes `config.json` and the model card)."""

@@ -18,8 +18,15 @@ from dyvte.data import BadSample, PromptCollator, read_llava_json
 from dyvte.heads import ExitHeads, ExitHeadsConfig
 from dyvte.testbed import DATA_DIR as TESTBED_DATA_DIR
 from dyvte.testbed.model import ModelConfig, build_model, build_processor
-from dyvte.training.heads_module import head_stat_scores, layer_metrics
-from dyvte.training.simulate import family_static_exits, first_safe_exit, score_exits, score_family_static
+from dyvte.training.heads_module import head_labels, head_stat_scores, layer_metrics
+from dyvte.training.simulate import (
+    choose_layer_thresholds,
+    family_static_exits,
+    first_exit,
+    first_safe_exit,
+    score_exits,
+    score_family_static,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTBED = TESTBED_DATA_DIR
@@ -277,3 +284,43 @@ def test_head_metrics_by_hand():
     assert head0 == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "positive_rate": 0.5}
     # head 1, samples 1-3: tp 2, tn 1
     assert head1 == {"accuracy": 1.0, "precision": 1.0, "recall": 1.0, "positive_rate": pytest.approx(2 / 3)}
+
+
+def test_monotone_labels_are_safe_from_here_on():
+    """Head i is labelled by exit i + 1; monotone: that exit and every later one are safe."""
+    dataset = cache_rows(
+        labels=[[0, 1, 0, 1, 1], [1, 0, 1, 1, 1], [0, 0, 0, 0, 1]],
+        match=[[1] * 5] * 3, accurate=[[1] * 5] * 3, families=["a"] * 3,
+    )
+    assert head_labels(dataset).tolist() == [[1, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]]
+    assert head_labels(dataset, "monotone").tolist() == [[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]]
+    with pytest.raises(ValueError, match="every exit layer labelled"):
+        head_labels(cache_rows(labels=[[0, -1, 1, 1, 1]], match=[[1] * 5], accurate=[[1] * 5], families=["a"]),
+                    "monotone")
+
+
+class FixedHeads(ExitHeads):
+    """Heads whose p_exit is given: [N, L] for the rows of one dataset."""
+
+    def __init__(self, p_exit):
+        super().__init__(ExitHeadsConfig(4, p_exit.shape[1], 2))
+        self.p_exit = p_exit
+
+    def forward(self, inputs):
+        return torch.stack([1 - self.p_exit, self.p_exit], dim=-1).log()
+
+
+def test_per_layer_thresholds_by_hand():
+    """Four samples, L = 3 (heads 0, 1, 2 -> exits 1, 2, 3). Head 0 at threshold 0.5 would send out samples 0 and 1,
+    of which only 0 keeps its answer (50%); at 0.7 only sample 0 (100%). Head 1 then sees samples 1-3: at 0.5 it
+    sends out 1 and 2 (both keep their answer at exit 2). Head 2's exit is the full model: any threshold agrees."""
+    p_exit = torch.tensor([[0.8, 0.0, 0.0], [0.6, 0.9, 0.0], [0.0, 0.6, 0.0], [0.0, 0.0, 0.6]])
+    dataset = cache_rows(
+        labels=[[1] * 4] * 4,
+        match=[[0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]],
+        accurate=[[1] * 4] * 4, families=["a"] * 4,
+    ).add_column("features", [[[0.0] * 8] * 3] * 4)
+    heads = FixedHeads(p_exit)
+    assert choose_layer_thresholds(heads, dataset, 1.0, [0.5, 0.7, 0.95]) == (0.7, 0.5, 0.5)
+    assert choose_layer_thresholds(heads, dataset, 0.5, [0.5, 0.7, 0.95]) == (0.5, 0.5, 0.5)
+    assert first_exit(p_exit, torch.tensor([0.7, 0.5, 0.5])).tolist() == [1, 2, 2, 3]

@@ -215,10 +215,10 @@ class FamilyAdapter:
         return self.query_attention(layer, sub, last, keys)
 
     def query_attention(
-        self, layer: nn.Module, sub, queries: torch.Tensor, keys: torch.Tensor | None = None
+        self, layer: nn.Module, sub, queries: torch.Tensor, keys: torch.Tensor | None = None, per_head: bool = False
     ) -> torch.Tensor:
         """[b, n] attention each slot receives in `layer` from the `queries` slots ([b, n] bool), averaged over
-        heads and over each row's queries (0 for a row without queries).
+        heads and over each row's queries (0 for a row without queries); [b, heads, n] with `per_head`.
 
         Recomputed from the layer's own projections and rotary for those queries only, so the model keeps running
         with SDPA, which returns no attention weights. `keys` ([b, n] bool, default every real slot) limits the
@@ -243,8 +243,9 @@ class FamilyAdapter:
         scores = (query @ key.transpose(-1, -2)) * attention.scaling  # [b, heads, width, n]
         allowed = keys[:, None, :] & (torch.arange(length, device=slot.device)[None, None, :] <= slot[:, :, None])
         scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
-        per_query = scores.softmax(dim=-1).mean(dim=1) * used[..., None]
-        return per_query.sum(dim=1) / counts.clamp(min=1)[:, None].to(per_query.dtype)
+        probabilities = scores.softmax(dim=-1) * used[:, None, :, None]  # [b, heads, width, n]
+        per_head_mean = probabilities.sum(dim=2) / counts.clamp(min=1)[:, None, None].to(probabilities.dtype)
+        return per_head_mean if per_head else per_head_mean.mean(dim=1)
 
 
 def image_token_runs(placeholders: torch.Tensor) -> list[tuple[int, int]]:

@@ -6,7 +6,8 @@ by exit heads.
 
 import torch
 
-from ..engine import Decision, ExitPolicy, PrefillState, SubBatch, feature_tokens, head_features
+from ..engine import Decision, ExitPolicy, PrefillState, SubBatch, feature_tokens
+from ..engine.features import HeadFeatures
 from ..heads import ExitHeads
 
 
@@ -40,30 +41,37 @@ class StaticExit(ExitPolicy):
 class DynamicExit(ExitPolicy):
     """DyVTE: head `i` scores each sample after layer `i`; the sample exits at the first `p_exit > threshold`.
 
-    Only the samples that still have visual tokens reach the heads (the engine shows a policy the "still visual"
-    sub-batch only), and head `i` runs once, before layer `i + 1`, so no head runs twice or after a sample's exit.
+    `threshold=None` takes the heads' calibrated default (one global threshold, or one per head where the heads
+    were calibrated per layer). Only the samples that still have visual tokens reach the heads (the engine shows a
+    policy the "still visual" sub-batch only), and head `i` runs once, before layer `i + 1`: no head runs for a
+    layer a sample has passed or after its exit. The features come from `dyvte.engine.features.HeadFeatures`, the
+    same code as in the label pass.
     """
 
     name = "dynamic"
 
     def __init__(self, heads: ExitHeads, threshold: float | None = None, force: bool = False):
-        threshold = heads.threshold if threshold is None else threshold
-        if not 0.0 <= threshold <= 1.0 and not force:
+        if threshold is not None and not 0.0 <= threshold <= 1.0 and not force:
             raise ValueError(
                 f"threshold {threshold} is outside [0, 1]; pass force=True to use it anyway (above 1 never exits)."
             )
         self.heads, self.threshold = heads, threshold
-        self._tokens: torch.Tensor | None = None  # [B, T] this prefill's tokens averaged into the features
+        self._features: HeadFeatures | None = None  # this prefill's feature state
 
     def reset(self, state: PrefillState) -> None:
         text = state.engine.adapter.text_mask(
             state.input_ids, state.attention_mask, state.visual_mask, self.heads.config.feature_span
         )
-        self._tokens = feature_tokens(text)
+        self._features = HeadFeatures(state.engine.adapter, self.heads.feature_groups, feature_tokens(text),
+                                      state.visual_mask, state.input_ids.shape[1])
 
     def before_layer(self, layer_idx: int, sub: SubBatch, state: PrefillState) -> Decision:
-        if layer_idx == 0:  # exit_layer 0 is a baseline, never a head decision
-            return Decision()
-        features = head_features(sub, self._tokens, state.input_ids.shape[1])
-        p_exit = self.heads.exit_probability(layer_idx - 1, features)
-        return Decision(exit=p_exit > self.threshold)
+        decision = Decision()
+        if layer_idx > 0:  # exit_layer 0 is a baseline, never a head decision
+            head = layer_idx - 1
+            p_exit = self.heads.exit_probability(head, self.heads.assemble(self._features.after_layer(sub)))
+            threshold = self.heads.layer_threshold(head) if self.threshold is None else self.threshold
+            decision = Decision(exit=p_exit > threshold)
+        if layer_idx + 1 < state.engine.num_layers:  # the last head never decides: its exit is the full model
+            self._features.before_layer(state.engine.adapter.layers[layer_idx], sub)
+        return decision

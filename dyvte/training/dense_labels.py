@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters.base import TEXT_SPANS
-from ..engine import SubBatch, VisualExit, feature_tokens, head_features
+from ..engine import SubBatch, VisualExit, feature_tokens
+from ..engine.features import FEATURE_GROUPS, HeadFeatures
 
 
 @dataclass
@@ -29,12 +30,16 @@ class LabelConfig:
     max_new_tokens: int = 16
     feature_span: str = "after_first_visual"  # or "all_text"
     seed: int = 0
+    feature_groups: tuple[str, ...] = ("text",)  # which head features are stored (`FEATURE_GROUPS`)
 
     def __post_init__(self):
         if self.reference not in ("model", "ground_truth"):
             raise ValueError(f"labels.reference must be 'model' or 'ground_truth', got {self.reference!r}.")
         if self.feature_span not in TEXT_SPANS:
             raise ValueError(f"features.span must be one of {TEXT_SPANS}, got {self.feature_span!r}.")
+        self.feature_groups = tuple(self.feature_groups)
+        if "text" not in self.feature_groups or set(self.feature_groups) - set(FEATURE_GROUPS):
+            raise ValueError(f"features.groups must hold text and only {FEATURE_GROUPS}, got {self.feature_groups}.")
         if not self.alpha > 0:
             raise ValueError(f"labels.alpha must be positive, got {self.alpha}.")
 
@@ -68,10 +73,11 @@ class DenseLabels:
 
     match: torch.Tensor  # [B, L+1] greedy with exit at k reproduces the answer
     ce: torch.Tensor  # [B, L+1] mean cross-entropy of the answer with exit at k
-    features: torch.Tensor  # [B, L, 2d] head features after each layer
+    features: torch.Tensor  # [B, L, 2d] `text` head features after each layer
     candidates: torch.Tensor  # [B, L+1]
     n_text: torch.Tensor  # [B] real prompt tokens that are not visual
     n_visual: torch.Tensor  # [B]
+    group_features: dict[str, torch.Tensor]  # the other feature groups asked for, [B, L, width] each
 
     def labels(self, alpha: float) -> torch.Tensor:
         """[B, L+1] int8: 1 exit is safe, 0 not, -1 not labelled."""
@@ -82,9 +88,10 @@ class DenseLabels:
 @torch.no_grad()
 def dense_labels(
     engine: VisualExit, inputs: dict, answers: list[list[int]], candidates: torch.Tensor, feature_span: str,
-    pad_token_id: int,
+    pad_token_id: int, feature_groups: tuple[str, ...] = ("text",),
 ) -> DenseLabels:
-    """One teacher-forced pass over prompt + answer with a text-only branch at every candidate exit layer."""
+    """One teacher-forced pass over prompt + answer with a text-only branch at every candidate exit layer; head
+    features of `feature_groups` (see `dyvte.engine.features`) from the full sequence after every layer."""
     prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
     vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     batch, prompt_length = prompt_ids.shape
@@ -104,8 +111,9 @@ def dense_labels(
     tokens = feature_tokens(
         engine.adapter.text_mask(prompt_ids, prompt_mask, visual_mask[:, :prompt_length], feature_span)
     )
+    head_features = HeadFeatures(engine.adapter, feature_groups, tokens, visual_mask, prompt_length)
     num_layers = engine.num_layers
-    features = []
+    features = {group: [] for group in feature_groups}
     branches: SubBatch | None = None
     branch_exit = torch.zeros(0, dtype=torch.long, device=device)
     for layer_idx, layer in enumerate(engine.adapter.layers):
@@ -114,10 +122,12 @@ def dense_labels(
             new = full.compact(starting, ~full.slots_of(visual_mask))
             branches = new if branches is None else SubBatch.concat([branches, new])
             branch_exit = torch.cat([branch_exit, torch.full((len(new),), layer_idx, device=device)])
+        head_features.before_layer(layer, full)
         engine.run_layer(layer, full)
         if branches is not None:
             engine.run_layer(layer, branches)
-        features.append(head_features(full, tokens, prompt_length))  # `full` keeps every row, in batch order
+        for group, values in head_features.after_layer(full).items():  # `full` keeps every row, in batch order
+            features[group].append(values)
 
     match = torch.zeros(batch, num_layers + 1, dtype=torch.bool, device=device)
     ce = torch.full((batch, num_layers + 1), float("nan"), device=device)
@@ -128,9 +138,10 @@ def dense_labels(
         match[sub.rows, exits] = sub_match
         ce[sub.rows, exits] = sub_ce
     n_visual = (visual_mask[:, :prompt_length] & prompt_mask.bool()).sum(dim=1)
+    stacked = {group: torch.stack(values, dim=1).half().cpu() for group, values in features.items()}
     return DenseLabels(
-        match.cpu(), ce.cpu(), torch.stack(features, dim=1).half().cpu(), candidates.cpu(),
-        (prompt_mask.sum(dim=1) - n_visual).cpu(), n_visual.cpu(),
+        match.cpu(), ce.cpu(), stacked.pop("text"), candidates.cpu(), (prompt_mask.sum(dim=1) - n_visual).cpu(),
+        n_visual.cpu(), stacked,
     )
 
 

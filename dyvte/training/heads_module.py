@@ -7,13 +7,35 @@ from datasets import Dataset
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MultilabelStatScores
 
-from ..heads import ExitHeads
+from ..heads import ExitHeads, ExitHeadsConfig
+from .label_store import GROUP_COLUMNS
 
 
-def store_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [N, L, 2d] (fp32) and head labels [N, L]: head `i` is labelled by exit layer `i + 1`."""
-    table = torch_columns(dataset, ["features", "labels"])
-    return table["features"].float(), table["labels"][:, 1:].long()
+def head_inputs(dataset: Dataset, config: ExitHeadsConfig) -> torch.Tensor:
+    """The heads' inputs [N, L, n_in] (fp32), assembled from the cached feature groups the heads read."""
+    missing = [g for g in config.feature_groups if GROUP_COLUMNS[g] not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"the heads read the feature groups {missing}, which this label cache does not hold: label with "
+            f"features.groups including {missing} (a new cache), or choose inputs from the stored groups."
+        )
+    table = torch_columns(dataset, [GROUP_COLUMNS[g] for g in config.feature_groups])
+    groups = {g: table[GROUP_COLUMNS[g]].float() for g in config.feature_groups}
+    return ExitHeads.assemble_inputs(config, groups)
+
+
+def head_labels(dataset: Dataset, shape: str = "per_layer") -> torch.Tensor:
+    """Head labels [N, L] (1 exit, 0 stay, -1 not labelled): head `i` is labelled by exit layer `i + 1`.
+
+    `per_layer` (the paper): exit `i + 1` is safe. `monotone`: exit `i + 1` and every later exit are safe ("safe
+    from here on"), which is what the first-exit rule needs: a head that fires where a later exit would change the
+    answer again is wrong even if its own exit happens to be safe."""
+    labels = torch_columns(dataset, ["labels"])["labels"][:, 1:].long()
+    if shape == "per_layer":
+        return labels
+    if (labels < 0).any():
+        raise ValueError("monotone labels need every exit layer labelled (labels.layers=all).")
+    return labels.flip(1).cummin(dim=1).values.flip(1)
 
 
 def torch_columns(dataset: Dataset, columns: list[str]) -> dict[str, torch.Tensor]:
@@ -43,13 +65,17 @@ def layer_metrics(stats: torch.Tensor) -> list[dict[str, float]]:
 
 
 class HeadsDataModule(L.LightningDataModule):
-    def __init__(self, train: Dataset, val: Dataset | None = None, batch_size: int = 256, seed: int = 0):
+    def __init__(self, train: Dataset, config: ExitHeadsConfig, val: Dataset | None = None, batch_size: int = 256,
+                 seed: int = 0):
         super().__init__()
-        self.train, self.val, self.batch_size, self.seed = train, val, batch_size, seed
+        self.train, self.val, self.config, self.batch_size, self.seed = train, val, config, batch_size, seed
+
+    def tensors(self, dataset: Dataset) -> TensorDataset:
+        return TensorDataset(head_inputs(dataset, self.config), head_labels(dataset, self.config.label_shape))
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_set = TensorDataset(*store_tensors(self.train))
-        self.val_set = TensorDataset(*store_tensors(self.val)) if self.val is not None else None
+        self.train_set = self.tensors(self.train)
+        self.val_set = self.tensors(self.val) if self.val is not None else None
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)

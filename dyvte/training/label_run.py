@@ -2,12 +2,13 @@
 
 import lightning as L
 import torch
+from datasets import Features
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..data import PromptCollator, PromptDataModule, Sample, normalize_answer
 from ..engine import VisualExit, greedy_answers
 from .dense_labels import LabelConfig, answer_tokens, candidate_exits, dense_labels
-from .label_store import LabelStore, row_features
+from .label_store import GROUP_COLUMNS, LabelStore, row_features
 
 
 class LabelModule(L.LightningModule):
@@ -33,7 +34,8 @@ class LabelModule(L.LightningModule):
         else:
             answers = answer_tokens(ground_truth, tokenizer)
         candidates = candidate_exits(config, ids, self.engine.num_layers)
-        dense = dense_labels(self.engine, inputs, answers, candidates, config.feature_span, tokenizer.pad_token_id)
+        dense = dense_labels(self.engine, inputs, answers, candidates, config.feature_span, tokenizer.pad_token_id,
+                             config.feature_groups)
         answer_text = tokenizer.batch_decode(answers, skip_special_tokens=True)
         accurate = self._accuracy(dense, inputs, answer_text, ground_truth, candidates)
         rows = {
@@ -48,6 +50,7 @@ class LabelModule(L.LightningModule):
             "ce": dense.ce.tolist(),
             "accurate": accurate.tolist(),
             "features": dense.features.numpy(),
+            **{GROUP_COLUMNS[group]: values.numpy() for group, values in dense.group_features.items()},
         }
         return {"rows": rows, "skipped": skipped}
 
@@ -74,10 +77,10 @@ class LabelModule(L.LightningModule):
 class ShardWriter(BasePredictionWriter):
     """Buffers rows and writes a label-cache shard every `shard_size` samples (and at the end)."""
 
-    def __init__(self, store: LabelStore, num_layers: int, hidden_size: int, shard_size: int = 256):
+    def __init__(self, store: LabelStore, features: Features, shard_size: int = 256):
         super().__init__(write_interval="batch")
         self.store, self.shard_size = store, shard_size
-        self.features = row_features(num_layers, hidden_size)
+        self.features = features
         self.buffer: dict[str, list] = {}
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
@@ -111,7 +114,9 @@ def run_labels(
     text = model.config.get_text_config(decoder=True)
     if pending:
         collator = PromptCollator(processor, max_length=max_length, on_bad_sample=on_bad_sample)
-        writer = ShardWriter(store, text.num_hidden_layers, text.hidden_size, shard_size)
+        schema = row_features(text.num_hidden_layers, text.hidden_size, text.num_attention_heads,
+                              config.feature_groups)
+        writer = ShardWriter(store, schema, shard_size)
         trainer = L.Trainer(
             **{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
                "enable_model_summary": False, **(trainer_kwargs or {})},

@@ -14,6 +14,7 @@ from pathlib import Path
 import datasets
 from datasets import Array2D, Dataset, Features, Sequence, Value
 
+from ..engine.features import group_widths
 from ..files import atomic_write_text
 
 META_NAME = "meta.json"
@@ -37,7 +38,15 @@ def store_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def row_features(num_layers: int, hidden_size: int) -> Features:
+# The cache column of each head-feature group (`dyvte.engine.features.FEATURE_GROUPS`).
+GROUP_COLUMNS = {"text": "features", "visual": "visual_features", "attention": "attention_features",
+                 "lens": "lens_features"}
+
+
+def row_features(num_layers: int, hidden_size: int, num_heads: int, groups: tuple[str, ...] = ("text",)) -> Features:
+    """The cache schema: labels per exit layer 0..L and head features per layer [L, width] of each stored group."""
+    widths = group_widths(hidden_size, num_heads)
+    columns = {GROUP_COLUMNS[g]: Array2D(shape=(num_layers, widths[g]), dtype="float16") for g in groups}
     return Features(
         {
             "id": Value("string"),
@@ -50,7 +59,7 @@ def row_features(num_layers: int, hidden_size: int) -> Features:
             "match": Sequence(Value("bool")),  # greedy with exit reproduces A
             "ce": Sequence(Value("float32")),
             "accurate": Sequence(Value("bool")),  # the answer with exit equals the ground truth
-            "features": Array2D(shape=(num_layers, 2 * hidden_size), dtype="float16"),
+            **columns,
         }
     )
 

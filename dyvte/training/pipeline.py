@@ -18,7 +18,7 @@ from .dense_labels import LabelConfig
 from .heads_module import HeadsDataModule, HeadsModule
 from .label_run import run_labels
 from .label_store import LabelStore
-from .simulate import choose_threshold, head_metrics, validate
+from .simulate import choose_layer_thresholds, choose_threshold, head_metrics, validate
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ def label_config(cfg) -> LabelConfig:
     return LabelConfig(
         alpha=cfg.labels.alpha, reference=cfg.labels.reference, layers=layers,
         max_new_tokens=cfg.labels.max_new_tokens, feature_span=cfg.features.span, seed=cfg.seed,
+        feature_groups=tuple(cfg.features.groups),
     )
 
 
@@ -70,17 +71,18 @@ def train_heads(cfg, model, stores: dict[str, LabelStore], output_dir: Path) -> 
     # not, and the heads must be the same either way.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     text = model.config.get_text_config(decoder=True)
+    training = cfg.head_training
     config = ExitHeadsConfig(
-        text.hidden_size, text.num_hidden_layers, cfg.head_training.hidden, feature_span=cfg.features.span,
-        withdraw=cfg.model.withdraw, labels=asdict(label_config(cfg)),
-        **model_identity(cfg.model.name_or_path, cfg.model.revision),
+        text.hidden_size, text.num_hidden_layers, training.hidden, feature_span=cfg.features.span,
+        withdraw=cfg.model.withdraw, labels=asdict(label_config(cfg)), inputs=tuple(training.inputs),
+        num_attention_heads=text.num_attention_heads, architecture=training.architecture,
+        label_shape=training.label_shape, **model_identity(cfg.model.name_or_path, cfg.model.revision),
     )
     heads = ExitHeads(config)
-    training = cfg.head_training
     module = HeadsModule(heads, lr=training.lr, weight_decay=training.weight_decay,
                          class_weights=list(training.class_weights) if training.class_weights else None)
     datamodule = HeadsDataModule(
-        stores["train"].load(), stores["val"].load() if "val" in stores else None,
+        stores["train"].load(), config, stores["val"].load() if "val" in stores else None,
         batch_size=training.batch_size, seed=cfg.seed,
     )
     trainer = L.Trainer(
@@ -102,11 +104,19 @@ def validate_heads(cfg, model, heads: ExitHeads, stores: dict[str, LabelStore], 
                              "data.val_json_path or data.val_fraction > 0, or give validate.threshold a number")
         threshold, sweep = choose_threshold(heads, val, model.config, cfg.validate.min_agreement,
                                             list(cfg.validate.thresholds))
+        if cfg.validate.decision == "per_layer":
+            heads.config.thresholds = choose_layer_thresholds(heads, val, cfg.validate.min_agreement,
+                                                              list(cfg.validate.thresholds))
     split = cfg.validate.split if cfg.validate.split in stores else "val"
     held_out = stores[split].load()
-    report = {"split": split, **validate(heads, held_out, model.config, float(threshold), calibration=val,
+    decision = heads.config.thresholds if cfg.validate.decision == "per_layer" else float(threshold)
+    report = {"split": split, **validate(heads, held_out, model.config, decision, calibration=val,
                                          min_agreement=cfg.validate.min_agreement)}
     report["threshold_sweep_val"] = sweep
+    report["val_agreement"] = (validate(heads, val, model.config, decision, calibration=None,
+                                        min_agreement=cfg.validate.min_agreement)["agreement"]
+                               if val is not None else None)
+    report["head_parameters"] = sum(p.numel() for p in heads.parameters())
     report["heads"] = head_metrics(heads, held_out)
     heads.config.threshold = float(threshold)
     heads.save_pretrained(output_dir / "heads")

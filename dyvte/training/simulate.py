@@ -9,18 +9,19 @@ from datasets import Dataset
 
 from .. import flops
 from ..heads import ExitHeads
-from .heads_module import head_stat_scores, layer_metrics, store_tensors, torch_columns
+from .heads_module import head_inputs, head_labels, head_stat_scores, layer_metrics, torch_columns
 
 
 @torch.no_grad()
 def exit_probabilities(heads: ExitHeads, dataset: Dataset) -> torch.Tensor:
-    features, _ = store_tensors(dataset)
-    return heads(features).softmax(dim=-1)[..., 1]
+    """p(exit) [N, L] of every head for every sample of `dataset`."""
+    return heads(head_inputs(dataset, heads.config)).softmax(dim=-1)[..., 1]
 
 
-def first_exit(p_exit: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Exit layer per sample: `i + 1` for the first head `i` with `p_exit > threshold`, else `L` (no exit)."""
-    above = p_exit > threshold
+def first_exit(p_exit: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """Exit layer per sample: `i + 1` for the first head `i` with `p_exit > threshold` (one threshold, or one per
+    head [L]), else `L` (no exit)."""
+    above = p_exit > torch.as_tensor(threshold, dtype=p_exit.dtype)
     num_layers = p_exit.shape[1]
     return torch.where(above.any(dim=1), above.int().argmax(dim=1) + 1, torch.full_like(above[:, 0], num_layers,
                                                                                          dtype=torch.long))
@@ -89,22 +90,47 @@ def choose_threshold(heads: ExitHeads, dataset: Dataset, model_config, min_agree
     return chosen["threshold"], sweep
 
 
-def head_metrics(heads: ExitHeads, dataset: Dataset) -> list[dict]:
-    """Per head: accuracy, precision/recall of the exit class at 0.5, and how often exit is safe."""
+def choose_layer_thresholds(heads: ExitHeads, dataset: Dataset, min_agreement: float,
+                            thresholds: list[float]) -> tuple[float, ...]:
+    """One threshold per head, from the first head to the last: the lowest of `thresholds` at which the samples
+    head `i` would send out (of those still in) keep their answer at least `min_agreement` of the time on
+    `dataset`; 1.0 (never) where none does. Every exiting group then agrees at that rate and the rest run in
+    full, so agreement on `dataset` is at least `min_agreement`."""
     p_exit = exit_probabilities(heads, dataset)
-    _, labels = store_tensors(dataset)
+    match = torch_columns(dataset, ["match"])["match"]
+    still_in = torch.ones(len(dataset), dtype=torch.bool)
+    chosen = []
+    for head in range(heads.num_layers):
+        pick = 1.0
+        for threshold in sorted(thresholds):
+            leaving = still_in & (p_exit[:, head] > threshold)
+            if not leaving.any() or match[leaving, head + 1].float().mean() >= min_agreement:
+                pick = threshold
+                break
+        chosen.append(pick)
+        still_in &= ~(p_exit[:, head] > pick)
+    return tuple(chosen)
+
+
+def head_metrics(heads: ExitHeads, dataset: Dataset) -> list[dict]:
+    """Per head: accuracy, precision/recall of the exit class at 0.5 against the labels the heads were trained
+    on, and how often exit is safe."""
+    p_exit = exit_probabilities(heads, dataset)
+    labels = head_labels(dataset, heads.config.label_shape)
     stats = head_stat_scores(heads.num_layers, sync_on_compute=False)  # one process scores the whole split
     stats.update((p_exit > 0.5).int(), labels)
     return [{"layer": i, **m} for i, m in enumerate(layer_metrics(stats.compute()))]
 
 
-def validate(heads: ExitHeads, dataset: Dataset, model_config, threshold: float,
+def validate(heads: ExitHeads, dataset: Dataset, model_config, threshold: float | tuple[float, ...],
              calibration: Dataset | None, min_agreement: float) -> dict:
-    """Dynamic exit at `threshold` on `dataset`, per family, and (with every exit layer labelled) the references:
-    static exit at each layer, the label oracle, and per-family static exit chosen on `calibration`."""
+    """Dynamic exit at `threshold` (one, or one per head) on `dataset`, per family, and (with every exit layer
+    labelled) the references: static exit at each layer, the label oracle, and per-family static exit chosen on
+    `calibration`."""
     p_exit = exit_probabilities(heads, dataset)
-    exit_layer = first_exit(p_exit, threshold)
-    result = {"threshold": threshold, "samples": len(dataset), **score_exits(dataset, exit_layer, model_config)}
+    exit_layer = first_exit(p_exit, torch.tensor(threshold) if isinstance(threshold, tuple) else threshold)
+    result = {"threshold": list(threshold) if isinstance(threshold, tuple) else threshold, "samples": len(dataset),
+              **score_exits(dataset, exit_layer, model_config)}
     families = dataset["family"]
     by_family = {}
     for family in sorted(set(families)):
