@@ -58,9 +58,11 @@ def test_one_sample_prints_answer_exit_and_cost(trained):
 def test_eval_writes_results_table_and_plots(trained, tmp_path):
     checkpoint, heads = trained
     result = infer(checkpoint, heads, "task=eval", "limit=6", "data.eval_limit=6", "batch_size=3",
-                   "max_new_tokens=4", "vtw.start_layer=1", f"hydra.run.dir={tmp_path}")
+                   "max_new_tokens=4", "vtw.start_layer=1", "sweep_thresholds=[0.3,0.6,0.9,0.99]",
+                   f"hydra.run.dir={tmp_path}")
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["policies"]) == {"none", "vtw", "fastv", "dynamic", "fastv+dynamic"}
+    assert [p["threshold"] for p in results["dynamic_sweep"]] == [0.3, 0.6, 0.9, 0.99]  # the configured grid
     for metrics in results["policies"].values():
         for key in ("accuracy", "agreement", "tflops", "flops_saved", "mean_exit_layer", "prefill_ms",
                     "decode_ms_per_token", "kv_bytes"):
