@@ -77,6 +77,13 @@ def test_bad_infer_values_name_the_key(overrides, message):
         check_infer_config(compose_config("infer", *task, *overrides))
 
 
+def test_an_experiment_overrides_the_defaults_of_train_yaml():
+    paper = compose_config("train", "experiment=llava7b_paper")
+    assert paper.labels.batch_size == 8 and paper.head_training.hidden == 2048 and paper.data.source == "llava_json"
+    assert list(compose_config("train", "experiment=ablation").features.groups) == ["text", "visual", "attention",
+                                                                                    "lens"]
+
+
 def test_hf_data_refuses_the_json_keys():
     """`data=hf` has no val_json_path / test_json_path / multi_turn: setting them is an error, not ignored."""
     for key, value in (("val_json_path", "v.json"), ("test_json_path", "t.json"), ("multi_turn", "true")):
