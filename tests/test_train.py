@@ -324,3 +324,14 @@ def test_per_layer_thresholds_by_hand():
     assert choose_layer_thresholds(heads, dataset, 1.0, [0.5, 0.7, 0.95]) == (0.7, 0.5, 0.5)
     assert choose_layer_thresholds(heads, dataset, 0.5, [0.5, 0.7, 0.95]) == (0.5, 0.5, 0.5)
     assert first_exit(p_exit, torch.tensor([0.7, 0.5, 0.5])).tolist() == [1, 2, 2, 3]
+
+
+def test_two_runs_on_one_label_cache_label_each_sample_once(checkpoint, tmp_path):
+    """Started together on one cache, the second run waits for the first and reuses its labels."""
+    args = [f"model.name_or_path={checkpoint}", "stages=[labels]", "data.limit=12", "data.eval_limit=4",
+            "labels.batch_size=2", "labels.shard_size=2", f"cache_dir={tmp_path / 'cache'}"]
+    runs = [train(*args, f"hydra.run.dir={tmp_path / name}", wait=False) for name in ("a", "b")]
+    assert [run.wait() for run in runs] == [0, 0]
+    for store in (tmp_path / "cache").iterdir():
+        ids = load_shards(store)["id"]
+        assert len(ids) == len(set(ids)) == json.loads((store / "complete.json").read_text())["samples"]

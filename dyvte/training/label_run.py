@@ -1,5 +1,7 @@
 """The label pass as a Lightning `predict` run: batches of prompts in, label-cache shards out."""
 
+import os
+
 import lightning as L
 import torch
 from datasets import Features
@@ -106,7 +108,15 @@ def run_labels(
     shard_size: int = 256, on_bad_sample: str = "skip", max_length: int | None = None, trainer_kwargs: dict | None = None,
     withdraw: str = "both",
 ) -> LabelStore:
-    """Label every sample not yet in `store`; a finished store is returned untouched."""
+    """Label every sample not yet in `store`; a finished store is returned untouched. Another process labelling
+    the same store (same rank) is waited for."""
+    with store.lock(int(os.environ.get("LOCAL_RANK", 0))):
+        return _run_labels(model, processor, samples, config, store, batch_size, shard_size, on_bad_sample,
+                           max_length, trainer_kwargs, withdraw)
+
+
+def _run_labels(model, processor, samples, config, store, batch_size, shard_size, on_bad_sample, max_length,
+                trainer_kwargs, withdraw) -> LabelStore:
     if store.complete:
         return store
     done = store.done_ids() | {s["id"] for s in store.skipped()}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import datasets
 from datasets import Array2D, Dataset, Features, Sequence, Value
+from filelock import FileLock
 
 from ..engine.features import group_widths
 from ..files import atomic_write_text
@@ -72,6 +73,11 @@ class LabelStore:
         meta = self.dir / META_NAME
         if not meta.exists():
             atomic_write_text(meta, json.dumps(key_fields, indent=2, sort_keys=True, default=str))
+
+    def lock(self, rank: int = 0) -> FileLock:
+        """Held while a process labels into this cache. A second run on the same cache waits for the first and then
+        reuses its labels, instead of writing every sample a second time; each DDP rank has its own lock."""
+        return FileLock(str(self.dir / f".lock-r{rank}"))
 
     def shards(self) -> list[Path]:
         return sorted(p for p in self.dir.glob("shard-*") if p.is_dir())
