@@ -316,19 +316,25 @@ def test_tome_composes_with_exit(reference_model, batch):
         assert (out.logits[i, -1] - logits[0, -1]).abs().max() <= 1e-4
 
 
-def test_visionzip_keeping_everything_is_the_stock_model(engine, batch):
-    """keep_ratio 1: every patch is dominant or a target with nothing merged into it, so the projector sees the
-    tower's own features and the logits are the stock model's."""
+@pytest.mark.parametrize("make_policy", [
+    lambda m: VisionZip(m, keep_ratio=1.0), lambda m: Downsample(factor=1), lambda m: RandomPrune(1, keep_ratio=1.0),
+    lambda m: ToMe(r=0.0), lambda m: DART(1, keep_ratio=1.0), lambda m: PyramidDrop(L, ratio=1.0),
+])
+def test_keeping_everything_is_the_stock_model(make_policy, engine, batch):
+    """Each baseline at its keep-all setting equals the stock model: VisionZip with every patch dominant or a target
+    with nothing merged into it hands the projector the tower's own features; 1 x 1 pooling windows are the tokens."""
     expected = engine.model(**batch).logits
-    out = engine(**batch, policy=VisionZip(engine.model, keep_ratio=1.0))
+    out = engine(**batch, policy=make_policy(engine.model))
     real = batch["attention_mask"].bool()
     assert (out.logits - expected)[real].abs().max() <= 1e-5
+    assert out.past_key_values.num_keys(L - 1).tolist() == batch["attention_mask"].sum(dim=1).tolist()
 
 
 def test_pyramid_drop_default_stages_scale_with_depth():
     assert PyramidDrop(32).layers == [8, 16, 24]
     assert PyramidDrop(12).layers == [3, 6, 9]
     assert PyramidDrop(40).layers == [10, 20, 30]
+    assert PyramidDrop(3).layers == [1, 2]
 
 
 @pytest.mark.parametrize(

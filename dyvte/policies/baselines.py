@@ -261,7 +261,7 @@ class PyramidDrop(ExitPolicy):
     keeps `floor(N * ratio^(s+1))` of its `N` prompt visual tokens, those the last prompt token attends to most.
 
     Paper defaults: boundaries 8, 16, 24 of LLaVA-1.5-7B's 32 layers, ratio 0.5 (50%, 25%, 12.5% kept); by
-    default the boundaries are scaled to the model's depth (`round(L * 8/32)`, ...). The ranking attention is that
+    default the boundaries are scaled to the model's depth (`round(L * 8/32)`, ...; coinciding ones once). The ranking attention is that
     of the boundary layer itself (its own `input_layernorm`, `q_proj`, `k_proj` and rotary on its input), as the
     paper's code computes it before the layer runs on the kept tokens; recomputed for the one query, so SDPA stays
     on. That is why this is not a `KeepRateSchedule` preset: a schedule ranks by the previous layer's attention and
@@ -273,8 +273,9 @@ class PyramidDrop(ExitPolicy):
 
     def __init__(self, num_layers: int, ratio: float = 0.5, layers: list[int] | None = None):
         _check_share("PyramidDrop", "ratio", ratio)
-        if layers is None:
-            layers = [_round_half_up(num_layers * stage / 32) for stage in (8, 16, 24)]
+        if layers is None:  # the paper's boundaries scaled to the depth; fewer stages where they coincide
+            scaled = {_round_half_up(num_layers * stage / 32) for stage in (8, 16, 24)}
+            layers = sorted(layer for layer in scaled if 1 <= layer < num_layers)
         layers = [int(layer) for layer in layers]
         if not layers or any(b <= a for a, b in zip(layers, layers[1:])) or not 1 <= layers[0] <= layers[-1] < num_layers:
             raise ValueError(
