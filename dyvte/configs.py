@@ -141,8 +141,8 @@ def _layers(cfg, key: str) -> None:
     if value is None:
         return
     layers = OmegaConf.to_object(value) if isinstance(value, ListConfig) else value
-    if not isinstance(layers, list) or not layers or not all(
-            isinstance(k, Integral) and not isinstance(k, bool) and k >= 1 for k in layers) or layers != sorted(set(layers)):
+    integers = isinstance(layers, list) and all(isinstance(k, Integral) and not isinstance(k, bool) for k in layers)
+    if not integers or not layers or layers[0] < 1 or layers != sorted(set(layers)):
         _fail(key, layers, "must be null or an increasing list of layers >= 1")
 
 

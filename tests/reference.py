@@ -146,9 +146,12 @@ def edited_forward(model, inputs_embeds, attention_mask, position_ids, edit):
     for layer_idx, layer in enumerate(language_model.layers):
         hidden, removed = edit(layer_idx, hidden, removed.clone())
         captured = {}
-        handle = layer.self_attn.k_proj.register_forward_hook(lambda module, args, out: captured.update(keys=out))
+        handle = layer.self_attn.k_proj.register_forward_hook(
+            lambda module, args, out, captured=captured: captured.update(keys=out)
+        )
         try:
-            hidden = layer(hidden, attention_mask=additive_mask(attention_mask, removed), position_embeddings=(cos, sin))
+            mask = additive_mask(attention_mask, removed)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin))
         finally:
             handle.remove()
         keys = captured["keys"].view(batch, length, -1, layer.self_attn.head_dim).transpose(1, 2)

@@ -247,6 +247,17 @@ CASES = {
 }
 
 
+def then_exit(edit, alone, exit_layer):
+    """`edit`, then every visual token removed from `exit_layer` on (a composed static exit)."""
+    visual = alone["input_ids"] == IMAGE_TOKEN
+
+    def composed(layer_idx, hidden, removed):
+        hidden, removed = edit(layer_idx, hidden, removed)
+        return hidden, removed | (visual if layer_idx >= exit_layer else torch.zeros_like(visual))
+
+    return composed
+
+
 @pytest.fixture(scope="module")
 def reference_model():
     return build_model("llava", attn_implementation="eager", num_layers=L, seed=2)
@@ -305,14 +316,8 @@ def test_tome_composes_with_exit(reference_model, batch):
     assert out.exit_layer.tolist() == [2] * 3
     for i in range(len(SAMPLES)):
         alone = sample_alone(reference_model, SAMPLES, i)
-        edit = tome_reference(reference_model, alone, 0.125, 0)
-        visual = alone["input_ids"] == IMAGE_TOKEN
-
-        def then_exit(layer_idx, hidden, removed):
-            hidden, removed = edit(layer_idx, hidden, removed)
-            return hidden, removed | (visual if layer_idx >= 2 else torch.zeros_like(visual))
-
-        logits, _ = reference_run(reference_model, then_exit, alone)
+        logits, _ = reference_run(reference_model, then_exit(tome_reference(reference_model, alone, 0.125, 0), alone, 2),
+                                  alone)
         assert (out.logits[i, -1] - logits[0, -1]).abs().max() <= 1e-4
 
 
@@ -362,7 +367,7 @@ def test_unsupported_families_and_towers_name_the_method_and_reason():
                                          ".*'qwen2_vl'"):
         VisionZip(qwen)
     engine = VisualExit(qwen)
-    with pytest.raises(ValueError, match="Downsample needs each image's visual tokens.*'qwen2_vl' tiles, pools or merges"):
+    with pytest.raises(ValueError, match="Downsample needs each image's visual tokens.*'qwen2_vl' tiles, pools"):
         engine(**build_batch(qwen, [Sample()]), policy=Downsample())
     full = build_model("llava", num_layers=2)
     full.config.vision_feature_select_strategy = "full"  # CLS kept: the image tokens are not the patch grid

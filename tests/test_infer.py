@@ -167,6 +167,6 @@ def test_eval_runs_the_baselines_and_the_equal_budget_table(trained, tmp_path):
     assert rows[64, "pdrop"]["setting"].startswith("out of reach")  # its first stage keeps all tokens for 1 of 3
     assert rows[64, "tome"]["setting"].startswith("out of reach")  # halving per layer: (1/2 + 1/4 + 1/8) / 3 > 1/9
     assert rows[448, "tome"]["equivalent_tokens"] == pytest.approx(576 * (57 + 50 + 43) / (3 * 64))  # 7 merged/layer
-    assert [row["method"] for row in results["budget"] if row["budget"] is None][0] == "dynamic"
+    assert next(row["method"] for row in results["budget"] if row["budget"] is None) == "dynamic"
     assert (tmp_path / "budget.md").read_text().count("| 448 |") == 8
     assert "Equal visual-token budgets" in result.stdout and "| tome+dynamic |" in result.stdout

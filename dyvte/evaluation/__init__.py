@@ -4,13 +4,21 @@ tables and plots, and the benchmark-harness runner (with its lmms-eval plug-in i
 
 from .budget import BUDGET_METHODS, budget_policy, visual_share
 from .compare import (
-    BASELINES, MODEL_BASELINES, PolicyRun, PolicySettings, build_policy, evaluate, run_policy, summarize, write_report,
+    BASELINES,
+    MODEL_BASELINES,
+    PolicyRun,
+    PolicySettings,
+    build_policy,
+    evaluate,
+    run_policy,
+    summarize,
+    write_report,
 )
 from .harness import ExitRunner, ExitStats, generation_settings
 from .tables import markdown_table
 
 __all__ = [
-    "BASELINES", "BUDGET_METHODS", "ExitRunner", "ExitStats", "MODEL_BASELINES", "PolicyRun", "PolicySettings",
+    "BASELINES", "BUDGET_METHODS", "MODEL_BASELINES", "ExitRunner", "ExitStats", "PolicyRun", "PolicySettings",
     "budget_policy", "build_policy", "evaluate", "generation_settings", "markdown_table", "run_policy", "summarize",
     "visual_share", "write_report",
 ]

@@ -18,7 +18,16 @@ from ..data import PromptCollator, Sample, normalize_answer
 from ..engine import ExitPolicy, VisualExit
 from ..heads import ExitHeads
 from ..policies import (
-    DART, Downsample, DynamicExit, FastV, KeepRateSchedule, NoExit, PyramidDrop, RandomPrune, StaticExit, ToMe,
+    DART,
+    Downsample,
+    DynamicExit,
+    FastV,
+    KeepRateSchedule,
+    NoExit,
+    PyramidDrop,
+    RandomPrune,
+    StaticExit,
+    ToMe,
     VisionZip,
 )
 from .budget import budget_policy, format_budget_table, visual_share

@@ -11,6 +11,7 @@ Settings that are a count of tokens in a paper (64 of LLaVA-1.5's 576 image toke
 (`keep_ratio = 64 / 576`), so one setting fits every image size; the docstrings give both.
 """
 
+import itertools
 import math
 import weakref
 import zlib
@@ -261,12 +262,12 @@ class PyramidDrop(ExitPolicy):
     keeps `floor(N * ratio^(s+1))` of its `N` prompt visual tokens, those the last prompt token attends to most.
 
     Paper defaults: boundaries 8, 16, 24 of LLaVA-1.5-7B's 32 layers, ratio 0.5 (50%, 25%, 12.5% kept); by
-    default the boundaries are scaled to the model's depth (`round(L * 8/32)`, ...; coinciding ones once). The ranking attention is that
-    of the boundary layer itself (its own `input_layernorm`, `q_proj`, `k_proj` and rotary on its input), as the
-    paper's code computes it before the layer runs on the kept tokens; recomputed for the one query, so SDPA stays
-    on. That is why this is not a `KeepRateSchedule` preset: a schedule ranks by the previous layer's attention and
-    rounds up. The paper's code renumbers the kept tokens' positions after each drop; here kept tokens and text
-    keep their positions (the engine's convention, as in FastV's and DART's code).
+    default the boundaries are scaled to the model's depth (`round(L * 8/32)`, ...; coinciding ones once). The
+    ranking attention is that of the boundary layer itself (its own `input_layernorm`, `q_proj`, `k_proj` and
+    rotary on its input), as the paper's code computes it before the layer runs on the kept tokens; recomputed for
+    the one query, so SDPA stays on. That is why this is not a `KeepRateSchedule` preset: a schedule ranks by the
+    previous layer's attention and rounds up. The paper's code renumbers the kept tokens' positions after each
+    drop; here kept tokens and text keep their positions (the engine's convention, as in FastV's and DART's code).
     """
 
     name = "pdrop"
@@ -277,7 +278,8 @@ class PyramidDrop(ExitPolicy):
             scaled = {_round_half_up(num_layers * stage / 32) for stage in (8, 16, 24)}
             layers = sorted(layer for layer in scaled if 1 <= layer < num_layers)
         layers = [int(layer) for layer in layers]
-        if not layers or any(b <= a for a, b in zip(layers, layers[1:])) or not 1 <= layers[0] <= layers[-1] < num_layers:
+        increasing = all(a < b for a, b in itertools.pairwise(layers))
+        if not layers or not increasing or not 1 <= layers[0] <= layers[-1] < num_layers:
             raise ValueError(
                 f"PyramidDrop: layers {layers} must be increasing stage boundaries in [1, {num_layers - 1}] for "
                 f"{num_layers} decoder layers."
@@ -421,7 +423,7 @@ class VisionZip(ExitPolicy):
         tower = model.model.vision_tower
         layer = config.vision_feature_layer
         if not isinstance(layer, int):
-            raise ValueError(f"VisionZip needs one vision feature layer; this model concatenates layers {layer}.")
+            raise TypeError(f"VisionZip needs one vision feature layer; this model concatenates layers {layer}.")
         depth = len(tower.encoder.layers)
         feature_layer = layer % (depth + 1) - 1  # hidden_states[h] is the output of encoder layer h - 1
         if feature_layer < 0:
