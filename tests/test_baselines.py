@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import additive_mask, edited_forward, edited_greedy, stock_inputs_embeds
-from tiny_models import IMAGE_TOKEN, Sample, build_batch, build_model, sample_alone
+from tiny_models import IMAGE_TOKEN, Sample, build_batch, build_model, sample_alone, text_config
+from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from dyvte import VisualExit
@@ -181,9 +182,11 @@ def dart_reference(model, batch, layer, keep_ratio, image_pivots, text_pivots):
 
 
 def visionzip_reference(model, batch, keep_ratio):
-    """VisionZip's selection from the eager tower's own attention weights (`output_attentions`) on CLIP."""
+    """VisionZip's selection from the eager tower's own attention weights (`output_attentions`): the CLS row
+    (CLIP), or the attention each patch receives averaged over heads and queries (SigLIP, no CLS)."""
     ids = batch["input_ids"][0]
     tower = model.model.vision_tower
+    cls = int(model.config.vision_feature_select_strategy == "default")
     depth = len(tower.encoder.layers)
     feature = model.config.vision_feature_layer % (depth + 1)
     attention = tower.encoder.layers[feature - 1].self_attn
@@ -194,16 +197,17 @@ def visionzip_reference(model, batch, keep_ratio):
             out = tower(batch["pixel_values"], output_attentions=True, output_hidden_states=True)
     finally:
         handle.remove()
-    cls_attention = out.attentions[feature - 1][:, :, 0, 1:].sum(dim=1)  # [images, patches]
-    features = out.hidden_states[feature][:, 1:]
+    weights = out.attentions[feature - 1]
+    received = weights[:, :, 0, 1:].sum(dim=1) if cls else weights.mean(dim=(1, 2))  # [images, patches]
+    features = out.hidden_states[feature][:, cls:]
     images, patches, _ = features.shape
-    metric = captured["keys"].view(images, patches + 1, attention.num_heads, -1).mean(dim=2)[:, 1:]
+    metric = captured["keys"].view(images, patches + cls, attention.num_heads, -1).mean(dim=2)[:, cls:]
     keep = half_up(keep_ratio * patches)
     contextual = half_up(keep * 10 / 64)
     dominant = keep - contextual
     slots, selected = [], []
     for image in range(images):
-        top = sorted(cls_attention[image].topk(dominant).indices.tolist())
+        top = sorted(received[image].topk(dominant).indices.tolist())
         rest = [p for p in range(patches) if p not in top]
         unit = metric[image, rest] / metric[image, rest].norm(dim=-1, keepdim=True)
         step = max(1, len(rest) // contextual)
@@ -325,6 +329,33 @@ def test_tome_composes_with_exit(reference_model, batch):
     lambda m: VisionZip(m, keep_ratio=1.0), lambda m: Downsample(factor=1), lambda m: RandomPrune(1, keep_ratio=1.0),
     lambda m: ToMe(r=0.0), lambda m: DART(1, keep_ratio=1.0), lambda m: PyramidDrop(L, ratio=1.0),
 ])
+def siglip_llava(attn_implementation: str):
+    """A tiny LLaVA whose tower is SigLIP (no CLS token: every output token is a patch, strategy 'full')."""
+    torch.manual_seed(4)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=16, patch_size=4)
+    config = LlavaConfig(vision_config=vision, text_config=text_config(L), image_token_id=IMAGE_TOKEN,
+                         vision_feature_layer=-1, vision_feature_select_strategy="full")
+    config._attn_implementation = attn_implementation
+    return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("method", ["visionzip", "downsample"])
+def test_a_tower_without_cls_ranks_by_mean_attention(method, attn_implementation):
+    """VisionZip on SigLIP: dominant patches by the attention they receive averaged over every query and head."""
+    reference_model, model = siglip_llava("eager"), siglip_llava(attn_implementation)
+    make_policy, make_reference = CASES[method]
+    out = VisualExit(model).prefill(**build_batch(model, SAMPLES), policy=make_policy(model))
+    for i in range(len(SAMPLES)):
+        alone = sample_alone(reference_model, SAMPLES, i)
+        logits, layer_keys = reference_run(reference_model, make_reference(reference_model, alone), alone)
+        assert (out.logits[i, -1] - logits[0, -1]).abs().max() <= 1e-4
+        kept = layer_keys[0][1][0]
+        engine_keys = out.past_key_values.layers[0].keys[i][:, out.past_key_values.key_valid[0][i]]
+        assert (engine_keys - layer_keys[0][0][0][:, kept]).abs().max() <= 1e-4
+
+
 def test_keeping_everything_is_the_stock_model(make_policy, engine, batch):
     """Each baseline at its keep-all setting equals the stock model: VisionZip with every patch dominant or a target
     with nothing merged into it hands the projector the tower's own features; 1 x 1 pooling windows are the tokens."""
@@ -385,3 +416,9 @@ def test_visionzip_without_its_tower_run_says_so(reference_model):
               "mm_encoder_outputs": {"image": encoded}}
     with pytest.raises(ValueError, match="VisionZip: the vision tower did not run for this prefill's images"):
         engine(**inputs, policy=VisionZip(reference_model))
+    policy = VisionZip(reference_model)
+    two = build_batch(reference_model, [Sample(), Sample()])
+    reference_model.model.get_image_features(pixel_values=two["pixel_values"])  # the hook sees two images
+    with pytest.raises(ValueError, match="VisionZip: the vision tower's last run encoded 2 images of 16 patches, but "
+                                         "this prefill has 16 visual tokens"):
+        engine(**inputs, policy=policy)

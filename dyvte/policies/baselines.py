@@ -450,12 +450,18 @@ class VisionZip(ExitPolicy):
         if not n_visual:
             self._kept = self._features = None
             return
-        self._patches = 0 if outputs is None else outputs.shape[1] - int(self.has_cls)
-        if outputs is None or n_visual != outputs.shape[0] * self._patches:
+        if outputs is None:
             raise ValueError(
-                "VisionZip: the vision tower did not run for this prefill's images (its features are read by a "
-                "hook during the model's own image encoding); run it through engine(...), engine.prefill(...) or "
-                "engine.generate(...) with the pixel values."
+                "VisionZip: the vision tower did not run for this prefill's images (its features are read by a hook "
+                "during the model's own image encoding); run it through engine(...), engine.prefill(...) or "
+                "engine.generate(...) with the pixel values, after creating the policy."
+            )
+        self._patches = outputs.shape[1] - int(self.has_cls)
+        if n_visual != outputs.shape[0] * self._patches:
+            raise ValueError(
+                f"VisionZip: the vision tower's last run encoded {outputs.shape[0]} images of {self._patches} patches, "
+                f"but this prefill has {n_visual} visual tokens (images encoded elsewhere, or repeated for "
+                "num_return_sequences > 1, which VisionZip does not support)."
             )
         attention = self.tower_layer.self_attn
         normed = self.tower_layer.layer_norm1(inputs)
