@@ -325,10 +325,6 @@ def test_tome_composes_with_exit(reference_model, batch):
         assert (out.logits[i, -1] - logits[0, -1]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("make_policy", [
-    lambda m: VisionZip(m, keep_ratio=1.0), lambda m: Downsample(factor=1), lambda m: RandomPrune(1, keep_ratio=1.0),
-    lambda m: ToMe(r=0.0), lambda m: DART(1, keep_ratio=1.0), lambda m: PyramidDrop(L, ratio=1.0),
-])
 def siglip_llava(attn_implementation: str):
     """A tiny LLaVA whose tower is SigLIP (no CLS token: every output token is a patch, strategy 'full')."""
     torch.manual_seed(4)
@@ -356,6 +352,10 @@ def test_a_tower_without_cls_ranks_by_mean_attention(method, attn_implementation
         assert (engine_keys - layer_keys[0][0][0][:, kept]).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("make_policy", [
+    lambda m: VisionZip(m, keep_ratio=1.0), lambda m: Downsample(factor=1), lambda m: RandomPrune(1, keep_ratio=1.0),
+    lambda m: ToMe(r=0.0), lambda m: DART(1, keep_ratio=1.0), lambda m: PyramidDrop(L, ratio=1.0),
+])
 def test_keeping_everything_is_the_stock_model(make_policy, engine, batch):
     """Each baseline at its keep-all setting equals the stock model: VisionZip with every patch dominant or a target
     with nothing merged into it hands the projector the tower's own features; 1 x 1 pooling windows are the tokens."""
