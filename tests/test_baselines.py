@@ -20,7 +20,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisio
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from dyvte import VisualExit
-from dyvte.policies import DART, Downsample, PyramidDrop, RandomPrune, StaticExit, ToMe, VisionZip
+from dyvte.policies import DART, Decision, Downsample, ExitPolicy, PyramidDrop, RandomPrune, StaticExit, ToMe, VisionZip
 
 L = 4
 NEW = 6
@@ -422,3 +422,38 @@ def test_visionzip_without_its_tower_run_says_so(reference_model):
     with pytest.raises(ValueError, match="VisionZip: the vision tower's last run encoded 2 images of 16 patches, but "
                                          "this prefill has 16 visual tokens"):
         engine(**inputs, policy=policy)
+
+
+class ShiftVisual(ExitPolicy):
+    """Before layer 0, adds `amount` to the hidden states of the visual slots (a stand-in for a merging policy)."""
+
+    name = "shift"
+
+    def __init__(self, amount: float):
+        self.amount = amount
+
+    def before_layer(self, layer_idx, sub, state):
+        if layer_idx:
+            return Decision()
+        return Decision(hidden=sub.hidden + self.amount * sub.slots_of(state.visual_mask)[..., None])
+
+
+def test_composed_hidden_rewrites_act_in_order(engine, batch):
+    """Each later policy is shown the states the earlier ones wrote: +1 then +2 is +3."""
+    composed = engine(**batch, policy=ShiftVisual(1.0) + ShiftVisual(2.0))
+    single = engine(**batch, policy=ShiftVisual(3.0))
+    real = batch["attention_mask"].bool()
+    assert (composed.logits - single.logits)[real].abs().max() <= 1e-5
+    assert (single.logits - engine(**batch).logits)[real].abs().max() > 1e-2  # the shift does change the output
+
+
+def test_hidden_states_of_another_shape_are_refused(engine, batch):
+    class Truncating(ExitPolicy):
+        name = "truncating"
+
+        def before_layer(self, layer_idx, sub, state):
+            return Decision(hidden=sub.hidden[:, 1:])
+
+    with pytest.raises(ValueError, match=r"policy 'truncating' returned hidden states of shape \[3, 29, 32\] for a "
+                                         r"sub-batch of shape \[3, 30, 32\]"):
+        engine(**batch, policy=Truncating())
