@@ -2,6 +2,7 @@
 
     python infer.py image=dyvte/testbed/data/images/test_00000.png question="what digit is on the purple diamond ?"
     python infer.py task=eval policies=[none,vtw,fastv,dynamic,fastv+dynamic,gsearch,psigmoid,gsearch+dynamic]
+    python infer.py task=eval policies=[none,dynamic,random,downsample,tome,visionzip,pdrop,dart] budget=[64,128,192]
 """
 
 import json
@@ -13,12 +14,12 @@ import hydra
 import optuna
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dyvte import VisualExit, cli, flops
 from dyvte.configs import check_infer_config
 from dyvte.data import PromptCollator, Sample, load_image, load_splits
-from dyvte.evaluation import PolicySettings, build_policy, evaluate, write_report
+from dyvte.evaluation import BASELINES, MODEL_BASELINES, PolicySettings, build_policy, evaluate, write_report
 from dyvte.heads import ExitHeads
 from dyvte.loading import load_mllm
 from dyvte.policies import KeepRateSchedule
@@ -61,7 +62,9 @@ def searched_schedule(cfg, method: str, engine: VisualExit, processor) -> KeepRa
 
 def policy_settings(cfg, engine: VisualExit, processor, names: list[str]) -> PolicySettings:
     settings = PolicySettings(threshold=cfg.threshold, vtw_layer=cfg.vtw.layer, fastv_layer=cfg.fastv.layer,
-                              fastv_keep_ratio=cfg.fastv.keep_ratio)
+                              fastv_keep_ratio=cfg.fastv.keep_ratio, model=engine.model,
+                              baselines={name: OmegaConf.to_object(cfg[name])
+                                         for name in (*BASELINES, *MODEL_BASELINES)})
     if any("dynamic" in name for name in names):
         heads = ExitHeads.from_pretrained(cfg.heads)
         heads.check_fits(engine.model, cfg.model.name_or_path, cfg.model.revision)
@@ -138,12 +141,14 @@ def main(cfg: DictConfig) -> None:
     sweep_dynamic = cfg.sweeps and Path(cfg.heads).exists()  # the threshold sweep needs heads
     settings = policy_settings(cfg, engine, processor, names + (["dynamic"] if sweep_dynamic else []))
     results = evaluate(engine, processor, samples, names, settings, cfg.batch_size, cfg.max_new_tokens, cfg.sweeps,
-                       list(cfg.sweep_thresholds), cfg.data.on_bad_sample)
+                       list(cfg.sweep_thresholds), cfg.data.on_bad_sample, list(cfg.budget or []), cfg.budget_unit,
+                       list(cfg.budget_methods))
     results["settings"] = {"vtw_layer": settings.vtw_layer, "threshold": settings.threshold
                            if settings.threshold is not None else (settings.heads.threshold if settings.heads else None),
                            "fastv": dict(cfg.fastv), "split": cfg.split, "model": cfg.model.name_or_path,
                            "gsearch_rates": settings.gsearch.rates if settings.gsearch else None,
-                           "psigmoid_rates": settings.psigmoid.rates if settings.psigmoid else None}
+                           "psigmoid_rates": settings.psigmoid.rates if settings.psigmoid else None,
+                           "baselines": settings.baselines}
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     print(write_report(results, output_dir))
     log.info("results, table and plots in %s", output_dir)

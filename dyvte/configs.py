@@ -10,6 +10,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .adapters.base import TEXT_SPANS, WITHDRAW_CHOICES
 from .engine.features import FEATURE_GROUPS
+from .evaluation.budget import BUDGET_METHODS
 from .heads import ARCHITECTURES, INPUT_PARTS, LABEL_SHAPES
 
 STAGES = ("labels", "heads", "validate")
@@ -135,6 +136,46 @@ def check_train_config(cfg: DictConfig) -> None:
         )
 
 
+def _layers(cfg, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    layers = OmegaConf.to_object(value) if isinstance(value, ListConfig) else value
+    integers = isinstance(layers, list) and all(isinstance(k, Integral) and not isinstance(k, bool) for k in layers)
+    if not integers or not layers or layers[0] < 1 or layers != sorted(set(layers)):
+        _fail(key, layers, "must be null or an increasing list of layers >= 1")
+
+
+def check_baselines(cfg: DictConfig) -> None:
+    """The token-reduction baselines' settings and the equal-budget comparison of `conf/infer.yaml`."""
+    _integer(cfg, "random.layer", 0)
+    _number(cfg, "random.keep_ratio", 0.0, 1.0)
+    _integer(cfg, "random.seed", 0)
+    _integer(cfg, "downsample.factor", 1, optional=True)
+    _number(cfg, "downsample.keep_ratio", 0.0, 1.0, low_open=True, optional=True)
+    if cfg.downsample.factor is not None and cfg.downsample.keep_ratio is not None:
+        _fail("downsample.keep_ratio", cfg.downsample.keep_ratio, "set downsample.factor=null to pool to a keep_ratio")
+    _number(cfg, "tome.r", 0.0, 0.5)
+    _integer(cfg, "tome.first_layer", 0)
+    _number(cfg, "visionzip.keep_ratio", 0.0, 1.0, low_open=True)
+    _number(cfg, "pdrop.ratio", 0.0, 1.0)
+    _layers(cfg, "pdrop.layers")
+    _integer(cfg, "dart.layer", 1)
+    _number(cfg, "dart.keep_ratio", 0.0, 1.0)
+    _integer(cfg, "dart.image_pivots", 0)
+    _integer(cfg, "dart.text_pivots", 0)
+    _integer(cfg, "budget_unit", 1)
+    budgets = cfg.budget
+    if budgets is not None and (not isinstance(budgets, ListConfig) or not budgets or not all(
+            isinstance(b, Real) and not isinstance(b, bool) and 0 < b <= cfg.budget_unit for b in budgets)):
+        _fail("budget", OmegaConf.to_object(budgets) if isinstance(budgets, ListConfig) else budgets,
+              f"must be null or a list of budgets in (0, budget_unit={cfg.budget_unit}]: no method keeps more "
+              "visual tokens than the image has")
+    methods = list(cfg.budget_methods)
+    if not methods or set(methods) - set(BUDGET_METHODS):
+        _fail("budget_methods", methods, f"must be a non-empty list of {', '.join(BUDGET_METHODS)}")
+
+
 def check_infer_config(cfg: DictConfig) -> None:
     """Every key of `conf/infer.yaml` (with its groups) that a user sets."""
     _choice(cfg, "task", ("sample", "eval"))
@@ -158,6 +199,7 @@ def check_infer_config(cfg: DictConfig) -> None:
     _integer(cfg, "gsearch.every", 1)
     _number(cfg, "psigmoid.budget", 0.0, 1.0)
     _number(cfg, "psigmoid.k_max", 0.0, float("inf"), low_open=True)
+    check_baselines(cfg)
     _integer(cfg, "limit", 1, optional=True)
     _integer(cfg, "batch_size", 1)
     _integer(cfg, "max_new_tokens", 1)

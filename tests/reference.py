@@ -2,10 +2,12 @@
 
 Nothing here uses dyvte. Withdrawal at layer `k` is expressed as a 4-D attention mask that hides a sample's
 visual tokens as keys from layer `k` on, every token keeping its position; text-position outputs must then
-equal the engine's, which really removes those tokens.
+equal the engine's, which really removes those tokens. Pruning and merging baselines are the same with an edit
+before each layer (`edited_forward`): it may rewrite hidden states and hide more positions.
 """
 
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 def stock_inputs_embeds(model, **inputs) -> torch.Tensor:
@@ -114,4 +116,80 @@ def greedy_without_cache(model, batch: dict, exit_layer, max_new_tokens: int, wi
         finished |= next_token == eos
         ids = torch.cat([ids, next_token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+def additive_mask(attention_mask: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] causal mask over the real keys not `removed` ([B, T]); every query also sees itself."""
+    batch, length = attention_mask.shape
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    keys = attention_mask.bool() & ~removed
+    allowed = (causal[None] & keys[:, None, :]) | torch.eye(length, dtype=torch.bool)[None]
+    return torch.zeros(batch, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+
+
+@torch.no_grad()
+def edited_forward(model, inputs_embeds, attention_mask, position_ids, edit):
+    """The stock layers over the full sequence, `edit(layer_idx, hidden, removed) -> (hidden, removed)` called
+    before each layer: it may rewrite hidden states [B, T, d] (merging) and mark positions removed ([B, T] bool,
+    hidden as keys from that layer on).
+
+    Returns the logits [B, T, V] and, per layer, its keys after rotary [B, H_kv, T, head_dim] with the positions
+    that layer kept as keys ([B, T] bool), to compare with a KV cache.
+    """
+    language_model = model.model.language_model
+    batch, length, _ = inputs_embeds.shape
+    cos, sin = language_model.rotary_emb(inputs_embeds, position_ids)
+    hidden = inputs_embeds
+    removed = torch.zeros(batch, length, dtype=torch.bool)
+    layer_keys = []
+    for layer_idx, layer in enumerate(language_model.layers):
+        hidden, removed = edit(layer_idx, hidden, removed.clone())
+        captured = {}
+        handle = layer.self_attn.k_proj.register_forward_hook(
+            lambda module, args, out, captured=captured: captured.update(keys=out)
+        )
+        try:
+            mask = additive_mask(attention_mask, removed)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin))
+        finally:
+            handle.remove()
+        keys = captured["keys"].view(batch, length, -1, layer.self_attn.head_dim).transpose(1, 2)
+        _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
+        layer_keys.append((keys, attention_mask.bool() & ~removed))
+    return model.lm_head(language_model.norm(hidden)), layer_keys
+
+
+@torch.no_grad()
+def edited_greedy(model, batch: dict, edit, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding of one unpadded sample without a KV cache: every step reruns `edited_forward` on prompt and
+    generated tokens. The edits are decided on the prompt once, then replayed at every step (they concern prompt
+    positions only), as a KV cache keeps them. Stops after EOS, like `generate`."""
+    ids = batch["input_ids"]
+    length = ids.shape[1]
+    vision = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    prompt = stock_inputs_embeds(model, input_ids=ids, attention_mask=batch["attention_mask"], **vision)
+    record = []
+
+    def recording(layer_idx, hidden, removed):
+        edited, removed = edit(layer_idx, hidden.clone(), removed)
+        record.append((edited != hidden, edited, removed))
+        return edited, removed
+
+    def replay(layer_idx, hidden, removed):
+        changed, edited, prompt_removed = record[layer_idx]
+        hidden = hidden.clone()
+        hidden[:, :length][changed] = edited[changed]
+        removed[:, :length] = prompt_removed
+        return hidden, removed
+
+    embed_tokens = model.model.language_model.get_input_embeddings()
+    logits, _ = edited_forward(model, prompt, torch.ones_like(ids), torch.arange(length)[None], recording)
+    for _ in range(max_new_tokens):
+        next_token = logits[:, -1].argmax(-1)
+        ids = torch.cat([ids, next_token[:, None]], dim=1)
+        if next_token.item() == model.generation_config.eos_token_id:
+            break
+        embeds = torch.cat([prompt, embed_tokens(ids[:, length:])], dim=1)
+        logits, _ = edited_forward(model, embeds, torch.ones_like(ids), torch.arange(ids.shape[1])[None], replay)
     return ids

@@ -142,3 +142,31 @@ def test_vtw_search_returns_first_layer_below_eta():
     assert strict.k == 4  # nothing is below eta = 0: no withdrawal
     with pytest.raises(ValueError, match="calibration samples with visual tokens"):
         vtw_search(VisualExit(model), [build_batch(model, [Sample(images=[])])])
+
+
+def test_eval_runs_the_baselines_and_the_equal_budget_table(trained, tmp_path):
+    checkpoint, heads = trained
+    baselines = ["random", "downsample", "tome", "visionzip", "pdrop", "dart", "tome+dynamic"]
+    result = infer(checkpoint, heads, "task=eval", "limit=4", "data.eval_limit=4", "batch_size=2", "max_new_tokens=3",
+                   f"policies=[none,dynamic,{','.join(baselines)}]", "sweep_thresholds=[0.5,0.9]",
+                   "budget=[64,448]", f"hydra.run.dir={tmp_path}")
+    results = json.loads((tmp_path / "results.json").read_text())
+    for name in baselines:
+        assert results["policies"][name]["flops_saved"] > 0, name
+        assert 0 < results["policies"][name]["visual_share"] < 1, name
+    assert results["policies"]["none"]["visual_share"] == 1
+    # 3 decoder layers, 8 x 8 = 64 visual tokens per image; equivalent tokens = 576 * (1/L) sum_l v_l / 64
+    rows = {(row["budget"], row["method"]): row for row in results["budget"]}
+    assert set(rows) >= {(b, m) for b in (64, 448) for m in ("random", "fastv", "dart", "tome", "pdrop", "downsample",
+                                                               "visionzip", "vtw")}
+    assert rows[64, "visionzip"]["equivalent_tokens"] == pytest.approx(576 * 7 / 64)  # round(64 / 576 * 64) kept
+    assert rows[64, "downsample"]["equivalent_tokens"] == pytest.approx(576 * 6 / 64)  # a 3 x 2 pooled grid
+    assert rows[64, "vtw"]["equivalent_tokens"] == 0  # exit at round(3 / 9) = 0
+    assert rows[448, "fastv"]["equivalent_tokens"] == pytest.approx(576 * (2 + 22 / 64) / 3)  # keep 1/3 at layer 2
+    assert rows[64, "fastv"]["setting"].startswith("out of reach") and "accuracy" not in rows[64, "fastv"]
+    assert rows[64, "pdrop"]["setting"].startswith("out of reach")  # its first stage keeps all tokens for 1 of 3
+    assert rows[64, "tome"]["setting"].startswith("out of reach")  # halving per layer: (1/2 + 1/4 + 1/8) / 3 > 1/9
+    assert rows[448, "tome"]["equivalent_tokens"] == pytest.approx(576 * (57 + 50 + 43) / (3 * 64))  # 7 merged/layer
+    assert next(row["method"] for row in results["budget"] if row["budget"] is None) == "dynamic"
+    assert (tmp_path / "budget.md").read_text().count("| 448 |") == 8
+    assert "Equal visual-token budgets" in result.stdout and "| tome+dynamic |" in result.stdout

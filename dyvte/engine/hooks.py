@@ -2,11 +2,12 @@
 
 Before decoder layer `i` runs, the engine shows the policy the sub-batch of samples that still have visual tokens
 (its hidden states are layer `i - 1`'s output) and the policy returns a `Decision`: which of those samples exit
-now (all their visual tokens leave) and, optionally, which tokens the others keep. A policy is one small object
+now (all their visual tokens leave), optionally which tokens the others keep, and optionally new hidden states for
+the sub-batch (token merging and pooling write a merged token into the slot it keeps). A policy is one small object
 with its own state, reset by `reset` at the start of every prefill; `a + b` composes two policies.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -15,8 +16,16 @@ from .subbatch import SubBatch
 
 @dataclass
 class Decision:
+    """What a policy decides before a layer, for the sub-batch it was shown ([b] samples, [n] slots).
+
+    `hidden` replaces the sub-batch's hidden states before `exit` and `keep` apply: a merging policy writes each
+    merged token into the slot it keeps and drops the slots merged into it. Only visual slots may change; text
+    slots are returned as they were.
+    """
+
     exit: torch.Tensor | None = None  # [b] bool: drop all visual tokens before this layer
     keep: torch.Tensor | None = None  # [b, n] bool: slots to keep (visual ones may be dropped), for pruning
+    hidden: torch.Tensor | None = None  # [b, n, d] new hidden states of the slots, for merging and pooling
 
 
 @dataclass
@@ -45,7 +54,8 @@ class ExitPolicy:
 
 
 class Compose(ExitPolicy):
-    """Several policies at once: a sample exits if any says so; a token stays only if all keep it."""
+    """Several policies at once: a sample exits if any says so; a token stays only if all keep it. Policies that
+    rewrite hidden states act in order: each later policy is shown the states the earlier ones wrote."""
 
     def __init__(self, policies: list[ExitPolicy]):
         self.policies = [q for p in policies for q in (p.policies if isinstance(p, Compose) else [p])]
@@ -56,11 +66,14 @@ class Compose(ExitPolicy):
             policy.reset(state)
 
     def before_layer(self, layer_idx, sub, state) -> Decision:
-        exits, keep = None, None
+        exits, keep, hidden = None, None, None
         for policy in self.policies:
             decision = policy.before_layer(layer_idx, sub, state)
             if decision.exit is not None:
                 exits = decision.exit if exits is None else exits | decision.exit
             if decision.keep is not None:
                 keep = decision.keep if keep is None else keep & decision.keep
-        return Decision(exits, keep)
+            if decision.hidden is not None:
+                hidden = decision.hidden
+                sub = replace(sub, hidden=hidden)
+        return Decision(exits, keep, hidden)

@@ -162,6 +162,13 @@ class VisualExit:
                 decision = Decision(exit=static_exit[with_visual.rows] == layer_idx)
             else:
                 decision = policy.before_layer(layer_idx, with_visual, state)
+            if decision.hidden is not None:
+                if decision.hidden.shape != with_visual.hidden.shape:
+                    raise ValueError(
+                        f"policy {policy.name!r} returned hidden states of shape {list(decision.hidden.shape)} for a "
+                        f"sub-batch of shape {list(with_visual.hidden.shape)}."
+                    )
+                with_visual.hidden = decision.hidden
             leaving = decision.exit if decision.exit is not None else torch.zeros_like(with_visual.rows, dtype=torch.bool)
             if leaving.any():
                 moved = with_visual.compact(leaving, ~with_visual.slots_of(visual_mask))

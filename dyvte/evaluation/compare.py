@@ -1,12 +1,14 @@
-"""Comparing exit policies on one set of samples: accuracy, agreement, FLOPs, time, KV memory; sweeps.
+"""Comparing exit policies on one set of samples: accuracy, agreement, FLOPs, time, KV memory; sweeps; the
+equal-budget comparison of the token-reduction baselines (`budget.py`).
 
 Every policy generates for the same batches. FLOPs come from the tokens each layer really computed (the KV
-cache's per-sample key counts), so pruning policies such as FastV are counted as exactly as full exits.
+cache's per-sample key counts), so pruning and merging policies such as FastV or ToMe are counted as exactly as
+full exits.
 """
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +17,20 @@ from .. import flops
 from ..data import PromptCollator, Sample, normalize_answer
 from ..engine import ExitPolicy, VisualExit
 from ..heads import ExitHeads
-from ..policies import DynamicExit, FastV, KeepRateSchedule, NoExit, StaticExit
+from ..policies import (
+    DART,
+    Downsample,
+    DynamicExit,
+    FastV,
+    KeepRateSchedule,
+    NoExit,
+    PyramidDrop,
+    RandomPrune,
+    StaticExit,
+    ToMe,
+    VisionZip,
+)
+from .budget import budget_policy, format_budget_table, visual_share
 from .plots import plot_exit_histograms, plot_pareto
 from .tables import markdown_table, number
 
@@ -29,10 +44,17 @@ class PolicySettings:
     fastv_keep_ratio: float = 0.5
     gsearch: KeepRateSchedule | None = None  # from `calibrate.g_search` (or its saved JSON)
     psigmoid: KeepRateSchedule | None = None  # from `calibrate.p_sigmoid_search` (or its saved JSON)
+    baselines: dict = field(default_factory=dict)  # per baseline name, its constructor's keyword arguments
+    model: object = None  # the MLLM: VisionZip reads its vision tower, PyramidDrop its depth
+
+
+BASELINES = {"random": RandomPrune, "downsample": Downsample, "tome": ToMe, "dart": DART}
+MODEL_BASELINES = ("visionzip", "pdrop")  # built from the model itself
 
 
 def build_policy(name: str, settings: PolicySettings) -> ExitPolicy:
-    """`none`, `vtw`, `fastv`, `dynamic`, `gsearch`, `psigmoid`, or a `+` composition such as `gsearch+dynamic`."""
+    """`none`, `vtw`, `fastv`, `dynamic`, `gsearch`, `psigmoid`, the baselines `random`, `downsample`, `tome`,
+    `visionzip`, `pdrop`, `dart`, or a `+` composition such as `gsearch+dynamic`."""
     parts = name.split("+")
     if len(parts) > 1:
         policy = build_policy(parts[0], settings)
@@ -56,8 +78,18 @@ def build_policy(name: str, settings: PolicySettings) -> ExitPolicy:
         if schedule is None:
             raise ValueError(f"policy {name!r} needs keep rates ({name}.path=FILE, or run its search).")
         return schedule
+    if name in BASELINES:
+        return BASELINES[name](**settings.baselines.get(name, {}))
+    if name in MODEL_BASELINES:
+        if settings.model is None:
+            raise ValueError(f"policy {name!r} needs the model (PolicySettings.model).")
+        options = settings.baselines.get(name, {})
+        if name == "visionzip":
+            return VisionZip(settings.model, **options)
+        return PyramidDrop(settings.model.config.get_text_config(decoder=True).num_hidden_layers, **options)
     raise ValueError(
-        f"unknown policy {name!r}; policies: none, vtw, fastv, dynamic, gsearch, psigmoid and '+' compositions."
+        f"unknown policy {name!r}; policies: none, vtw, fastv, dynamic, gsearch, psigmoid, random, downsample, tome, "
+        "visionzip, pdrop, dart and '+' compositions."
     )
 
 
@@ -70,6 +102,7 @@ class PolicyRun:
     prefill_seconds: float
     decode_seconds: float
     decode_steps: int
+    visual_share: list[float | None] = field(default_factory=list)  # per sample, `budget.visual_share`
 
 
 @torch.no_grad()
@@ -96,6 +129,10 @@ def run_policy(engine: VisualExit, processor, batches: list[dict], policy: ExitP
         run.exit_layer += out.exit_layer.tolist()
         prefill_tokens = _prefill_tokens(out.past_key_values, new.shape[1])
         run.prefill_flops += [flops.prefill_flops_from_counts(shape, counts) for counts in prefill_tokens]
+        n_visual = (engine.adapter.withdrawn_mask(inputs["input_ids"]) & inputs["attention_mask"].bool()).sum(dim=1)
+        n_text = inputs["attention_mask"].sum(dim=1) - n_visual
+        run.visual_share += [visual_share(counts, t, v) for counts, t, v in
+                             zip(prefill_tokens, n_text.tolist(), n_visual.tolist())]
         run.kv_bytes += [2 * sum(counts) * shape.kv_dim * element for counts in prefill_tokens]
         run.prefill_seconds += prefill_seconds
         run.decode_seconds += max(total - prefill_seconds, 0.0)
@@ -113,6 +150,7 @@ def _prefill_tokens(cache, generated: int) -> list[list[int]]:
 def summarize(run: PolicyRun, samples: list[Sample], reference: list[str], full_flops: list[int]) -> dict:
     n = len(samples)
     known = [s for s in samples if s.answer.strip()]
+    shares = [share for share in run.visual_share if share is not None]
     correct = [normalize_answer(a) == normalize_answer(s.answer) for a, s in zip(run.answers, samples)
                if s.answer.strip()]
     return {
@@ -124,14 +162,18 @@ def summarize(run: PolicyRun, samples: list[Sample], reference: list[str], full_
         "prefill_ms": 1000 * run.prefill_seconds / n,
         "decode_ms_per_token": 1000 * run.decode_seconds / run.decode_steps if run.decode_steps else None,
         "kv_bytes": sum(run.kv_bytes) / n,
+        "visual_share": sum(shares) / len(shares) if shares else None,  # mean visual tokens per layer / prompt's
     }
 
 
 def evaluate(engine: VisualExit, processor, samples: list[Sample], policy_names: list[str],
              settings: PolicySettings, batch_size: int = 16, max_new_tokens: int = 16, sweeps: bool = True,
-             sweep_thresholds: list[float] = (), on_bad_sample: str = "skip") -> dict:
+             sweep_thresholds: list[float] = (), on_bad_sample: str = "skip", budgets: list[float] = (),
+             budget_unit: int = 576, budget_methods: list[str] = ()) -> dict:
     """Every policy on the same batches; the full model first, as the reference for agreement and FLOPs. With
-    `sweeps`, also static exit at every `k` and dynamic exit at each of `sweep_thresholds` (for the Pareto plot)."""
+    `sweeps`, also static exit at every `k` and dynamic exit at each of `sweep_thresholds` (for the Pareto plot).
+    With `budgets` (in tokens of a `budget_unit`-token image), each of `budget_methods` at each budget
+    (`budget.py`'s rule), beside dynamic exit at the budget it reaches itself."""
     collator = PromptCollator(processor, on_bad_sample=on_bad_sample, require_answer=False)
     batches = [collator(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
     batches = [b for b in batches if b["samples"]]
@@ -157,13 +199,50 @@ def evaluate(engine: VisualExit, processor, samples: list[Sample], policy_names:
                                             max_new_tokens)}
             for t in sweep_thresholds
         ] if settings.heads is not None else []
+    if budgets:
+        results["budget_unit"] = budget_unit
+        results["budget"] = _budget_rows(engine, processor, batches, kept, full, settings, max_new_tokens, budgets,
+                                         budget_unit, budget_methods, results)
     return results
+
+
+def _budget_rows(engine, processor, batches, samples, full: PolicyRun, settings: PolicySettings, max_new_tokens,
+                 budgets, unit, methods, results) -> list[dict]:
+    """The equal-budget table's rows: every method at every budget, then dynamic exit (at the heads' threshold
+    and, from the dynamic sweep, the threshold whose measured budget is nearest each budget)."""
+    rows = []
+    for budget in budgets:
+        for method in methods:
+            policy, setting = budget_policy(method, budget / unit, engine.num_layers, settings)
+            row = {"budget": budget, "method": method, "setting": setting}
+            if policy is not None:
+                row.update(_sweep_point(engine, processor, batches, policy, samples, full, max_new_tokens))
+                row["equivalent_tokens"] = _tokens(row["visual_share"], unit)
+            rows.append(row)
+    dynamic = []
+    if "dynamic" in results["policies"]:
+        threshold = "heads' threshold" if settings.threshold is None else f"threshold {settings.threshold}"
+        dynamic.append((threshold, results["policies"]["dynamic"]))
+    sweep = [point for point in results.get("dynamic_sweep", []) if point["visual_share"] is not None]
+    nearest = {min(sweep, key=lambda point: abs(point["visual_share"] * unit - budget))["threshold"]
+               for budget in budgets} if sweep else set()
+    dynamic += [(f"threshold {point['threshold']}", point) for point in sweep if point["threshold"] in nearest]
+    for setting, metrics in dynamic:
+        rows.append({"budget": None, "method": "dynamic", "setting": setting,
+                     "equivalent_tokens": _tokens(metrics["visual_share"], unit),
+                     **{k: metrics[k] for k in ("accuracy", "agreement", "flops_saved", "tflops", "visual_share")}})
+    return rows
+
+
+def _tokens(share: float | None, unit: int) -> float | None:
+    return None if share is None else share * unit
 
 
 def _sweep_point(engine, processor, batches, policy, samples, full: PolicyRun, max_new_tokens) -> dict:
     run = run_policy(engine, processor, batches, policy, max_new_tokens, timed=False)
     summary = summarize(run, samples, full.answers, full.prefill_flops)
-    return {k: summary[k] for k in ("accuracy", "agreement", "flops_saved", "tflops", "mean_exit_layer")}
+    return {k: summary[k] for k in ("accuracy", "agreement", "flops_saved", "tflops", "mean_exit_layer",
+                                    "visual_share")}
 
 
 def write_report(results: dict, output_dir: Path) -> str:
@@ -174,6 +253,11 @@ def write_report(results: dict, output_dir: Path) -> str:
     (output_dir / "results.md").write_text(table + "\n")
     plot_exit_histograms(results, output_dir / "exit_layers.png")
     plot_pareto(results, output_dir / "pareto.png")
+    if "budget" in results:
+        budget_table = format_budget_table(results["budget"])
+        (output_dir / "budget.md").write_text(budget_table + "\n")
+        table += (f"\n\nEqual visual-token budgets (equivalent tokens of a {results['budget_unit']}-token image, "
+                  f"docs/design.md):\n\n{budget_table}")
     return table
 
 

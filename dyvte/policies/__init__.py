@@ -1,11 +1,14 @@
-"""Policies: who decides, before each decoder layer, which visual tokens a sample still keeps; and the searches
-that choose their static settings from a few samples (VTW's layer, G-Search's and P-Sigmoid's keep rates)."""
+"""Policies: who decides, before each decoder layer, which visual tokens a sample still keeps; the token-reduction
+baselines (random pruning, pooling, ToMe, VisionZip, PyramidDrop, DART); and the searches that choose static
+settings from a few samples (VTW's layer, G-Search's and P-Sigmoid's keep rates)."""
 
 from ..engine import Compose, Decision, ExitPolicy, PrefillState
+from .baselines import DART, Downsample, PyramidDrop, RandomPrune, ToMe, VisionZip
 from .exit import DynamicExit, NoExit, StaticExit
 from .pruning import FastV, KeepRateSchedule, PSigmoid, attention_by_position, keep_most_attended, kept_count
 
 __all__ = [
-    "Compose", "Decision", "DynamicExit", "ExitPolicy", "FastV", "KeepRateSchedule", "NoExit", "PSigmoid",
-    "PrefillState", "StaticExit", "attention_by_position", "keep_most_attended", "kept_count",
+    "DART", "Compose", "Decision", "Downsample", "DynamicExit", "ExitPolicy", "FastV", "KeepRateSchedule", "NoExit",
+    "PSigmoid", "PrefillState", "PyramidDrop", "RandomPrune", "StaticExit", "ToMe", "VisionZip",
+    "attention_by_position", "keep_most_attended", "kept_count",
 ]
