@@ -21,6 +21,7 @@ from dyvte.testbed.model import ModelConfig, build_model, build_processor
 from dyvte.training.heads_module import head_labels, head_stat_scores, layer_metrics
 from dyvte.training.simulate import (
     choose_layer_thresholds,
+    choose_threshold,
     family_static_exits,
     first_exit,
     first_safe_exit,
@@ -311,27 +312,21 @@ class FixedHeads(ExitHeads):
 
 
 def test_per_layer_thresholds_by_hand():
-    """Four samples, L = 3 (heads 0, 1, 2 -> exits 1, 2, 3). Head 0 at threshold 0.5 would send out samples 0 and 1,
-    of which only 0 keeps its answer (50%); at 0.7 only sample 0 (100%). Head 1 then sees samples 1-3: at 0.5 it
-    sends out 1 and 2 (both keep their answer at exit 2). Head 2's exit is the full model: any threshold agrees."""
-    p_exit = torch.tensor([[0.8, 0.0, 0.0], [0.6, 0.9, 0.0], [0.0, 0.6, 0.0], [0.0, 0.0, 0.6]])
+    """Four samples, L = 3 (heads 0, 1, 2 -> exits 1, 2, 3), grid 0.5 / 0.7 / 0.9, every answer must be kept. One
+    global threshold: 0.7 (at 0.5 head 0 would also send out sample 1, whose answer changes at exit 1). Per head,
+    from 0.7: lowering head 0 to 0.5 sends sample 1 out too early; lowering head 1 to 0.5 sends sample 2 out at
+    exit 2, where its answer holds, and saves FLOPs; nothing lower is left, so (0.7, 0.5, 0.7)."""
+    p_exit = torch.tensor([[0.8, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.6, 0.0], [0.0, 0.0, 0.6]])
     dataset = cache_rows(
         labels=[[1] * 4] * 4,
         match=[[0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]],
         accurate=[[1] * 4] * 4, families=["a"] * 4,
     ).add_column("features", [[[0.0] * 8] * 3] * 4)
     heads = FixedHeads(p_exit)
-    assert choose_layer_thresholds(heads, dataset, 1.0, [0.5, 0.7, 0.95]) == (0.7, 0.5, 0.5)
-    assert choose_layer_thresholds(heads, dataset, 0.5, [0.5, 0.7, 0.95]) == (0.5, 0.5, 0.5)
-    assert first_exit(p_exit, torch.tensor([0.7, 0.5, 0.5])).tolist() == [1, 2, 2, 3]
-
-
-def test_two_runs_on_one_label_cache_label_each_sample_once(checkpoint, tmp_path):
-    """Started together on one cache, the second run waits for the first and reuses its labels."""
-    args = [f"model.name_or_path={checkpoint}", "stages=[labels]", "data.limit=12", "data.eval_limit=4",
-            "labels.batch_size=2", "labels.shard_size=2", f"cache_dir={tmp_path / 'cache'}"]
-    runs = [train(*args, f"hydra.run.dir={tmp_path / name}", wait=False) for name in ("a", "b")]
-    assert [run.wait() for run in runs] == [0, 0]
-    for store in (tmp_path / "cache").iterdir():
-        ids = load_shards(store)["id"]
-        assert len(ids) == len(set(ids)) == json.loads((store / "complete.json").read_text())["samples"]
+    config = build_model(build_processor(), ModelConfig(num_layers=3)).config
+    grid = [0.5, 0.7, 0.9]
+    assert choose_threshold(heads, dataset, config, 1.0, grid)[0] == 0.7
+    chosen = choose_layer_thresholds(heads, dataset, config, 1.0, grid, start=0.7)
+    assert chosen == (0.7, 0.5, 0.7)
+    assert first_exit(p_exit, torch.tensor(chosen)).tolist() == [1, 2, 2, 3]
+    assert choose_layer_thresholds(heads, dataset, config, 0.75, grid, start=0.5) == (0.5, 0.5, 0.5)

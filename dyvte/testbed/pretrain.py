@@ -65,6 +65,20 @@ def referent(question: str, scene: Scene) -> tuple[str, int] | None:
     return (named[-1][1], matches[0]) if len(matches) == 1 else None
 
 
+def answer_object(question: str, scene: Scene) -> int | None:
+    """The index in `scene` of the object whose attribute answers `question`: the referent, or for a relation the
+    object above or below it; None when no one object answers (count, list, describe, presence "no")."""
+    found = referent(question, scene)
+    if found is None:
+        return None
+    index = found[1]
+    if " above " in question:
+        return index - 1
+    if " below " in question:
+        return index + 1
+    return index
+
+
 class Encoder:
     """Turns (image, questions) into training tensors with the exact tokens the chat template produces: the prompt
     carries `<image>` expanded to one token per patch, every answer + `</s>` is a target.
@@ -114,20 +128,27 @@ class Encoder:
             spans.append((len(ids) - len(self.answer_ids(answer)), len(ids)))
         return ids, segments, positions, spans
 
-    def grounding_pairs(self, turns: list[tuple[str, str]], scene: Scene) -> list[tuple[int, int]]:
-        """(query, key) token positions in the packed row of `turns` about `scene`: each question's word naming an
-        object (`referent`) and that object's visual token."""
+    def grounding_pairs(self, turns: list[tuple[str, str]], scene: Scene, at: str = "referent"
+                        ) -> list[tuple[int, int]]:
+        """(query, key) token positions in the packed row of `turns` about `scene`. `at="referent"`: each
+        question's word naming an object (`referent`) and that object's visual token; `at="answer"`: each
+        question's last prompt token (where the answer is predicted) and the visual token of the object that
+        answers it (`answer_object`)."""
         first = self.prompt_ids(turns[0][0])
         image_start = first.index(self.image_token_id)
         prefix_length = image_start + self.image_tokens
         pairs, segment_start = [], prefix_length
         for question, answer in turns:
             question_ids = self.prompt_ids(question)[prefix_length:]
-            found = referent(question, scene)
-            if found:
-                word, index = found
+            if at == "referent":
+                found = referent(question, scene)
+                index = found[1] if found else None
+                query = segment_start + question_ids.index(self.tokenizer.convert_tokens_to_ids(found[0])) if found else 0
+            else:
+                index = answer_object(question, scene)
+                query = segment_start + len(question_ids) - 1
+            if index is not None:
                 obj = scene[index]
-                query = segment_start + question_ids.index(self.tokenizer.convert_tokens_to_ids(word))
                 pairs.append((query, image_start + obj.row * self.scene_config.grid + obj.col))
             segment_start += len(question_ids) + len(self.answer_ids(answer))
         return pairs
@@ -452,6 +473,8 @@ def pretrain(args) -> dict:
         turns=args.turns,
     )
     grounding = GroundingLoss(model, args.grounding_layer, args.grounding_head) if args.grounding_weight else None
+    answer_grounding = (GroundingLoss(model, args.answer_grounding_layer, args.grounding_head)
+                        if args.answer_grounding_weight else None)
     vision = vision_parameters(model)
     vision_ids = {id(p) for p in vision}
     if args.freeze_embeddings:  # the visual codes are sums of these embeddings: keep the two spaces aligned
@@ -490,11 +513,14 @@ def pretrain(args) -> dict:
             batch = encoder.batch(images, conversations, hidden)
             labels, label_weights = batch.pop("labels"), batch.pop("label_weights")
             loss = answer_loss(model(**batch).logits, labels, label_weights)
-            if grounding is not None:
-                pairs = [encoder.grounding_pairs(turns, scene) for turns, scene in zip(conversations, scenes)]
-                grounding_loss = grounding(pairs, encoder.image_start, encoder.image_tokens)
+            for site, weight, supervised in (("referent", args.grounding_weight, grounding),
+                                             ("answer", args.answer_grounding_weight, answer_grounding)):
+                if supervised is None:
+                    continue
+                pairs = [encoder.grounding_pairs(turns, scene, site) for turns, scene in zip(conversations, scenes)]
+                grounding_loss = supervised(pairs, encoder.image_start, encoder.image_tokens)
                 grounding_running = ema(grounding_running, grounding_loss.item())
-                loss = loss + args.grounding_weight * grounding_loss
+                loss = loss + weight * grounding_loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -543,6 +569,9 @@ def parse_args(argv=None):
     parser.add_argument("--grounding-weight", type=float, default=0.0, help="weight of `GroundingLoss` (0: off)")
     parser.add_argument("--grounding-layer", type=int, default=2, help="decoder layer whose attention is grounded")
     parser.add_argument("--grounding-head", type=int, default=0, help="attention head that is grounded")
+    parser.add_argument("--answer-grounding-weight", type=float, default=0.0,
+                        help="weight of `GroundingLoss` from each question's answer position (0: off)")
+    parser.add_argument("--answer-grounding-layer", type=int, default=4, help="its decoder layer")
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     for f in fields(ModelConfig):

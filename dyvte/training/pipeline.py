@@ -105,17 +105,17 @@ def validate_heads(cfg, model, heads: ExitHeads, stores: dict[str, LabelStore], 
         threshold, sweep = choose_threshold(heads, val, model.config, cfg.validate.min_agreement,
                                             list(cfg.validate.thresholds))
         if cfg.validate.decision == "per_layer":
-            heads.config.thresholds = choose_layer_thresholds(heads, val, cfg.validate.min_agreement,
-                                                              list(cfg.validate.thresholds))
+            heads.config.thresholds = choose_layer_thresholds(heads, val, model.config, cfg.validate.min_agreement,
+                                                              list(cfg.validate.thresholds), threshold)
     split = cfg.validate.split if cfg.validate.split in stores else "val"
     held_out = stores[split].load()
     decision = heads.config.thresholds if cfg.validate.decision == "per_layer" else float(threshold)
     report = {"split": split, **validate(heads, held_out, model.config, decision, calibration=val,
                                          min_agreement=cfg.validate.min_agreement)}
     report["threshold_sweep_val"] = sweep
-    report["val_agreement"] = (validate(heads, val, model.config, decision, calibration=None,
-                                        min_agreement=cfg.validate.min_agreement)["agreement"]
-                               if val is not None else None)
+    if val is not None:  # the split the threshold was chosen on, for choosing among settings (ablation.py)
+        on_val = validate(heads, val, model.config, decision, calibration=None, min_agreement=cfg.validate.min_agreement)
+        report["val"] = {k: on_val[k] for k in ("agreement", "accuracy", "flops_saved", "mean_exit_layer")}
     report["head_parameters"] = sum(p.numel() for p in heads.parameters())
     report["heads"] = head_metrics(heads, held_out)
     heads.config.threshold = float(threshold)

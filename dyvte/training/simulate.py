@@ -60,15 +60,22 @@ def labelled_everywhere(dataset: Dataset) -> bool:
     return bool((torch_columns(dataset, ["labels"])["labels"] >= 0).all())
 
 
+def prefill_costs(dataset: Dataset, model_config) -> torch.Tensor:
+    """[N, L+1] LM prefill FLOPs of every sample with exit at every layer `k = 0..L` (int64, exact)."""
+    table = torch_columns(dataset, ["n_text", "n_visual"])
+    num_layers = flops.DecoderShape.from_config(model_config).num_layers
+    return torch.tensor([
+        [flops.prefill_flops(model_config, t, v, k) for k in range(num_layers + 1)]
+        for t, v in zip(table["n_text"].tolist(), table["n_visual"].tolist())
+    ])
+
+
 def score_exits(dataset: Dataset, exit_layer: torch.Tensor, model_config) -> dict:
     """Agreement with the full model, accuracy and LM prefill FLOPs saved for given exit layers."""
-    table = torch_columns(dataset, ["match", "accurate", "n_text", "n_visual"])
+    table = torch_columns(dataset, ["match", "accurate"])
     rows = torch.arange(len(exit_layer))
-    full = [flops.prefill_flops(model_config, t, v) for t, v in zip(table["n_text"].tolist(), table["n_visual"].tolist())]
-    spent = [
-        flops.prefill_flops(model_config, t, v, k)
-        for t, v, k in zip(table["n_text"].tolist(), table["n_visual"].tolist(), exit_layer.tolist())
-    ]
+    costs = prefill_costs(dataset, model_config)
+    full, spent = costs[:, -1].tolist(), costs[rows, exit_layer].tolist()
     return {
         "agreement": float(table["match"][rows, exit_layer].float().mean()),
         "accuracy": float(table["accurate"][rows, exit_layer].float().mean()),
@@ -90,26 +97,38 @@ def choose_threshold(heads: ExitHeads, dataset: Dataset, model_config, min_agree
     return chosen["threshold"], sweep
 
 
-def choose_layer_thresholds(heads: ExitHeads, dataset: Dataset, min_agreement: float,
-                            thresholds: list[float]) -> tuple[float, ...]:
-    """One threshold per head, from the first head to the last: the lowest of `thresholds` at which the samples
-    head `i` would send out (of those still in) keep their answer at least `min_agreement` of the time on
-    `dataset`; 1.0 (never) where none does. Every exiting group then agrees at that rate and the rest run in
-    full, so agreement on `dataset` is at least `min_agreement`."""
+def choose_layer_thresholds(heads: ExitHeads, dataset: Dataset, model_config, min_agreement: float,
+                            thresholds: list[float], start: float) -> tuple[float, ...]:
+    """One threshold per head, from one global threshold `start` that keeps `min_agreement` on `dataset`: again
+    and again, lower one head's threshold to the next lower value of `thresholds`, the change that saves the most
+    LM prefill FLOPs on `dataset` while agreement stays at least `min_agreement`, until no change passes. So the
+    result agrees and saves at least as much as `start` on `dataset`; the last head's exit is the full model, and
+    its threshold stays `start`."""
     p_exit = exit_probabilities(heads, dataset)
     match = torch_columns(dataset, ["match"])["match"]
-    still_in = torch.ones(len(dataset), dtype=torch.bool)
-    chosen = []
-    for head in range(heads.num_layers):
-        pick = 1.0
-        for threshold in sorted(thresholds):
-            leaving = still_in & (p_exit[:, head] > threshold)
-            if not leaving.any() or match[leaving, head + 1].float().mean() >= min_agreement:
-                pick = threshold
-                break
-        chosen.append(pick)
-        still_in &= ~(p_exit[:, head] > pick)
-    return tuple(chosen)
+    costs = prefill_costs(dataset, model_config)
+    rows = torch.arange(len(dataset))
+    grid = sorted(thresholds)
+
+    def spent_if_agreeing(per_head: list[float]) -> int | None:
+        exits = first_exit(p_exit, torch.tensor(per_head))
+        return int(costs[rows, exits].sum()) if match[rows, exits].float().mean() >= min_agreement else None
+
+    current = [float(start)] * heads.num_layers
+    spent = spent_if_agreeing(current)
+    while spent is not None:
+        trials = []
+        for head in range(heads.num_layers - 1):
+            lower = [t for t in grid if t < current[head]]
+            if lower:
+                trial = current[:head] + [lower[-1]] + current[head + 1:]
+                trial_spent = spent_if_agreeing(trial)
+                if trial_spent is not None and trial_spent < spent:
+                    trials.append((trial_spent, head, trial))
+        if not trials:
+            break
+        spent, _, current = min(trials)
+    return tuple(current)
 
 
 def head_metrics(heads: ExitHeads, dataset: Dataset) -> list[dict]:
