@@ -21,7 +21,7 @@ from dyvte.loading import load_mllm
 from dyvte.training.dense_labels import LabelConfig
 from dyvte.training.label_run import LabelModule
 
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+COLORS = {"red": (220, 30, 30), "blue": (30, 40, 220)}
 MAX_NEW_TOKENS = 8
 CHECKED = {}  # family -> samples x exit layers compared, per reference (reported in the final summary)
 
@@ -48,7 +48,7 @@ def trained_sequence(family: str, processor, question: str, answer: str) -> tupl
     return rendered[: rendered.rindex(answer) + len(answer)], processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
-def teach(family: str, model, processor, images: dict, steps: int = 120) -> None:
+def teach(family: str, model, processor, images: dict, steps: int = 200) -> None:
     """A few Adam steps on the answer tokens (and EOS) of every pair, whole-text tokenization (the LM head only
     at those positions, to keep it cheap)."""
     prompts, targets, pictures = [], [], []
@@ -73,16 +73,22 @@ def teach(family: str, model, processor, images: dict, steps: int = 120) -> None
         ids[row, n_text], mask[row, n_text] = eos, 1
         labels[row, n_prompt : n_text + 1] = ids[row, n_prompt : n_text + 1]
     inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    if "mm_token_type_ids" in inputs:  # Qwen: one entry per token, the EOS column is text
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(eos_column)], dim=1)
     row, position = (labels[:, 1:] != -100).nonzero(as_tuple=True)  # position predicts position + 1
     targets = labels[row, position + 1]
     torch.manual_seed(0)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    trained = [p for name, p in model.named_parameters() if "visual" not in name and "vision_tower" not in name]
+    optimizer = torch.optim.Adam(trained, lr=1e-2)  # the vision tower stays random (cheaper; its features differ)
+    model.requires_grad_(False)
+    for parameter in trained:
+        parameter.requires_grad_(True)
     for _ in range(steps):
         hidden = model.model(input_ids=ids, attention_mask=mask, **inputs).last_hidden_state
         loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[row, position]), targets)
         optimizer.zero_grad(), loss.backward(), optimizer.step()
-    model.eval()
+    model.requires_grad_(False).eval()
 
 
 @pytest.fixture(scope="module", params=["llava-1.5", "qwen2-vl"])

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessor
 
 from dyvte import VisualExit
+from dyvte.data import BadSample, PromptCollator, read_llava_json
 from dyvte.loading import load_mllm
 from dyvte.prompts import chat_prompt
 
@@ -117,3 +118,30 @@ def test_tokenizer_without_the_image_token_names_the_folder(tmp_path):
     with pytest.raises(ValueError, match=rf"{folder}: the tokenizer encodes the image token '<image>' as id 0, but "
                                          "the model's config expects image_token_id 32000"):
         load_mllm(str(folder))
+
+
+def test_bad_records_are_listed_with_their_reason_or_raised(qwen, tmp_path):
+    _, processor = qwen
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "ok.png")
+    Image.new("RGB", (6000, 28), "red").save(tmp_path / "wide.png")  # Qwen2-VL refuses aspect ratios over 200
+    question = {"from": "human", "value": "<image>\nWhat is it?"}
+    records = [
+        {"id": "ok", "image": "ok.png", "conversations": [question, {"from": "gpt", "value": "Red."}]},
+        {"id": "wide", "image": "wide.png", "conversations": [question, {"from": "gpt", "value": "Red."}]},
+        {"id": "no_gpt", "image": "ok.png", "conversations": [question]},
+        {"id": "two_humans", "image": "ok.png", "conversations": [question, question]},
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    samples = read_llava_json(tmp_path / "data.json", tmp_path)
+    batch = PromptCollator(processor)(samples)
+    assert [s.id for s in batch["samples"]] == ["ok"] and batch["input_ids"].shape[0] == 1
+    reasons = {row["id"]: row["reason"] for row in batch["skipped"]}
+    assert list(reasons) == ["no_gpt", "two_humans", "wide"]
+    assert reasons["no_gpt"] == "the conversation has no gpt turn, so there is no answer to label"
+    assert reasons["two_humans"] == "turn 1 of the conversation is from 'human', expected 'gpt' (human and gpt alternate)"
+    assert reasons["wide"].startswith(f"the processor rejects its image {tmp_path / 'wide.png'} (6000x28 px): "
+                                      "absolute aspect ratio must be smaller than 200")
+    with pytest.raises(BadSample, match=r"sample 'wide': the processor rejects its image .*wide.png"):
+        PromptCollator(processor, on_bad_sample="raise")([samples[0], samples[1]])
+    with pytest.raises(BadSample, match="sample 'no_gpt': the conversation has no gpt turn"):
+        PromptCollator(processor, on_bad_sample="raise")(samples[2:])
