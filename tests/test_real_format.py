@@ -45,7 +45,7 @@ def test_llama_tokenizer_matches_the_reference_encodings(llava):
     # real checkpoint): the same, except that a leading space stands in for the "▁" SentencePiece prepends.
     _, processor = llava
     for text, _ in cases:
-        reference = rebuilt.encode(text[1:] if text.startswith(" ") else text).ids
+        reference = rebuilt.encode(text.removeprefix(" ")).ids
         assert processor.tokenizer(text)["input_ids"] == reference, text
 
 
@@ -66,7 +66,7 @@ def test_llava_prompt_tokens_and_576_visual_tokens(llava):
 
 
 def test_qwen_processor_without_torchvision_is_the_stock_image_pipeline(qwen):
-    model, processor = qwen
+    _, processor = qwen
     if importlib.util.find_spec("torchvision") is None:
         assert type(processor).__mro__[2].__name__ == "Qwen2VLProcessor"
         with pytest.raises(ImportError, match="videos need torchvision"):
