@@ -14,7 +14,7 @@ import lightning as L
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .prompts import IMAGE_PLACEHOLDER, assistant_message, chat_prompt, user_message
+from .prompts import IMAGE_PLACEHOLDER, assistant_message, chat_completion, chat_prompt, user_message
 
 
 def normalize_answer(text: str) -> str:
@@ -38,19 +38,43 @@ class Sample:
     answer: str  # the reference answer of the dataset ("" if unknown)
     family: str = ""  # question family / task name, for per-family reports
     history: list = field(default_factory=list)  # earlier turns, as HF chat messages (multi-turn only)
+    problem: str = ""  # why the record cannot be a sample (found while reading it); reported as a bad sample
+
+
+def conversation_problem(turns: list[dict]) -> str:
+    """What makes a LLaVA conversation unusable ("" if nothing): it must alternate human and gpt turns, starting
+    with a human one, and hold at least one gpt answer (a trailing unanswered human turn is ignored)."""
+    roles = [turn.get("from") for turn in turns]
+    if not roles:
+        return "the record has no conversation"
+    for index, role in enumerate(roles):
+        expected = "human" if index % 2 == 0 else "gpt"
+        if role != expected:
+            return f"turn {index} of the conversation is from {role!r}, expected {expected!r} (human and gpt alternate)"
+    if "gpt" not in roles:
+        return "the conversation has no gpt turn, so there is no answer to label"
+    return ""
 
 
 def read_llava_json(json_path: str | Path, image_dir: str | Path, multi_turn: bool = False) -> list[Sample]:
-    """LLaVA instruction records -> samples; each human/gpt pair is a sample when `multi_turn`, else only the first."""
+    """LLaVA instruction records -> samples; each human/gpt pair is a sample when `multi_turn`, else only the first.
+
+    A record that cannot be a sample (see `conversation_problem`) becomes a sample with its `problem` set, so that
+    the label run skips and lists it (or stops on it) with the other bad samples."""
     records = json.loads(Path(json_path).read_text())
     samples = []
-    for record in records:
-        turns = record.get("conversations", [])
+    for record_index, record in enumerate(records):
+        record_id = str(record.get("id", f"record {record_index}"))
+        turns = record.get("conversations") or []
         image = str(Path(image_dir) / record["image"]) if record.get("image") else None
+        problem = conversation_problem(turns)
+        if problem:
+            samples.append(Sample(id=record_id, image=image, question="", answer="", problem=problem))
+            continue
         history: list = []
         for turn_index in range(0, len(turns) - 1, 2):
             human, gpt = turns[turn_index], turns[turn_index + 1]
-            sample_id = str(record["id"]) if turn_index == 0 else f"{record['id']}#{turn_index // 2}"
+            sample_id = record_id if turn_index == 0 else f"{record_id}#{turn_index // 2}"
             samples.append(
                 Sample(
                     id=sample_id,
@@ -128,7 +152,14 @@ class PromptCollator:
     def prompt(self, sample: Sample) -> str:
         return chat_prompt(self.processor, sample.question, images=int(not sample.history), history=sample.history)
 
+    def completion(self, sample: Sample, answer: str) -> str:
+        """The prompt continued by `answer` as the chat template writes the assistant's turn."""
+        return chat_completion(self.processor, sample.question, answer, images=int(not sample.history),
+                               history=sample.history)
+
     def check(self, sample: Sample) -> tuple[str, Image.Image]:
+        if sample.problem:
+            raise BadSample(sample.id, sample.problem)
         if IMAGE_PLACEHOLDER not in sample.question and not sample.history:
             raise BadSample(sample.id, f"the prompt has no {IMAGE_PLACEHOLDER} placeholder")
         if self.require_answer and not sample.answer.strip():
@@ -149,7 +180,17 @@ class PromptCollator:
         batch = {"samples": kept, "skipped": skipped}
         if not kept:
             return batch
-        inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        try:
+            inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        except (ValueError, TypeError, RuntimeError) as error:
+            rejected = self.rejected_images(prompts, images, kept)
+            if not rejected:
+                raise
+            if self.on_bad_sample == "raise":
+                raise rejected[0] from error
+            skipped += [{"id": bad.sample_id, "reason": bad.reason} for bad in rejected]
+            rejected_ids = {bad.sample_id for bad in rejected}
+            return self._without(kept, rejected_ids, skipped)
         lengths = inputs["attention_mask"].sum(dim=1)
         too_long = [i for i, n in enumerate(lengths.tolist()) if self.max_length and n > self.max_length]
         if too_long:
@@ -157,9 +198,27 @@ class PromptCollator:
                 i = too_long[0]
                 raise BadSample(kept[i].id, f"prompt has {int(lengths[i])} tokens, over the limit {self.max_length}")
             skipped += [{"id": kept[i].id, "reason": f"prompt over {self.max_length} tokens"} for i in too_long]
-            return self([s for i, s in enumerate(kept) if i not in too_long]) | {"skipped": skipped}
+            return self._without(kept, {kept[i].id for i in too_long}, skipped)
         batch.update(inputs)
         return batch
+
+
+    def _without(self, samples: list[Sample], dropped_ids: set[str], skipped: list[dict]) -> dict:
+        """The batch of `samples` less `dropped_ids`, with `skipped` listed before what it skips itself."""
+        batch = self([s for s in samples if s.id not in dropped_ids])
+        return batch | {"skipped": skipped + batch["skipped"]}
+
+    def rejected_images(self, prompts: list[str], images: list[Image.Image], samples: list[Sample]) -> list[BadSample]:
+        """The samples whose image the processor rejects on its own (a batch the processor refused, one by one)."""
+        rejected = []
+        for prompt, image, sample in zip(prompts, images, samples):
+            try:
+                self.processor(images=[image], text=[prompt], return_tensors="pt")
+            except (ValueError, TypeError, RuntimeError) as error:
+                size = "x".join(map(str, image.size))
+                rejected.append(BadSample(sample.id, f"the processor rejects its image {sample.image} ({size} px): "
+                                                     f"{error}"))
+        return rejected
 
 
 class SampleDataset(Dataset):

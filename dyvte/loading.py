@@ -1,12 +1,17 @@
 """One entry point for the models dyvte runs on: the shipped testbed, a local checkpoint or a Hub id."""
 
 import hashlib
+import importlib.util
+import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+from .prompts import check_chat_template
 from .testbed import MODEL_DIR as TESTBED_MODEL_DIR
+
+log = logging.getLogger(__name__)
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -90,5 +95,73 @@ def load_mllm(
         path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
     )
     model.eval()
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
+    check_processor(processor, model.config, name_or_path)
     return model, processor
+
+
+class _WithoutVideoProcessor:
+    """Put in front of a stock processor class to build it with `video_processor=None`: the stock class checks
+    every sub-processor's type, and without torchvision no video processor can be built or type-checked."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+    def _process_videos(self, *args, **kwargs):
+        raise ImportError(
+            f"this {type(self).__name__} was built without its video processor because torchvision is not "
+            "installed; videos need torchvision (a build matching your torch)."
+        )
+
+
+def load_processor(path: str):
+    """`AutoProcessor.from_pretrained(path)`; where the processor's video processor needs torchvision and torchvision
+    is not installed (Qwen2-VL, Qwen2.5-VL, InternVL, LLaVA-OneVision on a CPU-only machine), the same processor
+    class is built from the folder's image processor, tokenizer, processor settings and chat template instead,
+    without a video processor: images work exactly as with the stock processor, videos raise."""
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (ImportError, ValueError) as error:  # the video processor's "requires torchvision" (either type)
+        if importlib.util.find_spec("torchvision") is not None or "torchvision" not in str(error).lower():
+            raise
+        stock_error = error
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
+
+    model_type = AutoConfig.from_pretrained(path).model_type
+    processor_class = processor_class_from_name(PROCESSOR_MAPPING_NAMES.get(model_type) or "")
+    if processor_class is None or "video_processor" not in processor_class.get_attributes():
+        raise stock_error
+    images_only = type(processor_class.__name__, (_WithoutVideoProcessor, processor_class), {})
+    components = {"image_processor": AutoImageProcessor.from_pretrained(path),
+                  "tokenizer": AutoTokenizer.from_pretrained(path), "video_processor": None}
+    processor_dict, kwargs = images_only.get_processor_dict(path)
+    processor = images_only.from_args_and_dict([components[name] for name in images_only.get_attributes()],
+                                               processor_dict, **kwargs)
+    log.warning("torchvision is not installed: %s built from %s's image processor and tokenizer, without its video "
+                "processor (images work; videos need torchvision)", processor_class.__name__, path)
+    return processor
+
+
+def check_processor(processor, config, name_or_path: str) -> None:
+    """The processor can build prompts for this model: it has a chat template, and its tokenizer has the model's
+    image token under the id the model expects."""
+    try:
+        check_chat_template(processor)
+    except ValueError as error:
+        raise ValueError(f"{name_or_path}: {error}") from None
+    image_token = getattr(processor, "image_token", None)
+    expected = getattr(config, "image_token_id", None)
+    if expected is None:
+        expected = getattr(config, "image_token_index", None)
+    if image_token is None or expected is None:
+        return
+    found = processor.tokenizer.convert_tokens_to_ids(image_token)
+    if found != expected:
+        raise ValueError(
+            f"{name_or_path}: the tokenizer encodes the image token {image_token!r} as id {found}, but the model's "
+            f"config expects image_token_id {expected}; the tokenizer lacks the model's image token (add it with "
+            f"tokenizer.add_tokens(AddedToken({image_token!r}, special=True, normalized=False), special_tokens=True) "
+            "so that it gets that id, and save the processor again)."
+        )

@@ -32,3 +32,11 @@ def chat_prompt(processor, question: str, images: int = 1, history: list[dict] |
     check_chat_template(processor)
     messages = list(history) + [user_message(question, images)]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def chat_completion(processor, question: str, answer: str, images: int = 1, history: list[dict] | tuple = ()) -> str:
+    """The conversation up to `answer` as the chat template writes the assistant's turn, without what the template
+    puts after the answer (its end-of-turn text): what the model has produced once it has generated `answer`."""
+    check_chat_template(processor)
+    messages = list(history) + [user_message(question, images), assistant_message(answer.strip())]
+    return processor.apply_chat_template(messages, continue_final_message=True)

@@ -5,9 +5,9 @@ from .cache import WithdrawalCache
 from .features import feature_tokens, head_features
 from .hooks import Compose, Decision, ExitPolicy, PrefillState
 from .subbatch import SubBatch
-from .visual_exit import VisualExit, VisualExitGenerateOutput, VisualExitOutput, greedy_answers
+from .visual_exit import VisualExit, VisualExitGenerateOutput, VisualExitOutput, generation_eos_ids, greedy_answers
 
 __all__ = [
     "Compose", "Decision", "ExitPolicy", "PrefillState", "SubBatch", "VisualExit", "VisualExitGenerateOutput",
-    "VisualExitOutput", "WithdrawalCache", "feature_tokens", "greedy_answers", "head_features",
+    "VisualExitOutput", "WithdrawalCache", "feature_tokens", "generation_eos_ids", "greedy_answers", "head_features",
 ]

@@ -279,14 +279,28 @@ class VisualExit:
 
 
 @torch.no_grad()
-def greedy_answers(engine: "VisualExit", inputs: dict, max_new_tokens: int, eos_token_id: int,
+def greedy_answers(engine: "VisualExit", inputs: dict, max_new_tokens: int, eos_token_id: int | list[int],
                    policy: ExitPolicy | None = None) -> list[list[int]]:
-    """The frozen model's own greedy answers (or with `policy`'s exits), each up to and including its EOS."""
+    """The frozen model's own greedy answers (or with `policy`'s exits), each up to and including the first of
+    the `eos_token_id`s (one id or the generation config's list: generation stops at any of them)."""
+    stop = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     generated = engine.generate(**inputs, policy=policy, max_new_tokens=max_new_tokens, do_sample=False)
     answers = []
     for row in generated[:, inputs["input_ids"].shape[1] :].tolist():
-        answers.append(row[: row.index(eos_token_id) + 1] if eos_token_id in row else row)
+        ends = [i for i, token in enumerate(row) if token in stop]
+        answers.append(row[: ends[0] + 1] if ends else row)
     return answers
+
+
+def generation_eos_ids(model, tokenizer=None) -> list[int]:
+    """The ids generation stops at: the model's generation config's, else the tokenizer's EOS."""
+    eos = model.generation_config.eos_token_id
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the model's generation config has no eos_token_id and the tokenizer no eos_token: "
+                         "set model.generation_config.eos_token_id.")
+    return [eos] if isinstance(eos, int) else list(eos)
 
 
 def _gather_layer_cache(calls: list[tuple[SubBatch, _KVCapture]], batch: int):

@@ -8,7 +8,7 @@ import optuna
 import torch
 import torch.nn.functional as F
 
-from ..engine import ExitPolicy, VisualExit, greedy_answers
+from ..engine import ExitPolicy, VisualExit, generation_eos_ids, greedy_answers
 from .exit import NoExit
 from .pruning import KeepRateSchedule, PSigmoid, kept_count
 
@@ -62,9 +62,8 @@ class AnswerScore:
 
     def __init__(self, engine: VisualExit, batches: list[dict], max_new_tokens: int = 16,
                  references: list[list[int]] | None = None):
-        eos = engine.model.generation_config.eos_token_id
         self.engine, self.batches, self.max_new_tokens = engine, batches, max_new_tokens
-        self.eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        self.eos = generation_eos_ids(engine.model)
         counts = torch.cat([engine.adapter.withdrawn_mask(b["input_ids"]).sum(dim=1) for b in batches])
         self.visual_counts = sorted(set(counts.tolist()))
         self.references = self.answers(NoExit()) if references is None else [list(r) for r in references]

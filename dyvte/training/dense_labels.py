@@ -62,9 +62,31 @@ def candidate_exits(config: LabelConfig, sample_ids: list[str], num_layers: int)
     return candidates
 
 
-def answer_tokens(answers: list[str], tokenizer) -> list[list[int]]:
-    """Dataset answers as the tokens the model would have to generate, ending with EOS."""
-    return [tokenizer(a.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
+def answer_tokens(tokenizer, prompts: list[str], completions: list[str], eos_token_id: int) -> list[list[int]]:
+    """Dataset answers as the tokens the model generates for them after its prompt, ending with `eos_token_id`.
+
+    `prompts[i]` is the generation prompt and `completions[i]` the same conversation continued by the answer as the
+    chat template writes an assistant turn (`prompts.chat_completion`: `"... ASSISTANT: Yes"` for llava-hf,
+    `"...<|im_start|>assistant\nYes"` for Qwen). The answer's tokens are the completion's tokens after the
+    prompt's: a model trained on whole conversations generates the tokens that the whole text encodes to. Encoding
+    the answer alone (`tokenizer("Yes", add_special_tokens=False)`) is not the same rule: it agrees for the
+    llava-hf and Qwen templates, but not where the template's separator and the answer meet inside one token, nor
+    for a tokenizer that adds a prefix space to every encoded text where the template has none. BOS or other
+    special tokens the tokenizer adds appear in both encodings and cancel; the turn ends with the EOS generation
+    stops at (`generation_eos_ids(model)[0]`), not with the template's end-of-turn text.
+    """
+    tokens = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        prompt_ids, completion_ids = tokenizer(prompt)["input_ids"], tokenizer(completion)["input_ids"]
+        if not completion.startswith(prompt) or completion_ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError(
+                "the chat template's generation prompt is not where its assistant turn starts, in text or tokens "
+                f"(prompt ends {prompt[-40:]!r}, the turn with the answer reads {completion[len(prompt) - 40 :]!r}), "
+                "so the tokens the model would generate for a ground-truth answer are not defined; use "
+                "labels.reference=model, or a chat template whose generation prompt ends where answers start."
+            )
+        tokens.append(completion_ids[len(prompt_ids) :] + [eos_token_id])
+    return tokens
 
 
 @dataclass

@@ -8,7 +8,7 @@ from datasets import Features
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..data import PromptCollator, PromptDataModule, Sample, normalize_answer
-from ..engine import VisualExit, greedy_answers
+from ..engine import VisualExit, generation_eos_ids, greedy_answers
 from .dense_labels import LabelConfig, answer_tokens, candidate_exits, dense_labels
 from .label_store import GROUP_COLUMNS, LabelStore, row_features
 
@@ -16,12 +16,21 @@ from .label_store import GROUP_COLUMNS, LabelStore, row_features
 class LabelModule(L.LightningModule):
     """Holds the frozen MLLM; `predict_step` returns one label-cache row per sample."""
 
-    def __init__(self, model, tokenizer, config: LabelConfig, withdraw: str = "both"):
+    def __init__(self, model, collator: PromptCollator, config: LabelConfig, withdraw: str = "both"):
         super().__init__()
         self.model = model.requires_grad_(False).eval()
         self.engine = VisualExit(model, withdraw=withdraw)
-        self.tokenizer = tokenizer
+        self.collator = collator  # the prompts of the batches, for ground-truth answer tokens
+        self.tokenizer = collator.processor.tokenizer
+        self.eos_token_ids = generation_eos_ids(model, self.tokenizer)
         self.config = config
+
+    def ground_truth_tokens(self, samples: list[Sample]) -> list[list[int]]:
+        """The dataset answers as the tokens the model would generate (`answer_tokens`)."""
+        prompts = [self.collator.prompt(s) for s in samples]
+        # an unknown (empty) answer: just the EOS
+        completions = [self.collator.completion(s, s.answer) if s.answer.strip() else p for s, p in zip(samples, prompts)]
+        return answer_tokens(self.tokenizer, prompts, completions, self.eos_token_ids[0])
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         samples, skipped = batch["samples"], batch["skipped"]
@@ -32,14 +41,14 @@ class LabelModule(L.LightningModule):
         ids = [s.id for s in samples]
         ground_truth = [s.answer for s in samples]
         if config.reference == "model":
-            answers = greedy_answers(self.engine, inputs, config.max_new_tokens, tokenizer.eos_token_id)
+            answers = greedy_answers(self.engine, inputs, config.max_new_tokens, self.eos_token_ids)
         else:
-            answers = answer_tokens(ground_truth, tokenizer)
+            answers = self.ground_truth_tokens(samples)
         candidates = candidate_exits(config, ids, self.engine.num_layers)
         dense = dense_labels(self.engine, inputs, answers, candidates, config.feature_span, tokenizer.pad_token_id,
                              config.feature_groups)
         answer_text = tokenizer.batch_decode(answers, skip_special_tokens=True)
-        accurate = self._accuracy(dense, inputs, answer_text, ground_truth, candidates)
+        accurate = self._accuracy(dense, inputs, samples, answer_text, candidates)
         rows = {
             "id": ids,
             "family": [s.family for s in samples],
@@ -56,7 +65,7 @@ class LabelModule(L.LightningModule):
         }
         return {"rows": rows, "skipped": skipped}
 
-    def _accuracy(self, dense, inputs, answer_text, ground_truth, candidates) -> torch.Tensor:
+    def _accuracy(self, dense, inputs, samples, answer_text, candidates) -> torch.Tensor:
         """Does the answer with exit at `k` equal the ground truth? Exact, also where it differs from `A`.
 
         Where `A` is right, the exit answer is right iff it reproduces `A`; where `A` is wrong, a second
@@ -64,12 +73,13 @@ class LabelModule(L.LightningModule):
         """
         if self.config.reference == "ground_truth":
             return dense.match
+        ground_truth = [s.answer for s in samples]
         known = torch.tensor([bool(g.strip()) for g in ground_truth])
         right = torch.tensor([normalize_answer(a) == normalize_answer(g) for a, g in zip(answer_text, ground_truth)])
         accurate = dense.match & (known & right)[:, None]
         if (known & ~right).any():
             truth = dense_labels(
-                self.engine, inputs, answer_tokens(ground_truth, self.tokenizer), candidates,
+                self.engine, inputs, self.ground_truth_tokens(samples), candidates,
                 self.config.feature_span, self.tokenizer.pad_token_id,
             )
             accurate |= truth.match & (known & ~right)[:, None]
@@ -133,7 +143,7 @@ def _run_labels(model, processor, samples, config, store, batch_size, shard_size
             callbacks=[writer],
         )
         trainer.predict(
-            LabelModule(model, processor.tokenizer, config, withdraw),
+            LabelModule(model, collator, config, withdraw),
             datamodule=PromptDataModule(pending, collator, batch_size=batch_size),
             return_predictions=False,
         )
