@@ -1,4 +1,4 @@
-"""What the Hydra entry points (`train.py`, `infer.py`) share: the `${dyvte_testbed:...}` resolver, the `-v` flag
+"""What the Hydra entry points (`train.py`, `infer.py`, `analyze.py`) share: the `${dyvte_testbed:...}` resolver, the `-v` flag
 and quiet library logging.
 
 Quiet by default: one progress bar per stage and dyvte's own log lines. `-v` (or `verbose=true`) brings back

@@ -225,7 +225,7 @@ def test_withdrawal_sweep_at_every_layer_is_the_stock_model(testbed_shaped):
 def run_analyze(root: Path, *overrides: str, ok: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, str(ROOT / "analyze.py"), f"model.name_or_path={root / 'model'}", f"heads={root / 'heads'}",
-         *overrides], cwd=ROOT, capture_output=True, text=True)
+         *overrides], cwd=ROOT, capture_output=True, text=True, check=False)
     if ok:
         assert result.returncode == 0, result.stderr[-3000:]
     return result

@@ -366,7 +366,7 @@ def write_analysis(results: dict, output_dir: Path) -> str:
     plot_attention_stages(results, output_dir / "attention_stages.png", ["all"])
     families = [group for group in results["groups"] if group != "all"]
     if families:
-        plot_attention_stages(results, output_dir / "attention_stages_by_family.png", families)
+        plot_attention_stages(results, output_dir / "attention_stages_by_family.png", families, dpi=80)
     plot_withdrawal(results, output_dir / "withdrawal.png")
     plot_entropy(results, output_dir / "entropy.png")
     return report

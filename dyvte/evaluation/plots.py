@@ -83,7 +83,7 @@ def _stage_lines(axis, stage: dict):
         axis.axvline(boundary - 0.5, color="red", linestyle="--", linewidth=1)
 
 
-def plot_attention_stages(results: dict, path: Path, groups: list[str]) -> None:
+def plot_attention_stages(results: dict, path: Path, groups: list[str], dpi: int = 120) -> None:
     """One row per group: the attention mass of each part per layer (mean ± std over samples), the stage
     boundaries as red lines, as the paper's Figure 3 draws them."""
     plt = _pyplot()
@@ -100,7 +100,7 @@ def plot_attention_stages(results: dict, path: Path, groups: list[str]) -> None:
     for axis in axes[-1]:
         axis.set_xlabel("layer")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=dpi)
     plt.close(figure)
 
 
@@ -133,8 +133,9 @@ def plot_entropy(results: dict, path: Path) -> None:
     plt = _pyplot()
     entropy = results["entropy"]
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for axis, (name, title) in zip(axes, (("cross", "cross-attention entropy"),
-                                          ("text_self", "text self-attention entropy"))):
+    titles = (("cross", "cross-attention entropy (samples still holding visual tokens)"),
+              ("text_self", "text self-attention entropy"))
+    for axis, (name, title) in zip(axes, titles):
         _band(axis, entropy["without"]["all"][name], label="full model", color="tab:blue")
         if "with" in entropy:
             exit_mean = entropy["mean_exit_layer"]["all"]
