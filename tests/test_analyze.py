@@ -21,6 +21,7 @@ from dyvte.data import PromptCollator, read_llava_json
 from dyvte.evaluation.findings import (
     AnalysisSettings,
     analyze,
+    layer_stats,
     record_attention,
     stage_boundaries,
     withdrawal_sweep,
@@ -184,6 +185,14 @@ def test_stage_rule_on_hand_made_curves():
     assert stage_boundaries(shallow, min_dip=0.0)["boundaries"] == [2, 4]
     assert stage_boundaries(shallow, min_dip=0.0)["squared_error"] == pytest.approx(5e-5)
     assert stage_boundaries([0.5, 0.1])["boundaries"] is None
+
+
+def test_layer_stats_skip_undefined_samples():
+    nan = float("nan")
+    stats = layer_stats(torch.tensor([[1.0, nan, nan], [3.0, 2.0, nan], [2.0, 4.0, nan]]))
+    assert stats["samples"] == [3, 2, 0]
+    assert stats["mean"][:2] == pytest.approx([2.0, 3.0]) and stats["mean"][2] is None
+    assert stats["std"][:2] == pytest.approx([(2 / 3) ** 0.5, 1.0]) and stats["std"][2] is None  # ddof 0
 
 
 @pytest.fixture(scope="module")

@@ -409,7 +409,8 @@ def format_analysis(results: dict) -> str:
             shift = entropy["text_self_shift"]["all"]
             row += [f"{_mean_std(cross, layer)} (n={cross['samples'][layer]})",
                     _mean_std(entropy["with"]["all"]["text_self"], layer),
-                    "—" if shift["mean"][layer] is None else f"{shift['mean'][layer]:+.4f} (n={shift['samples'][layer]})"]
+                    "—" if shift["mean"][layer] is None
+                    else f"{shift['mean'][layer]:+.4f} (n={shift['samples'][layer]})"]
         layer_rows.append(row)
     layer_table = markdown_table(header, layer_rows)
 
