@@ -1,5 +1,5 @@
-"""What the Hydra entry points (`train.py`, `infer.py`) share: the `${dyvte_testbed:...}` resolver, the `-v` flag
-and quiet library logging.
+"""What the Hydra entry points (`train.py`, `infer.py`, `analyze.py`) share: the `${dyvte_testbed:...}` resolver,
+the `-v` flag and quiet library logging.
 
 Quiet by default: one progress bar per stage and dyvte's own log lines. `-v` (or `verbose=true`) brings back
 Lightning's device lines, tips and model summary.

@@ -1,4 +1,4 @@
-"""Checks of the Hydra configs of `train.py` and `infer.py`, run at start-up before any model time.
+"""Checks of the Hydra configs of `train.py`, `infer.py` and `analyze.py`, run at start-up before any model time.
 
 Every value a user can set is checked here, and a bad one stops the run with a `ConfigError` that names the key,
 the value and what it may be, instead of a torch error deep inside a stage.
@@ -209,3 +209,33 @@ def check_infer_config(cfg: DictConfig) -> None:
         _fail("sweep_thresholds", OmegaConf.to_object(thresholds), "must be a list of numbers in [0, 1]")
     if cfg.task == "sample" and not cfg.question:
         raise ConfigError('task=sample needs question="..." (and image=PATH for a visual question).')
+
+
+ANALYSIS_POLICIES = ("none", "dynamic", "vtw")
+
+
+def check_analyze_config(cfg: DictConfig) -> None:
+    """Every key of `conf/analyze.yaml` (with its groups) that a user sets."""
+    check_model(cfg)
+    check_data(cfg)
+    _given(cfg, "analysis.split", "the split of data to analyse (e.g. test)")
+    _integer(cfg, "analysis.n", 1, optional=True)
+    _choice(cfg, "analysis.policy", ANALYSIS_POLICIES)
+    if cfg.analysis.policy == "vtw":
+        _integer(cfg, "analysis.vtw_layer", 0)
+    elif cfg.analysis.vtw_layer is not None:
+        _fail("analysis.vtw_layer", cfg.analysis.vtw_layer, "is the exit layer of analysis.policy=vtw; set that policy")
+    if cfg.analysis.policy == "dynamic":
+        _given(cfg, "heads", "analysis.policy=dynamic needs exit heads: a train.py run's heads/ folder or a Hub id")
+    _number(cfg, "threshold", 0.0, 1.0, optional=True)
+    layers = cfg.analysis.withdrawal_layers
+    if layers is not None:
+        values = OmegaConf.to_object(layers) if isinstance(layers, ListConfig) else layers
+        if not isinstance(values, list) or not values or not all(
+                isinstance(k, Integral) and not isinstance(k, bool) and k >= 0 for k in values):
+            _fail("analysis.withdrawal_layers", values, "must be null (every layer) or a list of exit layers >= 0")
+    _number(cfg, "analysis.min_dip", 0.0, 1.0)
+    _integer(cfg, "analysis.query_chunk", 1)
+    _integer(cfg, "batch_size", 1)
+    _integer(cfg, "max_new_tokens", 1)
+    _integer(cfg, "seed", 0)

@@ -224,6 +224,22 @@ class FamilyAdapter:
         with SDPA, which returns no attention weights. `keys` ([b, n] bool, default every real slot) limits the
         keys, as when the layer itself runs on fewer tokens than `sub` holds; attention is causal over slots.
         """
+        probabilities, _, used = self.query_probabilities(layer, sub, queries, keys)
+        counts = used.sum(dim=1)
+        per_head_mean = probabilities.sum(dim=2) / counts.clamp(min=1)[:, None, None].to(probabilities.dtype)
+        return per_head_mean if per_head else per_head_mean.mean(dim=1)
+
+    def query_probabilities(
+        self, layer: nn.Module, sub, queries: torch.Tensor, keys: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each query's attention in `layer`, per head: `(probabilities [b, heads, w, n], slot [b, w], used [b, w])`.
+
+        Query `j` of a row is its `j`-th slot marked in `queries` ([b, n] bool), at slot `slot[:, j]`; `w` is the
+        most queries of a row, and the filler queries of rows with fewer (`used` False) have all-zero rows. Each
+        used row of `probabilities` sums to 1 over the allowed keys (`keys`, default every real slot, causal over
+        slots). Recomputed from the layer's input `sub.hidden` with its own `input_layernorm`, `q_proj`, `k_proj`
+        and rotary, as the layer's attention computes them (see `check_query_attention`).
+        """
         attention = layer.self_attn
         keys = sub.valid if keys is None else keys & sub.valid
         hidden = layer.input_layernorm(sub.hidden)
@@ -244,8 +260,26 @@ class FamilyAdapter:
         allowed = keys[:, None, :] & (torch.arange(length, device=slot.device)[None, None, :] <= slot[:, :, None])
         scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
         probabilities = scores.softmax(dim=-1) * used[:, None, :, None]  # [b, heads, width, n]
-        per_head_mean = probabilities.sum(dim=2) / counts.clamp(min=1)[:, None, None].to(probabilities.dtype)
-        return per_head_mean if per_head else per_head_mean.mean(dim=1)
+        return probabilities, slot, used
+
+    def check_query_attention(self, method: str) -> None:
+        """Refuse, naming `method` and the reason, a decoder whose attention weights `query_probabilities` cannot
+        recompute: it applies `input_layernorm`, `q_proj`, `k_proj`, rotary and `scaling` only, so a layer that
+        also normalises queries or keys (`q_norm` / `k_norm`) or caps its logits computes other weights."""
+        for index, layer in enumerate(self.layers):
+            attention = layer.self_attn
+            missing = [name for name in ("q_proj", "k_proj", "head_dim", "scaling") if not hasattr(attention, name)]
+            extra = [name for name in ("q_norm", "k_norm") if getattr(attention, name, None) is not None]
+            if getattr(self.text_config, "attn_logit_softcapping", None):
+                extra.append("attn_logit_softcapping")
+            if missing or extra:
+                found = (f"has no {', '.join(missing)}" if missing else f"also applies {', '.join(extra)}")
+                raise ValueError(
+                    f"{method} needs the decoder's attention weights, which dyvte recomputes from each layer's "
+                    f"input_layernorm, q_proj, k_proj and rotary (adapter.query_attention, so SDPA stays on); "
+                    f"{self.model.config.model_type}'s layer {index} attention ({type(attention).__name__}) {found}, "
+                    f"so the recomputed weights would not be the model's and {method} cannot run on this model."
+                )
 
 
 def image_token_runs(placeholders: torch.Tensor) -> list[tuple[int, int]]:

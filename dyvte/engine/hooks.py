@@ -4,7 +4,9 @@ Before decoder layer `i` runs, the engine shows the policy the sub-batch of samp
 (its hidden states are layer `i - 1`'s output) and the policy returns a `Decision`: which of those samples exit
 now (all their visual tokens leave), optionally which tokens the others keep, and optionally new hidden states for
 the sub-batch (token merging and pooling write a merged token into the slot it keeps). A policy is one small object
-with its own state, reset by `reset` at the start of every prefill; `a + b` composes two policies.
+with its own state, reset by `reset` at the start of every prefill; `a + b` composes two policies. A policy may
+also `observe` every sub-batch a layer then really runs on (the exited samples' text-only one included), which is
+how the attention analysis (`dyvte.evaluation.findings`) reads a layer without deciding anything.
 """
 
 from dataclasses import dataclass, replace
@@ -49,6 +51,10 @@ class ExitPolicy:
     def before_layer(self, layer_idx: int, sub: SubBatch, state: PrefillState) -> Decision:
         raise NotImplementedError
 
+    def observe(self, layer_idx: int, sub: SubBatch, state: PrefillState) -> None:
+        """Called, after the layer's decisions, with each sub-batch layer `layer_idx` is about to run on: the samples
+        still holding visual tokens (as pruned, merged or pooled) and those that exited (text only). Read-only."""
+
     def __add__(self, other: "ExitPolicy") -> "ExitPolicy":
         return Compose([self, other])
 
@@ -77,3 +83,7 @@ class Compose(ExitPolicy):
                 hidden = decision.hidden
                 sub = replace(sub, hidden=hidden)
         return Decision(exits, keep, hidden)
+
+    def observe(self, layer_idx, sub, state) -> None:
+        for policy in self.policies:
+            policy.observe(layer_idx, sub, state)

@@ -182,6 +182,8 @@ class VisualExit:
             for sub in (with_visual, text_only):
                 if sub is None or len(sub) == 0:
                     continue
+                if policy is not None:
+                    policy.observe(layer_idx, sub, state)
                 capture = _KVCapture() if use_cache else None
                 self.run_layer(layer, sub, capture)
                 calls.append((sub, capture))

@@ -1,6 +1,6 @@
 """Evaluating exit policies: the comparison runner behind `infer.py task=eval`, its equal-budget comparison,
-tables and plots, and the benchmark-harness runner (with its lmms-eval plug-in in
-`dyvte.evaluation.lmms_eval_plugin`)."""
+tables and plots, the paper's findings behind `analyze.py` (`dyvte.evaluation.findings`), and the
+benchmark-harness runner (with its lmms-eval plug-in in `dyvte.evaluation.lmms_eval_plugin`)."""
 
 from .budget import BUDGET_METHODS, budget_policy, visual_share
 from .compare import (
