@@ -1,7 +1,8 @@
 """Comparing exit policies on one set of samples: accuracy, agreement, FLOPs, time, KV memory; sweeps.
 
-Every policy generates for the same batches. FLOPs come from the tokens each layer really computed (the KV
-cache's per-sample key counts), so pruning policies such as FastV are counted as exactly as full exits.
+Every policy generates for the same batches. LM FLOPs come from the tokens each layer really computed (the KV
+cache's per-sample key counts), so pruning policies such as FastV are counted as exactly as full exits; vision
+FLOPs (tower and projector, the same under every policy) from the processor batch (`flops.vision_flops`).
 """
 
 import json
@@ -66,6 +67,7 @@ class PolicyRun:
     answers: list[str]
     exit_layer: list[int]
     prefill_flops: list[int]
+    vision_flops: list[int]
     kv_bytes: list[int]
     prefill_seconds: float
     decode_seconds: float
@@ -79,7 +81,7 @@ def run_policy(engine: VisualExit, processor, batches: list[dict], policy: ExitP
     config = engine.model.config
     shape = flops.DecoderShape.from_config(config)
     element = next(engine.model.parameters()).element_size()
-    run = PolicyRun([], [], [], [], 0.0, 0.0, 0)
+    run = PolicyRun([], [], [], [], [], 0.0, 0.0, 0)
     for batch in batches:
         inputs = {k: v for k, v in batch.items() if k not in ("samples", "skipped")}
         prefill_seconds = 0.0
@@ -96,6 +98,7 @@ def run_policy(engine: VisualExit, processor, batches: list[dict], policy: ExitP
         run.exit_layer += out.exit_layer.tolist()
         prefill_tokens = _prefill_tokens(out.past_key_values, new.shape[1])
         run.prefill_flops += [flops.prefill_flops_from_counts(shape, counts) for counts in prefill_tokens]
+        run.vision_flops += flops.vision_flops(config, **inputs)
         run.kv_bytes += [2 * sum(counts) * shape.kv_dim * element for counts in prefill_tokens]
         run.prefill_seconds += prefill_seconds
         run.decode_seconds += max(total - prefill_seconds, 0.0)
@@ -118,8 +121,12 @@ def summarize(run: PolicyRun, samples: list[Sample], reference: list[str], full_
     return {
         "accuracy": sum(correct) / len(known) if known else None,
         "agreement": sum(a == r for a, r in zip(run.answers, reference)) / n,
-        "tflops": sum(run.prefill_flops) / n / 1e12,
+        "lm_tflops": sum(run.prefill_flops) / n / 1e12,
+        "vision_tflops": sum(run.vision_flops) / n / 1e12,
+        "total_tflops": (sum(run.prefill_flops) + sum(run.vision_flops)) / n / 1e12,
         "flops_saved": 1.0 - sum(run.prefill_flops) / sum(full_flops),
+        "total_flops_saved": 1.0 - (sum(run.prefill_flops) + sum(run.vision_flops)) / (sum(full_flops)
+                                                                                       + sum(run.vision_flops)),
         "mean_exit_layer": sum(run.exit_layer) / n,
         "prefill_ms": 1000 * run.prefill_seconds / n,
         "decode_ms_per_token": 1000 * run.decode_seconds / run.decode_steps if run.decode_steps else None,
@@ -163,7 +170,8 @@ def evaluate(engine: VisualExit, processor, samples: list[Sample], policy_names:
 def _sweep_point(engine, processor, batches, policy, samples, full: PolicyRun, max_new_tokens) -> dict:
     run = run_policy(engine, processor, batches, policy, max_new_tokens, timed=False)
     summary = summarize(run, samples, full.answers, full.prefill_flops)
-    return {k: summary[k] for k in ("accuracy", "agreement", "flops_saved", "tflops", "mean_exit_layer")}
+    return {k: summary[k] for k in ("accuracy", "agreement", "flops_saved", "lm_tflops", "total_tflops",
+                                    "mean_exit_layer")}
 
 
 def write_report(results: dict, output_dir: Path) -> str:
@@ -178,7 +186,7 @@ def write_report(results: dict, output_dir: Path) -> str:
 
 
 def format_table(results: dict) -> str:
-    columns = ("accuracy", "agreement", "mean_exit_layer", "tflops", "flops_saved", "prefill_ms",
+    columns = ("accuracy", "agreement", "mean_exit_layer", "lm_tflops", "total_tflops", "flops_saved", "prefill_ms",
                "decode_ms_per_token", "kv_bytes")
     rows = [[name, *(number(metrics[c]) for c in columns)] for name, metrics in results["policies"].items()]
     return markdown_table(["policy", *columns], rows)
