@@ -138,8 +138,8 @@ def exits(num_layers: int) -> list[int]:
 # --- sections ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def prefill(engine: VisualExit, shape: Shape, device: Device, batches: tuple[int, ...], repeats: int) -> dict:
-    """Per batch size: the prefill at every k against the FLOPs ideal, and a mixed-exit batch (the k's cycled over
-    the samples) against the full batch; batch > 1 also times the mixed samples one by one."""
+    """Per batch size: the prefill at every k against the FLOPs ideal and, at batch > 1, a mixed-exit batch (the
+    k's cycled over the samples) against the full batch."""
     config, L = engine.model.config, engine.num_layers
     ks = exits(L)
     out = {}
@@ -147,7 +147,8 @@ def prefill(engine: VisualExit, shape: Shape, device: Device, batches: tuple[int
         inputs = build_inputs(engine.model, shape, batch)
         mix = torch.tensor([ks[i % len(ks)] for i in range(batch)], device=device.device)
         fns = {f"exit_{k}": (lambda k=k: engine.prefill(**inputs, exit_layer=k)) for k in ks}
-        fns["mixed"] = lambda: engine.prefill(**inputs, exit_layer=mix)
+        if batch > 1:
+            fns["mixed"] = lambda: engine.prefill(**inputs, exit_layer=mix)
         times, peaks = device.measure(fns, repeats)
         per_sample = {k: prefill_flops(config, shape.n_text, shape.n_visual, k) for k in ks}
         t_full = statistics.median(times[f"exit_{L}"])
@@ -164,15 +165,16 @@ def prefill(engine: VisualExit, shape: Shape, device: Device, batches: tuple[int
                 "kv_cache_bytes_formula": batch * kv_cache_bytes(config, shape.n_text, shape.n_visual, k,
                                                                  torch.finfo(engine.model.dtype).bits // 8),
             })
-        mixed_flops = sum(per_sample[int(k)] for k in mix.tolist())
-        t_mixed = statistics.median(times["mixed"])
-        ideal = batch * per_sample[L] / mixed_flops
-        out[f"batch_{batch}"] = {
-            "batch": batch, "n_text": shape.n_text, "n_visual": shape.n_visual, "num_layers": L, "exits": rows,
-            "mixed": {"exit_layers": mix.tolist(), **summarize(times["mixed"]), "lm_flops": mixed_flops,
-                      "ideal_speedup": ideal, "realized_speedup": t_full / t_mixed,
-                      "realized_over_ideal": t_full / t_mixed / ideal, "peak_memory_bytes": peaks["mixed"]},
-        }
+        out[f"batch_{batch}"] = {"batch": batch, "n_text": shape.n_text, "n_visual": shape.n_visual,
+                                 "num_layers": L, "exits": rows}
+        if batch > 1:
+            mixed_flops = sum(per_sample[k] for k in mix.tolist())
+            t_mixed = statistics.median(times["mixed"])
+            ideal = batch * per_sample[L] / mixed_flops
+            out[f"batch_{batch}"]["mixed"] = {
+                "exit_layers": mix.tolist(), **summarize(times["mixed"]), "lm_flops": mixed_flops,
+                "ideal_speedup": ideal, "realized_speedup": t_full / t_mixed,
+                "realized_over_ideal": t_full / t_mixed / ideal, "peak_memory_bytes": peaks["mixed"]}
     return out
 
 
@@ -289,7 +291,7 @@ def targets(data: dict) -> list[dict]:
     batch >= 0.85, dense labels >= 15x cheaper per pair than the paper's scheme at 7B shape."""
     out = []
     for model, entry in data["prefill"].items():
-        for res in entry.get("results", {}).values():
+        for res in entry["results"].values():
             if res["batch"] < 8:
                 continue
             for row in res["exits"][:-1]:
@@ -300,7 +302,7 @@ def targets(data: dict) -> list[dict]:
                         "value": res["mixed"]["realized_over_ideal"],
                         "holds": res["mixed"]["realized_over_ideal"] >= 0.85})
     for model, entry in data["labelling"].items():
-        for res in entry.get("results", {}).values():
+        for res in entry["results"].values():
             out.append({"target": "dense labels >= 15x cheaper per pair than the paper's scheme", "model": model,
                         "batch": res["batch"], "value": res["paper_over_dense"], "holds": res["paper_over_dense"] >= 15})
     return out
@@ -318,19 +320,21 @@ def summary(env: dict, settings: dict, data: dict, run: dict) -> str:
              f"{run['elapsed_s']:.0f} s. Command: `{settings['command']}`.", ""]
     rows = []
     for model, entry in data["prefill"].items():
-        for res in entry.get("results", {}).values():
+        for res in entry["results"].values():
             cells = [f"{r['realized_speedup']:.2f} / {r['ideal_speedup']:.2f}" for r in res["exits"][:-1]]
-            rows.append([model, res["batch"], f"{res['exits'][-1]['median_s'] * 1e3:.1f}", *cells,
-                         f"{res['mixed']['realized_over_ideal']:.2f}", _gib(res["exits"][-1]["peak_memory_bytes"])])
+            mixed = f"{res['mixed']['realized_over_ideal']:.2f}" if "mixed" in res else "—"
+            rows.append([model, res["batch"], f"{res['exits'][-1]['median_s'] * 1e3:.1f}", *cells, mixed,
+                         _gib(res["exits"][-1]["peak_memory_bytes"])])
     if rows:
         lines += ["## Prefill: realized / FLOPs-ideal speed-up", "",
-                  "Columns k = 0, L/4, L/2, 3L/4 (L = 32 at 7B, 40 at 13B, 28 at Qwen2-VL-7B); mixed: the batch's "
-                  "samples cycle through k = 0, L/4, L/2, 3L/4, L.", "",
+                  "Realized / ideal speed-up over the full prefill at k = 0, L/4, L/2, 3L/4 (L = 32 at 7B, 40 at "
+                  "13B, 28 at Qwen2-VL-7B); mixed: realized / ideal of a batch whose samples cycle through "
+                  "k = 0, L/4, L/2, 3L/4, L.", "",
                   markdown_table(["model", "batch", "full prefill ms", "k=0", "k=L/4", "k=L/2", "k=3L/4",
                                   "mixed realized/ideal", "peak GiB"], rows), ""]
     rows = []
     for model, entry in data["decode"].items():
-        for res in entry.get("results", {}).values():
+        for res in entry["results"].values():
             for r in res["by_exit"]:
                 rows.append([model, res["batch"], r["exit_layer"], f"{r['ms_per_token']['median_s']:.2f}",
                              f"{r['speedup_vs_full']:.2f}", f"{r['kv_cache_bytes'] / 2**20:.0f}",
@@ -340,7 +344,7 @@ def summary(env: dict, settings: dict, data: dict, run: dict) -> str:
                                                    "KV vs full", "peak GiB"], rows), ""]
     rows = []
     for model, entry in data["labelling"].items():
-        for res in entry.get("results", {}).values():
+        for res in entry["results"].values():
             rows.append([model, res["batch"], f"{res['dense']['labels_per_s']:.1f}",
                          f"{res['paper_scheme']['labels_per_s']:.1f}", f"{res['paper_over_dense']:.1f}",
                          f"{res['flops']['paper_over_dense']:.1f}", _gib(res["dense"]["peak_memory_bytes"])])
@@ -350,7 +354,7 @@ def summary(env: dict, settings: dict, data: dict, run: dict) -> str:
                                   "FLOPs ratio", "peak GiB"], rows), ""]
     rows = []
     for model, entry in data["head_overhead"].items():
-        for res in entry.get("results", {}).values():
+        for res in entry["results"].values():
             rows.append([model, res["batch"], res["heads_evaluated"], f"{res['overhead_fraction_of_prefill']:.2%}",
                          f"{res['overhead_in_decoder_layers']:.2f}", _gib(res["heads"]["peak_memory_bytes"])])
     if rows:
