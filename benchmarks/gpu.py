@@ -15,9 +15,9 @@ Timing uses CUDA events after a warm-up call (which also measures the peak memor
 configurations of one measurement interleaved round by round. Every JSON records the GPU, torch and transformers.
 
 Runs with torch, transformers (>=5), lightning and safetensors only: no Hydra, OmegaConf, datasets or Optuna.
-`--smoke` runs everything on the CPU at tiny shapes (a test). Writes prefill.json, decode.json, labelling.json,
-head_overhead.json, run.json (environment, plan, targets, what the budget cut) and summary.md into `--out`
-(default benchmarks/results/gpu), rewritten after every step, so a run cut short keeps what it measured.
+`--smoke` runs everything on the CPU at tiny shapes, in bf16 too (a test). Writes prefill.json, decode.json,
+labelling.json, head_overhead.json, run.json (environment, plan, targets, what the budget cut) and summary.md into
+`--out` (default benchmarks/results/gpu), rewritten after every step, so a run cut short keeps what it measured.
 """
 
 import argparse
@@ -48,9 +48,10 @@ LLAVA_7B = Shape("llava-1.5-7b", "llava", 4096, 11008, 32, 32, 32064, num_layers
 LLAVA_13B = Shape("llava-1.5-13b", "llava", 5120, 13824, 40, 40, 32064, num_layers=40, full_depth=40, dtype="bfloat16")
 QWEN2VL_7B = Shape("qwen2-vl-7b", "qwen2_vl", 3584, 18944, 28, 4, 152064, num_layers=28, full_depth=28,
                    dtype="bfloat16")
-SMOKE_LLAVA = Shape("smoke llava", "llava", 64, 172, 4, 4, 512, num_layers=4, full_depth=4, n_visual=36, n_text=16)
+SMOKE_LLAVA = Shape("smoke llava", "llava", 64, 172, 4, 4, 512, num_layers=4, full_depth=4, n_visual=36, n_text=16,
+                    dtype="bfloat16")
 SMOKE_QWEN = Shape("smoke qwen2-vl", "qwen2_vl", 64, 128, 4, 2, 512, num_layers=4, full_depth=4, n_visual=36,
-                   n_text=16)
+                   n_text=16, dtype="bfloat16")
 
 
 def plan(smoke: bool) -> list[tuple[Shape, str, dict]]:
@@ -304,7 +305,8 @@ def targets(data: dict) -> list[dict]:
     for model, entry in data["labelling"].items():
         for res in entry["results"].values():
             out.append({"target": "dense labels >= 15x cheaper per pair than the paper's scheme", "model": model,
-                        "batch": res["batch"], "value": res["paper_over_dense"], "holds": res["paper_over_dense"] >= 15})
+                        "batch": res["batch"], "value": res["paper_over_dense"],
+                        "holds": res["paper_over_dense"] >= 15})
     return out
 
 

@@ -120,7 +120,8 @@ def greedy_without_cache(model, batch: dict, exit_layer, max_new_tokens: int, wi
 def vit_layer_flops(tokens: int, pairs: int, hidden: int, intermediate: int, gated: bool = False) -> int:
     """One ViT encoder layer by hand, 2 FLOPs per multiply-add: q, k, v, o projections, scores and values over
     `pairs` (query, key) pairs, and the MLP (two matrices, or three when gated)."""
-    return 2 * tokens * 4 * hidden * hidden + 4 * pairs * hidden + 2 * tokens * (3 if gated else 2) * hidden * intermediate
+    mlp = 2 * tokens * (3 if gated else 2) * hidden * intermediate
+    return 2 * tokens * 4 * hidden * hidden + 4 * pairs * hidden + mlp
 
 
 def llava_image_flops(side: int, patch: int, cls: int, hidden: int, intermediate: int, layers: int, text_hidden: int,
