@@ -108,12 +108,15 @@ def one_sample(cfg, engine: VisualExit, processor) -> dict:
     counts = [int(out.past_key_values.num_keys(layer)[0]) - fed_back for layer in range(shape.num_layers)]
     full = flops.prefill_flops_from_counts(shape, [int(mask.sum())] * shape.num_layers)
     spent = flops.prefill_flops_from_counts(shape, counts)
+    vision = sum(flops.vision_flops(engine.model.config, **inputs))
     result = {
         "answer": processor.decode(new, skip_special_tokens=True).strip(),
         "exit_layer": int(out.exit_layer[0]),
         "num_layers": shape.num_layers,
         "lm_prefill_tflops": spent / 1e12,
         "full_model_tflops": full / 1e12,
+        "vision_tflops": vision / 1e12,
+        "total_tflops": (spent + vision) / 1e12,
         "flops_saved": 1 - spent / full,
         "prefill_ms": prefill_ms,
         "decode_ms_per_token": (total_ms - prefill_ms) / fed_back if fed_back else None,

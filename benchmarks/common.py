@@ -68,8 +68,9 @@ def _grid_side(n_visual: int) -> int:
     return side
 
 
-def build_model(shape: Shape, seed: int = 0):
-    """The stock MLLM class with the real decoder width, `shape.num_layers` layers and a tiny vision tower."""
+def build_model(shape: Shape, seed: int = 0, device: str | torch.device = "cpu"):
+    """The stock MLLM class with the real decoder width, `shape.num_layers` layers and a tiny vision tower, built
+    directly on `device` in `shape.dtype`."""
     torch.manual_seed(seed)
     side = _grid_side(shape.n_visual)
     if shape.family == "llava":
@@ -105,10 +106,11 @@ def build_model(shape: Shape, seed: int = 0):
     else:
         raise ValueError(shape.family)
     config._attn_implementation = "sdpa"
-    with no_init_weights():  # transformers' own init is slow at this size; `random_init` does the same job
-        model = model_class(config)
+    # transformers' own init is slow at this size; `random_init` does the same job
+    with no_init_weights(), torch.device(device):
+        model = model_class._from_config(config, dtype=getattr(torch, shape.dtype))
     random_init(model, seed)
-    model = model.eval().to(getattr(torch, shape.dtype))
+    model = model.eval()
     model.requires_grad_(False)
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = EOS
@@ -119,7 +121,7 @@ def build_model(shape: Shape, seed: int = 0):
 def random_init(model, seed: int = 0, std: float = 0.02) -> None:
     """Normal(0, std) matrices and embeddings, unit norm weights, zero biases (transformers' scheme for these
     families, without its per-module overhead). Buffers (rotary frequencies) are left as the constructors made them."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if "norm" in type(module).__name__.lower():
@@ -130,9 +132,12 @@ def random_init(model, seed: int = 0, std: float = 0.02) -> None:
                 param.normal_(0.0, std, generator=generator)
 
 
-def build_inputs(model, shape: Shape, batch: int, seed: int = 0, n_text: int | None = None) -> dict:
+def build_inputs(model, shape: Shape, batch: int, seed: int = 0, n_text: int | None = None,
+                 precompute_vision: bool = True) -> dict:
     """Engine inputs for `batch` samples of `n_visual` image tokens and `n_text` text tokens (BOS, a few text
-    tokens, the image, the question), with the vision features precomputed into `mm_encoder_outputs`."""
+    tokens, the image, the question), on the model's device, with the vision features precomputed into
+    `mm_encoder_outputs`; with `precompute_vision=False`, the pixels instead (the tiny tower then runs inside each
+    call: transformers before 5.23's `generate` refuses `mm_encoder_outputs`)."""
     n_text = shape.n_text if n_text is None else n_text
     side = _grid_side(shape.n_visual)
     generator = torch.Generator().manual_seed(seed)
@@ -147,19 +152,24 @@ def build_inputs(model, shape: Shape, batch: int, seed: int = 0, n_text: int | N
             row = ([BOS] + text[: before - 2] + [config.vision_start_token_id]
                    + [config.image_token_id] * shape.n_visual + [config.vision_end_token_id] + text[before - 2 : n_text - 3])
         rows.append(row)
-    input_ids = torch.tensor(rows)
+    device = model.device
+    input_ids = torch.tensor(rows, device=device)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if shape.family == "llava":
+        size = config.vision_config.image_size
+        inputs["pixel_values"] = torch.randn(batch, 3, size, size, generator=generator).to(device)
+    else:
+        inputs["image_grid_thw"] = torch.tensor([[1, 2 * side, 2 * side]] * batch, device=device)
+        inputs["pixel_values"] = torch.randn(batch * 4 * side * side, 3 * 2 * 2 * 2, generator=generator).to(device)
+        inputs["mm_token_type_ids"] = (input_ids == config.image_token_id).long()
+    if not precompute_vision:
+        return inputs
     with torch.no_grad():
         if shape.family == "llava":
-            size = config.vision_config.image_size
-            pixels = torch.randn(batch, 3, size, size, generator=generator)
-            encoded = model.model.get_image_features(pixel_values=pixels, return_dict=True)
+            encoded = model.model.get_image_features(pixel_values=inputs.pop("pixel_values"), return_dict=True)
         else:
-            grid = torch.tensor([[1, 2 * side, 2 * side]] * batch)
-            pixels = torch.randn(batch * 4 * side * side, 3 * 2 * 2 * 2, generator=generator)
-            encoded = model.model.get_image_features(pixels, grid, return_dict=True)
-            inputs["image_grid_thw"] = grid
-            inputs["mm_token_type_ids"] = (input_ids == config.image_token_id).long()
+            encoded = model.model.get_image_features(inputs.pop("pixel_values"), inputs["image_grid_thw"],
+                                                     return_dict=True)
     inputs["mm_encoder_outputs"] = {"image": encoded}
     return inputs
 

@@ -30,8 +30,16 @@ def _prefill(engine: VisualExit, inputs: dict, exit_layer, policy=None):
 DEADLINE: float | None = None
 
 
-def _interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Run every function once per round (round-robin, so slow drifts of a shared machine hit all alike).
+def wall_clock(fn) -> float:
+    """Seconds one call of `fn` takes on the host (CPU work is synchronous)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _interleaved(fns: dict, repeats: int, warmup: int, clock=wall_clock) -> dict[str, list[float]]:
+    """Run every function once per round (round-robin, so slow drifts of a shared machine hit all alike), timing
+    each call with `clock(fn) -> seconds`.
 
     Once a round has completed, no new round starts that would end past `DEADLINE` (the result then has fewer
     than `repeats` runs: see each entry's `n`)."""
@@ -45,9 +53,7 @@ def _interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]
             if time.perf_counter() + last_round > DEADLINE:
                 break
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock(fn))
     return times
 
 

@@ -193,3 +193,46 @@ def edited_greedy(model, batch: dict, edit, max_new_tokens: int) -> torch.Tensor
         embeds = torch.cat([prompt, embed_tokens(ids[:, length:])], dim=1)
         logits, _ = edited_forward(model, embeds, torch.ones_like(ids), torch.arange(ids.shape[1])[None], replay)
     return ids
+
+
+def vit_layer_flops(tokens: int, pairs: int, hidden: int, intermediate: int, gated: bool = False) -> int:
+    """One ViT encoder layer by hand, 2 FLOPs per multiply-add: q, k, v, o projections, scores and values over
+    `pairs` (query, key) pairs, and the MLP (two matrices, or three when gated)."""
+    mlp = 2 * tokens * (3 if gated else 2) * hidden * intermediate
+    return 2 * tokens * 4 * hidden * hidden + 4 * pairs * hidden + mlp
+
+
+def llava_image_flops(side: int, patch: int, cls: int, hidden: int, intermediate: int, layers: int, text_hidden: int,
+                      drop_first: bool = True) -> int:
+    """One `side` x `side` image through a CLIP-style tower (`cls` = 1 with a CLS token) and LLaVA's two-matrix
+    projector, by hand: patch embedding, `layers` full-attention layers, projector on the selected tokens."""
+    patches = (side // patch) ** 2
+    tokens = patches + cls
+    selected = tokens - drop_first
+    return (2 * patches * 3 * patch * patch * hidden
+            + layers * vit_layer_flops(tokens, tokens * tokens, hidden, intermediate)
+            + 2 * selected * (hidden * text_hidden + text_hidden * text_hidden))
+
+
+@torch.no_grad()
+def counted_vision_flops(model, batch: dict) -> int:
+    """Matrix-multiply FLOPs that PyTorch's `FlopCounterMode` counts while the stock model encodes the batch's
+    images and videos with its own `get_image_features` / `get_video_features` (run the model with eager
+    attention, whose score and value products are plain matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inner = model.model
+    qwen = model.config.model_type in ("qwen2_vl", "qwen2_5_vl")
+    with FlopCounterMode(display=False) as counter:
+        if "pixel_values" in batch:
+            if qwen:
+                inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+            else:
+                extra = {k: batch[k] for k in ("image_sizes", "batch_num_images") if k in batch}
+                inner.get_image_features(pixel_values=batch["pixel_values"], **extra)
+        if "pixel_values_videos" in batch:
+            if qwen:
+                inner.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])
+            else:
+                inner.get_video_features(batch["pixel_values_videos"])
+    return counter.get_total_flops()

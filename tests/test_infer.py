@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import llava_image_flops
 
 from dyvte import VisualExit
 from dyvte.heads import ExitHeads, ExitHeadsConfig
@@ -17,6 +18,9 @@ from dyvte.testbed.model import ModelConfig, build_model, build_processor
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = TESTBED_DATA_DIR / "images" / "test_00000.png"
+# the `trained` checkpoint's vision side by hand: a 96 px image of 12 px patches through one CLIP layer of width
+# 16 (MLP 32), the projector from 16 to the text width 32
+VISION_FLOPS = llava_image_flops(96, 12, 1, 16, 32, 1, 32)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +56,8 @@ def test_one_sample_prints_answer_exit_and_cost(trained):
     report = json.loads(result.stdout[result.stdout.index("{"):])
     assert 1 <= report["exit_layer"] <= 3 and report["num_layers"] == 3
     assert 0 < report["lm_prefill_tflops"] <= report["full_model_tflops"]
+    assert report["vision_tflops"] * 1e12 == pytest.approx(VISION_FLOPS, rel=1e-12)
+    assert report["total_tflops"] == pytest.approx(report["lm_prefill_tflops"] + report["vision_tflops"], rel=1e-12)
     assert report["prefill_ms"] > 0
 
 
@@ -64,9 +70,11 @@ def test_eval_writes_results_table_and_plots(trained, tmp_path):
     assert set(results["policies"]) == {"none", "vtw", "fastv", "dynamic", "fastv+dynamic"}
     assert [p["threshold"] for p in results["dynamic_sweep"]] == [0.3, 0.6, 0.9, 0.99]  # the configured grid
     for metrics in results["policies"].values():
-        for key in ("accuracy", "agreement", "tflops", "flops_saved", "mean_exit_layer", "prefill_ms",
+        for key in ("accuracy", "agreement", "lm_tflops", "flops_saved", "mean_exit_layer", "prefill_ms",
                     "decode_ms_per_token", "kv_bytes"):
             assert key in metrics
+        assert metrics["vision_tflops"] * 1e12 == pytest.approx(VISION_FLOPS, rel=1e-12)  # one image per sample
+        assert metrics["total_tflops"] == pytest.approx(metrics["lm_tflops"] + metrics["vision_tflops"], rel=1e-12)
     assert results["policies"]["none"]["flops_saved"] == 0 and results["policies"]["none"]["agreement"] == 1
     assert results["policies"]["fastv"]["flops_saved"] > 0
     assert [p["k"] for p in results["static_sweep"]] == [0, 1, 2, 3]
@@ -94,7 +102,7 @@ def test_eval_searches_saves_and_reloads_keep_rate_schedules(trained, tmp_path):
     assert not (tmp_path / "reload" / "gsearch.json").exists()  # loaded, not searched again
     assert reloaded["settings"]["gsearch_rates"] == saved["gsearch"]["rates"]
     for name in ("gsearch", "psigmoid", "gsearch+dynamic"):
-        for key in ("accuracy", "agreement", "tflops", "mean_exit_layer", "kv_bytes"):
+        for key in ("accuracy", "agreement", "lm_tflops", "mean_exit_layer", "kv_bytes"):
             assert reloaded["policies"][name][key] == searched["policies"][name][key]
 
 
@@ -127,6 +135,7 @@ def test_bad_input_is_named(trained, tmp_path, caplog):
         report = infer.one_sample(compose_infer(*base), engine, processor)
     assert "no image given: running the question text-only" in caplog.text
     assert report["lm_prefill_tflops"] == report["full_model_tflops"] > 0
+    assert report["vision_tflops"] == 0 and report["total_tflops"] == report["lm_prefill_tflops"]
 
 
 def test_vtw_search_returns_first_layer_below_eta():

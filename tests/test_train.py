@@ -13,6 +13,7 @@ import datasets
 import pytest
 import torch
 from PIL import Image
+from reference import llava_image_flops
 
 from dyvte.data import BadSample, PromptCollator, read_llava_json
 from dyvte.heads import ExitHeads, ExitHeadsConfig
@@ -69,6 +70,13 @@ def test_train_writes_heads_and_validate_json(checkpoint, tmp_path):
                 "label_oracle", "family_static"):
         assert key in report
     assert len(report["heads"]) == 3 and len(report["static_sweep"]) == 4
+    # every testbed sample has one 96 px image: 64 patches + CLS through one CLIP layer (16 wide, MLP 32), projector
+    # 16 -> 32 -> 32, whatever the exit
+    vision = llava_image_flops(96, 12, 1, 16, 32, 1, 32)
+    for scored in (report, report["label_oracle"], *report["static_sweep"]):
+        assert scored["vision_tflops"] * 1e12 == pytest.approx(vision, rel=1e-12)
+        assert scored["total_tflops"] == pytest.approx(scored["lm_tflops"] + scored["vision_tflops"], rel=1e-12)
+    assert report["static_sweep"][3]["lm_tflops"] == pytest.approx(report["full_lm_tflops"], rel=1e-12)
     assert report["static_sweep"][3]["agreement"] == 1.0 and report["static_sweep"][3]["flops_saved"] == 0.0
     heads = ExitHeads.from_pretrained(tmp_path / "run" / "heads")
     assert heads.num_layers == 3 and heads.threshold == report["threshold"]
@@ -213,7 +221,7 @@ def test_heads_of_a_local_checkpoint_follow_its_weights(checkpoint, tmp_path):
 def cache_rows(labels, match, accurate, families) -> datasets.Dataset:
     """A label-cache-shaped dataset (per exit layer 0..L) with the columns the simulation reads."""
     rows = {"labels": labels, "match": match, "accurate": accurate, "family": families,
-            "n_text": [10] * len(labels), "n_visual": [64] * len(labels)}
+            "n_text": [10] * len(labels), "n_visual": [64] * len(labels), "vision_flops": [1000] * len(labels)}
     bools = datasets.Sequence(datasets.Value("bool"))
     return datasets.Dataset.from_dict(rows).cast_column("match", bools).cast_column("accurate", bools)
 

@@ -1,9 +1,10 @@
 """Comparing exit policies on one set of samples: accuracy, agreement, FLOPs, time, KV memory; sweeps; the
 equal-budget comparison of the token-reduction baselines (`budget.py`).
 
-Every policy generates for the same batches. FLOPs come from the tokens each layer really computed (the KV
+Every policy generates for the same batches. LM FLOPs come from the tokens each layer really computed (the KV
 cache's per-sample key counts), so pruning and merging policies such as FastV or ToMe are counted as exactly as
-full exits.
+full exits; vision FLOPs (tower and projector, the same under every policy) from the processor batch
+(`flops.vision_flops`).
 """
 
 import json
@@ -98,6 +99,7 @@ class PolicyRun:
     answers: list[str]
     exit_layer: list[int]
     prefill_flops: list[int]
+    vision_flops: list[int]
     kv_bytes: list[int]
     prefill_seconds: float
     decode_seconds: float
@@ -112,7 +114,7 @@ def run_policy(engine: VisualExit, processor, batches: list[dict], policy: ExitP
     config = engine.model.config
     shape = flops.DecoderShape.from_config(config)
     element = next(engine.model.parameters()).element_size()
-    run = PolicyRun([], [], [], [], 0.0, 0.0, 0)
+    run = PolicyRun([], [], [], [], [], 0.0, 0.0, 0)
     for batch in batches:
         inputs = {k: v for k, v in batch.items() if k not in ("samples", "skipped")}
         prefill_seconds = 0.0
@@ -133,6 +135,7 @@ def run_policy(engine: VisualExit, processor, batches: list[dict], policy: ExitP
         n_text = inputs["attention_mask"].sum(dim=1) - n_visual
         run.visual_share += [visual_share(counts, t, v) for counts, t, v in
                              zip(prefill_tokens, n_text.tolist(), n_visual.tolist())]
+        run.vision_flops += flops.vision_flops(config, **inputs)
         run.kv_bytes += [2 * sum(counts) * shape.kv_dim * element for counts in prefill_tokens]
         run.prefill_seconds += prefill_seconds
         run.decode_seconds += max(total - prefill_seconds, 0.0)
@@ -156,8 +159,12 @@ def summarize(run: PolicyRun, samples: list[Sample], reference: list[str], full_
     return {
         "accuracy": sum(correct) / len(known) if known else None,
         "agreement": sum(a == r for a, r in zip(run.answers, reference)) / n,
-        "tflops": sum(run.prefill_flops) / n / 1e12,
+        "lm_tflops": sum(run.prefill_flops) / n / 1e12,
+        "vision_tflops": sum(run.vision_flops) / n / 1e12,
+        "total_tflops": (sum(run.prefill_flops) + sum(run.vision_flops)) / n / 1e12,
         "flops_saved": 1.0 - sum(run.prefill_flops) / sum(full_flops),
+        "total_flops_saved": 1.0 - (sum(run.prefill_flops) + sum(run.vision_flops)) / (sum(full_flops)
+                                                                                       + sum(run.vision_flops)),
         "mean_exit_layer": sum(run.exit_layer) / n,
         "prefill_ms": 1000 * run.prefill_seconds / n,
         "decode_ms_per_token": 1000 * run.decode_seconds / run.decode_steps if run.decode_steps else None,
@@ -230,7 +237,7 @@ def _budget_rows(engine, processor, batches, samples, full: PolicyRun, settings:
     for setting, metrics in dynamic:
         rows.append({"budget": None, "method": "dynamic", "setting": setting,
                      "equivalent_tokens": _tokens(metrics["visual_share"], unit),
-                     **{k: metrics[k] for k in ("accuracy", "agreement", "flops_saved", "tflops", "visual_share")}})
+                     **{k: metrics[k] for k in ("accuracy", "agreement", "flops_saved", "lm_tflops", "visual_share")}})
     return rows
 
 
@@ -241,8 +248,8 @@ def _tokens(share: float | None, unit: int) -> float | None:
 def _sweep_point(engine, processor, batches, policy, samples, full: PolicyRun, max_new_tokens) -> dict:
     run = run_policy(engine, processor, batches, policy, max_new_tokens, timed=False)
     summary = summarize(run, samples, full.answers, full.prefill_flops)
-    return {k: summary[k] for k in ("accuracy", "agreement", "flops_saved", "tflops", "mean_exit_layer",
-                                    "visual_share")}
+    return {k: summary[k] for k in ("accuracy", "agreement", "flops_saved", "lm_tflops", "total_tflops",
+                                    "mean_exit_layer", "visual_share")}
 
 
 def write_report(results: dict, output_dir: Path) -> str:
@@ -262,7 +269,7 @@ def write_report(results: dict, output_dir: Path) -> str:
 
 
 def format_table(results: dict) -> str:
-    columns = ("accuracy", "agreement", "mean_exit_layer", "tflops", "flops_saved", "prefill_ms",
+    columns = ("accuracy", "agreement", "mean_exit_layer", "lm_tflops", "total_tflops", "flops_saved", "prefill_ms",
                "decode_ms_per_token", "kv_bytes")
     rows = [[name, *(number(metrics[c]) for c in columns)] for name, metrics in results["policies"].items()]
     return markdown_table(["policy", *columns], rows)

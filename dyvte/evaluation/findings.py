@@ -255,8 +255,8 @@ def _rows_of(run: PolicyRun, rows: list[int]) -> PolicyRun:
     def pick(values):
         return [values[i] for i in rows]
 
-    return PolicyRun(pick(run.answers), pick(run.exit_layer), pick(run.prefill_flops), pick(run.kv_bytes), 0.0, 0.0,
-                     0, pick(run.visual_share))
+    return PolicyRun(pick(run.answers), pick(run.exit_layer), pick(run.prefill_flops), pick(run.vision_flops),
+                     pick(run.kv_bytes), 0.0, 0.0, 0, pick(run.visual_share))
 
 
 def sweep_summary(sweep: WithdrawalSweep, samples: list[Sample], groups: dict[str, list[int]]) -> dict:

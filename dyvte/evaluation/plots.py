@@ -37,12 +37,12 @@ def plot_pareto(results: dict, path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(5, 3.6))
     for key, label, marker in (("static_sweep", "static exit k (VTW)", "s"), ("dynamic_sweep", "dynamic (thresholds)", "o")):
-        points = sorted(results.get(key, []), key=lambda p: p["tflops"])
+        points = sorted(results.get(key, []), key=lambda p: p["lm_tflops"])
         if points:
-            axis.plot([p["tflops"] for p in points], [p["accuracy"] for p in points], marker=marker, label=label)
+            axis.plot([p["lm_tflops"] for p in points], [p["accuracy"] for p in points], marker=marker, label=label)
     for name, metrics in results["policies"].items():
-        axis.scatter(metrics["tflops"], metrics["accuracy"], marker="*", s=90, zorder=3)
-        axis.annotate(name, (metrics["tflops"], metrics["accuracy"]), fontsize=7, xytext=(3, 3),
+        axis.scatter(metrics["lm_tflops"], metrics["accuracy"], marker="*", s=90, zorder=3)
+        axis.annotate(name, (metrics["lm_tflops"], metrics["accuracy"]), fontsize=7, xytext=(3, 3),
                       textcoords="offset points")
     axis.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))  # readable at testbed and 7B scales
     axis.set_xlabel("LM prefill TFLOPs per sample")

@@ -7,6 +7,7 @@ import torch
 from datasets import Features
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from .. import flops
 from ..data import PromptCollator, PromptDataModule, Sample, normalize_answer
 from ..engine import VisualExit, generation_eos_ids, greedy_answers
 from .dense_labels import LabelConfig, answer_tokens, candidate_exits, dense_labels
@@ -56,6 +57,7 @@ class LabelModule(L.LightningModule):
             "ground_truth": ground_truth,
             "n_text": dense.n_text.tolist(),
             "n_visual": dense.n_visual.tolist(),
+            "vision_flops": flops.vision_flops(self.engine.model.config, **inputs),
             "labels": dense.labels(config.alpha).tolist(),
             "match": dense.match.tolist(),
             "ce": dense.ce.tolist(),

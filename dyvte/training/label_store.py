@@ -18,6 +18,9 @@ from filelock import FileLock
 from ..engine.features import group_widths
 from ..files import atomic_write_text
 
+#: Bumped whenever the row schema changes, so a cache written before is relabelled instead of read wrongly
+#: (2: the `vision_flops` column).
+SCHEMA_VERSION = 2
 META_NAME = "meta.json"
 SKIPPED_NAME = "skipped.jsonl"
 COMPLETE_NAME = "complete.json"
@@ -56,6 +59,7 @@ def row_features(num_layers: int, hidden_size: int, num_heads: int, groups: tupl
             "ground_truth": Value("string"),
             "n_text": Value("int32"),
             "n_visual": Value("int32"),
+            "vision_flops": Value("int64"),  # vision tower + projector of this sample (`dyvte.flops.vision_flops`)
             "labels": Sequence(Value("int8")),  # per exit layer 0..L: 1 safe, 0 not, -1 not labelled
             "match": Sequence(Value("bool")),  # greedy with exit reproduces A
             "ce": Sequence(Value("float32")),
@@ -67,6 +71,7 @@ def row_features(num_layers: int, hidden_size: int, num_heads: int, groups: tupl
 
 class LabelStore:
     def __init__(self, root: str | Path, key_fields: dict):
+        key_fields = {**key_fields, "schema": SCHEMA_VERSION}
         self.key_fields = key_fields
         self.dir = Path(root) / store_key(key_fields)
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -71,19 +71,26 @@ def prefill_costs(dataset: Dataset, model_config) -> torch.Tensor:
 
 
 def score_exits(dataset: Dataset, exit_layer: torch.Tensor, model_config) -> dict:
-    """Agreement with the full model, accuracy and LM prefill FLOPs saved for given exit layers."""
-    table = torch_columns(dataset, ["match", "accurate"])
+    """Agreement with the full model, accuracy, LM prefill FLOPs saved and TFLOPs per sample for given exit layers.
+
+    `lm_tflops` counts the LM prefill at each sample's exit; `vision_tflops` the vision tower and projector, which
+    every exit layer pays in full; `total_tflops` both (the paper's whole-model figure)."""
+    table = torch_columns(dataset, ["match", "accurate", "vision_flops"])
     rows = torch.arange(len(exit_layer))
     costs = prefill_costs(dataset, model_config)
     full, spent = costs[:, -1].tolist(), costs[rows, exit_layer].tolist()
+    vision = sum(table["vision_flops"].tolist())
     return {
         "agreement": float(table["match"][rows, exit_layer].float().mean()),
         "accuracy": float(table["accurate"][rows, exit_layer].float().mean()),
         "full_accuracy": float(table["accurate"][:, -1].float().mean()),
         "flops_saved": 1.0 - sum(spent) / sum(full),
         "mean_exit_layer": float(exit_layer.float().mean()),
-        "tflops": sum(spent) / len(spent) / 1e12,
-        "full_tflops": sum(full) / len(full) / 1e12,
+        "lm_tflops": sum(spent) / len(spent) / 1e12,
+        "vision_tflops": vision / len(spent) / 1e12,
+        "total_tflops": (sum(spent) + vision) / len(spent) / 1e12,
+        "full_lm_tflops": sum(full) / len(full) / 1e12,
+        "full_total_tflops": (sum(full) + vision) / len(full) / 1e12,
     }
 
 
