@@ -11,7 +11,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .adapters.base import TEXT_SPANS, WITHDRAW_CHOICES
 from .engine.features import FEATURE_GROUPS
 from .evaluation.budget import BUDGET_METHODS
-from .heads import ARCHITECTURES, INPUT_PARTS, LABEL_SHAPES
+from .heads import ARCHITECTURES, INPUT_PARTS, LABEL_SHAPES, LABEL_TARGETS
 
 STAGES = ("labels", "heads", "validate")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -112,6 +112,7 @@ def check_train_config(cfg: DictConfig) -> None:
         _fail("head_training.inputs", inputs, f"read feature groups {sorted(needed)}: add them to features.groups")
     _choice(cfg, "head_training.architecture", ARCHITECTURES)
     _choice(cfg, "head_training.label_shape", LABEL_SHAPES)
+    _choice(cfg, "head_training.label_target", LABEL_TARGETS)
     _choice(cfg, "validate.decision", ("global", "per_layer"))
     if cfg.validate.decision == "per_layer" and cfg.validate.threshold != "auto":
         _fail("validate.decision", "per_layer", "calibrates one threshold per head on val: needs validate.threshold=auto")

@@ -29,6 +29,7 @@ INPUT_PARTS = {
 PAPER_INPUTS = ("mean_text", "last_text")
 ARCHITECTURES = ("per_layer", "shared")
 LABEL_SHAPES = ("per_layer", "monotone")
+LABEL_TARGETS = ("safe", "match")
 
 
 @dataclass
@@ -39,7 +40,8 @@ class ExitHeadsConfig:
     global `threshold`, trained on per-layer labels. The other settings: `inputs` may add the visual tokens' mean and
     last state, the attention status and the logit lens; `architecture="shared"` is one MLP for every layer with a
     learned layer embedding; `thresholds` holds one threshold per head; `label_shape="monotone"` records heads
-    trained on "safe from here on" labels."""
+    trained on "safe from here on" labels, `label_target="match"` heads trained on "the answer is kept" without
+    DyVTE's cross-entropy margin."""
 
     hidden_size: int  # the decoder's hidden size d
     num_layers: int  # one head per decoder layer
@@ -56,6 +58,7 @@ class ExitHeadsConfig:
     architecture: str = "per_layer"  # per_layer (the paper) | shared
     thresholds: tuple[float, ...] | None = None  # per-head thresholds (None: `threshold` for every head)
     label_shape: str = "per_layer"  # what the heads were trained on: per_layer (the paper) | monotone
+    label_target: str = "safe"  # safe: DyVTE's label (answer kept, CE within alpha) | match: answer kept
 
     def __post_init__(self):
         for name in ("hidden_size", "num_layers", "head_hidden"):
@@ -70,6 +73,8 @@ class ExitHeadsConfig:
             raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {self.architecture!r}.")
         if self.label_shape not in LABEL_SHAPES:
             raise ValueError(f"label_shape must be one of {', '.join(LABEL_SHAPES)}; got {self.label_shape!r}.")
+        if self.label_target not in LABEL_TARGETS:
+            raise ValueError(f"label_target must be one of {', '.join(LABEL_TARGETS)}; got {self.label_target!r}.")
         if self.thresholds is not None:
             self.thresholds = tuple(float(t) for t in self.thresholds)
             if len(self.thresholds) != self.num_layers:

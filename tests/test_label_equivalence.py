@@ -78,8 +78,10 @@ def teach(family: str, model, processor, images: dict, steps: int = 200) -> None
     targets = labels[row, position + 1]
     torch.manual_seed(0)
     model.train()
-    trained = [p for name, p in model.named_parameters() if "visual" not in name and "vision_tower" not in name]
-    optimizer = torch.optim.Adam(trained, lr=1e-2)  # the vision tower stays random (cheaper; its features differ)
+    # the vision encoder stays random (cheaper; its features differ by image), its projector or merger learns
+    trained = [p for name, p in model.named_parameters()
+               if ("visual" not in name and "vision_tower" not in name) or "merger" in name]
+    optimizer = torch.optim.Adam(trained, lr=1e-2)
     model.requires_grad_(False)
     for parameter in trained:
         parameter.requires_grad_(True)

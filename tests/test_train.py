@@ -303,6 +303,15 @@ def test_monotone_labels_are_safe_from_here_on():
     )
     assert head_labels(dataset).tolist() == [[1, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]]
     assert head_labels(dataset, "monotone").tolist() == [[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]]
+    # `match`: the answer kept, whatever the cross-entropy (sample 0 keeps it from exit 1 on, but its CE is within
+    # the margin only at exits 1 and 4); unlabelled exits stay unlabelled
+    kept = cache_rows(
+        labels=[[0, 1, 0, 0, 1], [0, -1, 1, 1, 1]], match=[[0, 1, 1, 1, 1], [1, 0, 1, 1, 1]],
+        accurate=[[1] * 5] * 2, families=["a"] * 2,
+    )
+    assert head_labels(kept, target="match").tolist() == [[1, 1, 1, 1], [-1, 1, 1, 1]]
+    assert head_labels(kept.select([0]), "monotone", "safe").tolist() == [[0, 0, 0, 1]]
+    assert head_labels(kept.select([0]), "monotone", "match").tolist() == [[1, 1, 1, 1]]
     with pytest.raises(ValueError, match="every exit layer labelled"):
         head_labels(cache_rows(labels=[[0, -1, 1, 1, 1]], match=[[1] * 5], accurate=[[1] * 5], families=["a"]),
                     "monotone")

@@ -35,6 +35,7 @@ def collect(sweep_dir: Path) -> list[dict]:
             "architecture": config.head_training.architecture,
             "hidden": config.head_training.hidden,
             "label_shape": config.head_training.label_shape,
+            "label_target": config.head_training.label_target,
             "decision": config.validate.decision,
             **{k: report[k] for k in ("agreement", "accuracy", "flops_saved", "mean_exit_layer", "head_parameters")},
             "val": report.get("val", {}),
@@ -55,7 +56,8 @@ def write_report(rows: list[dict], out_dir: Path) -> str:
     for row in rows:
         share = row["flops_saved"] / oracle["flops_saved"] if oracle.get("flops_saved") else None
         heads = f"{row['architecture']}, h = {row['hidden']}"
-        table.append([row["setting"], " + ".join(row["inputs"]), heads, row["label_shape"], row["decision"],
+        labels = row["label_shape"] if row["label_target"] == "safe" else f"{row['label_shape']}, match"
+        table.append([row["setting"], " + ".join(row["inputs"]), heads, labels, row["decision"],
                       f"{100 * row['val'].get('agreement', float('nan')):.2f}%",
                       f"{100 * row['val'].get('flops_saved', float('nan')):.1f}%", f"{100 * row['agreement']:.2f}%",
                       f"{100 * row['accuracy']:.2f}%", f"{100 * row['flops_saved']:.1f}%",

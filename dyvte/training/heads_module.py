@@ -24,13 +24,18 @@ def head_inputs(dataset: Dataset, config: ExitHeadsConfig) -> torch.Tensor:
     return ExitHeads.assemble_inputs(config, groups)
 
 
-def head_labels(dataset: Dataset, shape: str = "per_layer") -> torch.Tensor:
+def head_labels(dataset: Dataset, shape: str = "per_layer", target: str = "safe") -> torch.Tensor:
     """Head labels [N, L] (1 exit, 0 stay, -1 not labelled): head `i` is labelled by exit layer `i + 1`.
 
-    `per_layer` (the paper): exit `i + 1` is safe. `monotone`: exit `i + 1` and every later exit are safe ("safe
-    from here on"), which is what the first-exit rule needs: a head that fires where a later exit would change the
-    answer again is wrong even if its own exit happens to be safe."""
+    `target`: `safe` (DyVTE) is the cached label, the answer kept and its cross-entropy within `alpha` of the full
+    model's; `match` is the answer kept, which is what agreement with the full model measures (unlabelled exits
+    stay -1). `shape`: `per_layer` (DyVTE) labels exit `i + 1` alone; `monotone` labels exit `i + 1` positive when
+    it and every later exit are, which is what the first-exit rule needs: a head that fires where a later exit
+    would change the answer again is wrong even if its own exit happens to be right."""
     labels = torch_columns(dataset, ["labels"])["labels"][:, 1:].long()
+    if target == "match":
+        match = torch_columns(dataset, ["match"])["match"][:, 1:].long()
+        labels = torch.where(labels >= 0, match, labels)
     if shape == "per_layer":
         return labels
     if (labels < 0).any():
@@ -71,7 +76,8 @@ class HeadsDataModule(L.LightningDataModule):
         self.train, self.val, self.config, self.batch_size, self.seed = train, val, config, batch_size, seed
 
     def tensors(self, dataset: Dataset) -> TensorDataset:
-        return TensorDataset(head_inputs(dataset, self.config), head_labels(dataset, self.config.label_shape))
+        labels = head_labels(dataset, self.config.label_shape, self.config.label_target)
+        return TensorDataset(head_inputs(dataset, self.config), labels)
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = self.tensors(self.train)

@@ -76,7 +76,7 @@ def train_heads(cfg, model, stores: dict[str, LabelStore], output_dir: Path) -> 
         text.hidden_size, text.num_hidden_layers, training.hidden, feature_span=cfg.features.span,
         withdraw=cfg.model.withdraw, labels=asdict(label_config(cfg)), inputs=tuple(training.inputs),
         num_attention_heads=text.num_attention_heads, architecture=training.architecture,
-        label_shape=training.label_shape, **model_identity(cfg.model.name_or_path, cfg.model.revision),
+        label_shape=training.label_shape, label_target=training.label_target, **model_identity(cfg.model.name_or_path, cfg.model.revision),
     )
     heads = ExitHeads(config)
     module = HeadsModule(heads, lr=training.lr, weight_decay=training.weight_decay,

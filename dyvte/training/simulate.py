@@ -142,7 +142,7 @@ def head_metrics(heads: ExitHeads, dataset: Dataset) -> list[dict]:
     """Per head: accuracy, precision/recall of the exit class at 0.5 against the labels the heads were trained
     on, and how often exit is safe."""
     p_exit = exit_probabilities(heads, dataset)
-    labels = head_labels(dataset, heads.config.label_shape)
+    labels = head_labels(dataset, heads.config.label_shape, heads.config.label_target)
     stats = head_stat_scores(heads.num_layers, sync_on_compute=False)  # one process scores the whole split
     stats.update((p_exit > 0.5).int(), labels)
     return [{"layer": i, **m} for i, m in enumerate(layer_metrics(stats.compute()))]
