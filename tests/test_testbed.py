@@ -271,6 +271,24 @@ def test_pretraining_defaults_reproduce_the_shipped_checkpoint():
         expected.hidden_size, expected.num_layers, expected.num_heads, expected.intermediate_size
     )
     assert text.rope_parameters["rope_theta"] == expected.rope_theta
+    # options added after the shipped build default to what that build did
+    added = {k: v for k, v in defaults.items() if k not in recorded}
+    assert added == {"rope_theta": 10000.0, "tie_embeddings": True, "freeze_embeddings": False, "grounding_weight": 0.0, "grounding_layer": 2,
+                     "grounding_head": 0, "answer_grounding_weight": 0.0, "answer_grounding_layer": 4,
+                     "device": "cpu", "workers": 0, "precision": "fp32"}
+
+
+def test_pretraining_with_data_workers(tmp_path):
+    """A GPU build feeds the model from worker processes: a few steps on the CPU run through and are logged."""
+    from dyvte.testbed.pretrain import pretrain
+
+    args = parse_args(["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "model"), "--steps", "4",
+                       "--vision-steps", "2", "--eval-every", "4", "--workers", "2", "--threads", "1",
+                       "--grounding-weight", "1", "--answer-grounding-weight", "1"])
+    summary = pretrain(args)
+    assert summary["device"] == "cpu, 1 threads" and summary["log"][-1]["step"] == 4
+    assert summary["log"][-1]["grounding_loss"] > 0
+    assert AutoModelForImageTextToText.from_pretrained(tmp_path / "model").config.text_config.num_hidden_layers == 12
 
 
 @pytest.mark.xfail(

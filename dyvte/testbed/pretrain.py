@@ -198,10 +198,15 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, label_weights: torch
     return (token_loss * label_weights).sum() / label_weights.sum()
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def teacher_forced_accuracy(model, encoder: Encoder, records: list[dict], images_dir: Path, batch_size: int = 64):
     """Per-family exact match of the full model with the answer teacher-forced: the argmax is right at every
     answer position iff greedy generation reproduces the answer."""
+    device = next(model.parameters()).device
     model.eval()
     hits = {}
     for start in range(0, len(records), batch_size):
@@ -209,7 +214,7 @@ def teacher_forced_accuracy(model, encoder: Encoder, records: list[dict], images
         images = [Image.open(images_dir / r["image"]).convert("RGB") for r in chunk]
         questions = [r["conversations"][0]["value"].removeprefix("<image>\n") for r in chunk]
         answers = [r["conversations"][1]["value"] for r in chunk]
-        batch = encoder.batch(images, [[(q, a)] for q, a in zip(questions, answers)])
+        batch = to_device(encoder.batch(images, [[(q, a)] for q, a in zip(questions, answers)]), device)
         labels = batch.pop("labels")
         batch.pop("label_weights")
         logits = model(**batch).logits[:, :-1]
@@ -323,24 +328,55 @@ class GroundingLoss:
 
     def __call__(self, pairs: list[list[tuple[int, int]]], image_start: int, image_tokens: int) -> torch.Tensor:
         """`pairs[i]` lists (query, key) positions of row i from the model call just made; mean cross-entropy."""
-        rows = torch.tensor([i for i, row in enumerate(pairs) for _ in row])
-        if len(rows) == 0:
-            return torch.zeros(())
-        queries = torch.tensor([q for row in pairs for q, _ in row])
-        targets = torch.tensor([k for row in pairs for _, k in row]) - image_start
         hidden, (cos, sin) = self.inputs
+        device = hidden.device
+        rows = torch.tensor([i for i, row in enumerate(pairs) for _ in row], device=device)
+        if len(rows) == 0:
+            return torch.zeros((), device=device)
+        queries = torch.tensor([q for row in pairs for q, _ in row], device=device)
+        targets = torch.tensor([k for row in pairs for _, k in row], device=device) - image_start
         attention, head_dim = self.attention, self.attention.head_dim
         head = slice(self.head * head_dim, (self.head + 1) * head_dim)
 
         def rotate(x, positions):
             return x * cos[rows[:, None], positions] + rotate_half(x) * sin[rows[:, None], positions]
 
-        keys = torch.arange(image_start, image_start + image_tokens).expand(len(rows), -1)
+        keys = torch.arange(image_start, image_start + image_tokens, device=device).expand(len(rows), -1)
         q = rotate(F.linear(hidden[rows, queries], attention.q_proj.weight[head])[:, None], queries[:, None])
         k = rotate(F.linear(hidden[rows[:, None], keys], attention.k_proj.weight[head]), keys)
         scores = (q * k).sum(-1) * attention.scaling
         self.inputs = None
         return F.cross_entropy(scores, targets)
+
+
+class TrainingBatches(torch.utils.data.IterableDataset):
+    """Stage 2's encoded batches, one per step, with the grounding pairs of each `site` ("referent", "answer").
+
+    In the training process (`workers=0`) one `TrainingData` stream makes every batch. With `workers > 0`, a
+    `DataLoader` runs this in worker processes: worker `w` of `n` makes the batches of steps `w, w + n, ...` from
+    its own scene and question streams (seed `"{seed}/worker{w}"`), which keeps a GPU fed but draws other data than
+    the one-process build.
+    """
+
+    def __init__(self, args, scene_config: SceneConfig, exclude: set[str], processor, sites: tuple[str, ...]):
+        super().__init__()
+        self.args, self.scene_config, self.exclude, self.processor, self.sites = args, scene_config, exclude, \
+            processor, sites
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        args = self.args
+        data = TrainingData(
+            args.seed if workers == 1 else f"{args.seed}/worker{worker}", self.scene_config, self.exclude,
+            family_weights(args.family_weights), hold=args.hold, ramp=args.ramp, turns=args.turns,
+        )
+        encoder = Encoder(self.processor, self.scene_config)
+        for step in range(worker, args.steps, workers):
+            images, conversations, hidden, scenes = zip(*(data.sample(step / args.steps) for _ in range(args.batch_size)))
+            pairs = {site: [encoder.grounding_pairs(turns, scene, site) for turns, scene in zip(conversations, scenes)]
+                     for site in self.sites}
+            yield encoder.batch(images, conversations, hidden), pairs
 
 
 def vision_parameters(model) -> list[torch.nn.Parameter]:
@@ -413,28 +449,31 @@ def pretrain_vision(model, tokenizer, scene_config: SceneConfig, scenes, args, p
     tokens, stage 2 only has to teach the decoder to find and relate them. The projector's output layer is then
     rescaled so visual tokens have the norm of text embeddings and do not swamp the residual stream.
     """
-    codes = CellCodes(model.get_input_embeddings().weight, tokenizer, args.seed)
+    device = next(model.parameters()).device
+    codes = CellCodes(model.get_input_embeddings().weight.detach().cpu(), tokenizer, args.seed)
     optimizer = torch.optim.AdamW(vision_parameters(model), lr=args.vision_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / args.vision_steps)
     task = progress.add_task("vision pre-training", total=args.vision_steps, status="")
     log = []
     for step in range(args.vision_steps):
         batch = [next(scenes)[0] for _ in range(args.batch_size)]
-        features = image_features(model, pixel_values([render(s, scene_config) for s in batch], scene_config))
+        pixels = pixel_values([render(s, scene_config) for s in batch], scene_config).to(device)
+        features = image_features(model, pixels)
         indices = CellCodes.indices(batch, scene_config.grid)
-        loss = F.mse_loss(features, codes.targets(indices), reduction="sum") / (features.shape[0] * features.shape[1])
+        targets = codes.targets(indices).to(device)
+        loss = F.mse_loss(features, targets, reduction="sum") / (features.shape[0] * features.shape[1])
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.vision_steps:
-            accuracy = codes.accuracy(features.detach(), indices)
+            accuracy = codes.accuracy(features.detach().cpu(), indices)
             log.append({"step": step + 1, "loss": loss.item(), "cell_accuracy": accuracy})
             progress.console.print(f"vision step {step + 1} loss {loss.item():.3f} " +
                                    " ".join(f"{k}={v:.3f}" for k, v in accuracy.items()))
         progress.update(task, advance=1, status=f"loss {loss.item():.3f}")
     with torch.no_grad():
-        pixels = pixel_values([render(next(scenes)[0], scene_config) for _ in range(64)], scene_config)
+        pixels = pixel_values([render(next(scenes)[0], scene_config) for _ in range(64)], scene_config).to(device)
         visual_norm = image_features(model, pixels).norm(dim=-1).mean()
         text_norm = model.get_input_embeddings().weight.norm(dim=-1).mean()
         output = model.model.multi_modal_projector.linear_2
@@ -457,24 +496,21 @@ def pretrain(args) -> dict:
 
     model_config = ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig)})
     processor = build_processor(scene_config)
-    model = build_model(processor, model_config, scene_config)
+    device = torch.device(args.device)
+    model = build_model(processor, model_config, scene_config).to(device)
     model.train()
     encoder = Encoder(processor, scene_config)
     val = load_split(data_dir, "val")
 
     held_out = held_out_hashes(data_dir)
-    data = TrainingData(
-        args.seed,
-        scene_config,
-        held_out,
-        family_weights(args.family_weights),
-        hold=args.hold,
-        ramp=args.ramp,
-        turns=args.turns,
-    )
-    grounding = GroundingLoss(model, args.grounding_layer, args.grounding_head) if args.grounding_weight else None
-    answer_grounding = (GroundingLoss(model, args.answer_grounding_layer, args.grounding_head)
-                        if args.answer_grounding_weight else None)
+    family_weights(args.family_weights)  # an unknown family stops the build here, not in a worker
+    groundings = {site: (weight, GroundingLoss(model, layer, args.grounding_head))
+                  for site, weight, layer in (("referent", args.grounding_weight, args.grounding_layer),
+                                              ("answer", args.answer_grounding_weight, args.answer_grounding_layer))
+                  if weight}
+    batches = TrainingBatches(args, scene_config, held_out, processor, tuple(groundings))
+    if args.workers:
+        batches = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers, prefetch_factor=4)
     vision = vision_parameters(model)
     vision_ids = {id(p) for p in vision}
     if args.freeze_embeddings:  # the visual codes are sums of these embeddings: keep the two spaces aligned
@@ -505,22 +541,18 @@ def pretrain(args) -> dict:
             p.requires_grad_(unfreeze_step == 0)
         task = progress.add_task("pre-training", total=args.steps, status="")
         running = grounding_running = None
-        for step in range(args.steps):
+        for step, (batch, pairs) in enumerate(batches):
             if step == unfreeze_step:
                 for p in vision:
                     p.requires_grad_(True)
-            images, conversations, hidden, scenes = zip(*(data.sample(step / args.steps) for _ in range(args.batch_size)))
-            batch = encoder.batch(images, conversations, hidden)
+            batch = to_device(batch, device)
             labels, label_weights = batch.pop("labels"), batch.pop("label_weights")
-            loss = answer_loss(model(**batch).logits, labels, label_weights)
-            for site, weight, supervised in (("referent", args.grounding_weight, grounding),
-                                             ("answer", args.answer_grounding_weight, answer_grounding)):
-                if supervised is None:
-                    continue
-                pairs = [encoder.grounding_pairs(turns, scene, site) for turns, scene in zip(conversations, scenes)]
-                grounding_loss = supervised(pairs, encoder.image_start, encoder.image_tokens)
-                grounding_running = ema(grounding_running, grounding_loss.item())
-                loss = loss + weight * grounding_loss
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                loss = answer_loss(model(**batch).logits.float(), labels, label_weights)
+                for site, (weight, grounding) in groundings.items():
+                    grounding_loss = grounding(pairs[site], encoder.image_start, encoder.image_tokens)
+                    grounding_running = ema(grounding_running, grounding_loss.item())
+                    loss = loss + weight * grounding_loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -539,9 +571,10 @@ def pretrain(args) -> dict:
 
     wall = time.time() - start
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    model.to("cpu").save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    summary = {"args": vars(args), "model_config": asdict(model_config), "wall_seconds": wall,
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} threads"
+    summary = {"args": vars(args), "model_config": asdict(model_config), "device": where, "wall_seconds": wall,
                "vision_log": vision_log, "log": log}
     (out_dir / "training_log.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
@@ -574,6 +607,9 @@ def parse_args(argv=None):
     parser.add_argument("--answer-grounding-layer", type=int, default=4, help="its decoder layer")
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU build: see docs/testbed.md)")
+    parser.add_argument("--workers", type=int, default=0, help="data worker processes (0: the training process)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (GPU)")
     for f in fields(ModelConfig):
         if isinstance(f.default, bool):
             parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=f.default)
