@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from dyvte.engine import VisualExit
 
@@ -19,6 +20,7 @@ from .common import LLAVA_7B, QUICK_LLAVA, QUICK_QWEN, QWEN2VL_2B, Shape, build_
 from .summary import targets, write_summary
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_HEADS = OmegaConf.load(ROOT / "conf" / "head_training" / "dyvte.yaml")  # train.py's default heads
 FILES = ("prefill", "mixed_batch", "decode", "head_overhead", "labelling", "head_training")
 
 
@@ -48,6 +50,8 @@ def plan(quick: bool) -> dict:
         (l, "prefill", dict(batch=1, repeats=3, warmup=1)),
         (l, "head_overhead", dict(repeats=3, warmup=0)),
         (l, "head_overhead", dict(repeats=3, warmup=0, head_hidden=256)),
+        (l, "head_overhead", dict(repeats=3, warmup=0, head_hidden=DEFAULT_HEADS.hidden,
+                                  head_inputs=tuple(DEFAULT_HEADS.inputs))),
         (l, "decode", dict(repeats=3, warmup=0, exits=[2])),
         (l, "labelling", dict(repeats=3, warmup=0, n_text=60, answer=8)),
         (None, "head_training", dict(hidden_size=l.hidden_size, num_layers=l.num_layers, samples=1024, repeats=3,
@@ -194,6 +198,8 @@ def run_section(results: Results, engine, shape: Shape, record: dict, name: str,
         results.put("decode", shape.name, "batch_1", sections.decode(engine, shape, **kw), record)
     elif name == "head_overhead":
         key = f"batch_{kw.get('batch', 1)}_hidden_{kw.get('head_hidden', 2048)}"
+        if "head_inputs" in kw:
+            key += "_" + "+".join(kw["head_inputs"])
         results.put("head_overhead", shape.name, key, sections.head_overhead(engine, shape, **kw), record)
     elif name == "labelling":
         results.put("labelling", shape.name, "batch_1", sections.labelling(engine, shape, **kw), record)

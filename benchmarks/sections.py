@@ -9,7 +9,7 @@ import torch
 
 from dyvte.engine import VisualExit
 from dyvte.flops import DecoderShape, decode_step_flops, kv_cache_bytes, layer_flops, lm_head_flops, prefill_flops
-from dyvte.heads import ExitHeads, ExitHeadsConfig
+from dyvte.heads import PAPER_INPUTS, ExitHeads, ExitHeadsConfig
 from dyvte.policies import DynamicExit
 from dyvte.testbed import MODEL_DIR as TESTBED_MODEL_DIR
 from dyvte.training.dense_labels import LabelConfig, candidate_exits, dense_labels
@@ -277,13 +277,16 @@ def decode(engine: VisualExit, shape: Shape, repeats: int, warmup: int = 0, new_
 
 # --- 4: exit-head overhead -------------------------------------------------------------------------------------
 def head_overhead(engine: VisualExit, shape: Shape, repeats: int, warmup: int, batch: int = 1,
-                  head_hidden: int = 2048) -> dict:
+                  head_hidden: int = 2048, head_inputs: tuple[str, ...] = PAPER_INPUTS) -> dict:
     """Time of every exit-head evaluation in one prefill (threshold above 1: nobody exits, every head runs),
-    as a fraction of one decoder layer's time."""
+    as a fraction of one decoder layer's time. The time includes computing the heads' features (`head_inputs`:
+    the attention status and the logit lens cost more than the text states)."""
     L = engine.num_layers
     inputs = build_inputs(engine.model, shape, batch)
     dtype = getattr(torch, shape.dtype)
-    heads = ExitHeads(ExitHeadsConfig(shape.hidden_size, L, head_hidden)).to(dtype).eval().requires_grad_(False)
+    config = ExitHeadsConfig(shape.hidden_size, L, head_hidden, inputs=tuple(head_inputs),
+                             num_attention_heads=shape.num_heads)
+    heads = ExitHeads(config).to(dtype).eval().requires_grad_(False)
     policy = DynamicExit(heads, threshold=2.0, force=True)
     head_time = []
     original = policy.before_layer
@@ -312,7 +315,8 @@ def head_overhead(engine: VisualExit, shape: Shape, repeats: int, warmup: int, b
     full_depth_fraction = [p * (shape.full_depth - 1) / lt for p, lt in zip(per_head, layer_times)]
     med = statistics.median
     return {
-        "batch": batch, "head_hidden": head_hidden, "head_input": 2 * shape.hidden_size,
+        "batch": batch, "head_hidden": head_hidden, "head_inputs": list(config.inputs),
+        "head_input": config.input_size, "head_parameters": sum(p.numel() for p in heads.parameters()),
         "heads_evaluated_per_prefill": evaluated, "prefill": summarize(totals),
         "all_heads_per_prefill": summarize(per_prefill_heads), "one_layer": summarize(layer_times),
         "fraction_of_one_layer": {"median": med(fraction), "min": min(fraction), "max": max(fraction)},

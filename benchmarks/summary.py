@@ -116,12 +116,14 @@ def write_summary(path: Path, env: dict, settings: dict, data: dict, run: dict) 
         lines.append("")
     if data["head_overhead"]:
         lines += ["## Exit-head overhead (DynamicExit, threshold 2: every head runs)", "",
-                  "| model | batch | head hidden | heads run | all heads s | one layer s | fraction | "
-                  "projected to full depth |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| model | batch | head inputs | head hidden | parameters | heads run | all heads s | one layer s | "
+                  "fraction | projected to full depth |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for model, key, res in measured(data["head_overhead"]):
             p = res["projected_full_depth"]
-            lines.append(f"| {model} | {res['batch']} | {res['head_hidden']} | "
+            inputs = " + ".join(res.get("head_inputs", ["mean_text", "last_text"]))
+            parameters = f"{res['head_parameters']:,}" if "head_parameters" in res else "-"
+            lines.append(f"| {model} | {res['batch']} | {inputs} | {res['head_hidden']} | {parameters} | "
                          f"{res['heads_evaluated_per_prefill']} | "
                          f"{_t(res['all_heads_per_prefill'], digits=4)} | {_t(res['one_layer'])} | "
                          f"{res['fraction_of_one_layer']['median']:.3%} | "

@@ -113,9 +113,6 @@ def check_train_config(cfg: DictConfig) -> None:
     _choice(cfg, "head_training.architecture", ARCHITECTURES)
     _choice(cfg, "head_training.label_shape", LABEL_SHAPES)
     _choice(cfg, "head_training.label_target", LABEL_TARGETS)
-    _choice(cfg, "validate.decision", ("global", "per_layer"))
-    if cfg.validate.decision == "per_layer" and cfg.validate.threshold != "auto":
-        _fail("validate.decision", "per_layer", "calibrates one threshold per head on val: needs validate.threshold=auto")
     _integer(cfg, "head_training.hidden", 1)
     _number(cfg, "head_training.lr", 0.0, float("inf"), low_open=True)
     _number(cfg, "head_training.weight_decay", 0.0, float("inf"))
@@ -126,7 +123,13 @@ def check_train_config(cfg: DictConfig) -> None:
         _fail("head_training.class_weights", OmegaConf.to_object(weights), "must be null or [w_stay, w_exit], both > 0")
     if cfg.validate.threshold != "auto":
         _number(cfg, "validate.threshold", 0.0, 1.0)
+    _choice(cfg, "validate.decision", ("global", "per_layer"))
+    if cfg.validate.decision == "per_layer" and cfg.validate.threshold != "auto":
+        _fail("validate.decision", "per_layer", "calibrates one threshold per head: give validate.threshold=auto, or "
+              "validate.decision=global for one fixed threshold")
     _number(cfg, "validate.min_agreement", 0.0, 1.0, low_open=True)
+    _choice(cfg, "validate.calibration", ("val", "crossfit"))
+    _integer(cfg, "validate.folds", 2)
     thresholds = cfg.validate.thresholds
     if not thresholds or not all(isinstance(t, Real) and 0.0 <= t <= 1.0 for t in thresholds):
         _fail("validate.thresholds", OmegaConf.to_object(thresholds), "must be a non-empty list of numbers in [0, 1]")

@@ -148,10 +148,12 @@ def test_model_configs_share_one_schema():
 
     from omegaconf import OmegaConf
 
-    keys = ["name_or_path", "revision", "dtype", "attn_implementation", "quantization", "withdraw"]
+    keys = ["name_or_path", "revision", "dtype", "attn_implementation", "quantization", "withdraw", "head_schedule"]
+    schedule = ["hidden", "lr", "weight_decay", "epochs", "batch_size"]
     for path in sorted((Path(__file__).parent.parent / "conf" / "model").glob("*.yaml")):
         config = OmegaConf.load(path)
         assert list(config.keys()) == keys, path.name
+        assert list(config.head_schedule.keys()) == schedule, path.name
         assert config.withdraw in ("both", "images", "videos") and config.quantization in (None, "4bit", "8bit")
         assert config.dtype in ("float32", "float16", "bfloat16")
 

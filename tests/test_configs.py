@@ -41,6 +41,10 @@ def test_shipped_configs_pass():
         (["validate.threshold=1.5"], r"validate.threshold=1.5: must be in \[0.0, 1.0\]"),
         (["validate.min_agreement=0"], r"validate.min_agreement=0: must be in \(0.0, 1.0\]"),
         (["validate.thresholds=[0.5,2]"], r"validate.thresholds=\[0.5, 2\]: must be a non-empty list"),
+        (["validate.calibration=train"], r"validate.calibration='train': must be one of val, crossfit"),
+        (["validate.folds=1"], r"validate.folds=1: must be an integer >= 2"),
+        (["validate.threshold=0.9"], r"validate.decision='per_layer': calibrates one threshold per head: give "
+                                     r"validate.threshold=auto, or validate.decision=global"),
         (["stages=[label]"], r"stages=\['label'\]: must be a non-empty list of labels, heads, validate"),
         (["stages=[validate]"], r"stages without heads validate heads trained before: set heads=DIR"),
         (["model.dtype=float8"], r"model.dtype='float8': must be one of float32, float16, bfloat16"),
@@ -87,6 +91,9 @@ def test_bad_infer_values_name_the_key(overrides, message):
 def test_an_experiment_overrides_the_defaults_of_train_yaml():
     paper = compose_config("train", "experiment=llava7b_paper")
     assert paper.labels.batch_size == 8 and paper.head_training.hidden == 2048 and paper.data.source == "llava_json"
+    assert paper.validate.decision == "global" and paper.validate.calibration == "val"  # the paper's decision rule
+    testbed = compose_config("train", "head_training=paper")
+    assert testbed.head_training.hidden == 256 and testbed.head_training.epochs == 40  # the testbed's head_schedule
     assert list(compose_config("train", "experiment=ablation").features.groups) == ["text", "visual", "attention",
                                                                                     "lens"]
 

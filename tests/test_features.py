@@ -75,3 +75,21 @@ def test_features_equal_a_stock_model_computation(setup):
                     "attention": attention, "lens": lens}
         for group, values in expected.items():
             assert torch.allclose(stored[group][:, layer].float(), values, atol=2e-3, rtol=2e-3), (group, layer)
+
+
+def test_attention_status_reuses_the_layers_own_keys(setup):
+    """The attention-status feature reads the keys the layer's own `k_proj` computes (a forward hook): with heads
+    that read it, `k_proj` runs exactly as often as in a prefill without heads."""
+    model, batch, engine, _ = setup
+    calls = []
+    handles = [layer.self_attn.k_proj.register_forward_hook(lambda *args: calls.append(1))
+               for layer in engine.adapter.layers]
+    try:
+        engine(**batch)
+        without_heads = len(calls)
+        calls.clear()
+        engine(**batch, policy=DynamicExit(all_input_heads(model), threshold=2.0, force=True))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(calls) == without_heads == L

@@ -1,7 +1,9 @@
 """The documented lmms-eval route, installed as docs/performance.md says into a fresh virtual environment: the
 `eval` extra, then `pip install --no-deps lmms-eval==0.7.3`; the documented command on the local tasks must run
 clean (lmms-eval logs model errors as "Error during evaluation" and still exits 0, so the log is checked), and a
-task's generation kwargs must reach generation (against the stock model's `generate` with the same kwargs)."""
+task's generation kwargs must reach generation (against the stock model's `generate` with the same kwargs), and on a
+real-format llava-hf folder (the Llama-2 tokenizer, CLIP at 336 px, the llava-hf chat template) the plug-in's answers
+are the stock model's."""
 
 import json
 import subprocess
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.real_format import fixture
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -103,13 +106,37 @@ def test_task_generation_kwargs_reach_generation(eval_python, tmp_path):
     docs = json.loads((TESTBED / "test.json").read_text())[:LIMIT]
     assert sorted(answers) == list(range(LIMIT))
     for doc_id, doc in enumerate(docs):
-        question = doc["conversations"][0]["value"].replace("<image>", "").strip()
-        content = [{"type": "image"}, {"type": "text", "text": question}]
-        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        image = Image.open(TESTBED / "images" / doc["image"]).convert("RGB")
-        inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-        with torch.no_grad():
-            ids = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-        expected = processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        expected = stock_answer(model, processor, doc, max_new_tokens=3, min_new_tokens=3)
         assert len(expected.split()) == 3, expected  # the kwargs make a difference on this model
         assert answers[doc_id] == expected, (doc_id, answers[doc_id], expected)
+
+
+@pytest.mark.slow
+def test_plugin_on_a_llava_hf_folder_answers_as_the_stock_model(eval_python, tmp_path):
+    folder = fixture("llava-1.5")
+    lmms_eval(eval_python, f"pretrained={folder},policy=none,dtype=float32", "testbed_vqa", TASKS, tmp_path)
+    (samples,) = tmp_path.rglob("*samples_testbed_vqa*.jsonl")
+    answers = {}
+    for line in samples.read_text().splitlines():
+        record = json.loads(line)
+        answers[record["doc_id"]] = record["filtered_resps"]
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    docs = json.loads((TESTBED / "test.json").read_text())[:LIMIT]
+    assert sorted(answers) == list(range(LIMIT))
+    for doc_id, doc in enumerate(docs):
+        expected = stock_answer(model, processor, doc, max_new_tokens=16)  # testbed_vqa's generation kwargs
+        assert answers[doc_id] == expected, (doc_id, answers[doc_id], expected)
+
+
+def stock_answer(model, processor, doc: dict, **generation) -> str:
+    """Greedy `generate` of the stock model on the processor's chat-template prompt for a testbed record."""
+    question = doc["conversations"][0]["value"].replace("<image>", "").strip()
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    image = Image.open(TESTBED / "images" / doc["image"]).convert("RGB")
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, **generation, do_sample=False)
+    return processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

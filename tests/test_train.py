@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from reference import llava_image_flops
 
@@ -20,9 +21,11 @@ from dyvte.heads import ExitHeads, ExitHeadsConfig
 from dyvte.testbed import DATA_DIR as TESTBED_DATA_DIR
 from dyvte.testbed.model import ModelConfig, build_model, build_processor
 from dyvte.training.heads_module import head_labels, head_stat_scores, layer_metrics
+from dyvte.training.pipeline import fit_heads, out_of_fold_probabilities
 from dyvte.training.simulate import (
     choose_layer_thresholds,
     choose_threshold,
+    exit_probabilities,
     family_static_exits,
     first_exit,
     first_safe_exit,
@@ -79,7 +82,8 @@ def test_train_writes_heads_and_validate_json(checkpoint, tmp_path):
     assert report["static_sweep"][3]["lm_tflops"] == pytest.approx(report["full_lm_tflops"], rel=1e-12)
     assert report["static_sweep"][3]["agreement"] == 1.0 and report["static_sweep"][3]["flops_saved"] == 0.0
     heads = ExitHeads.from_pretrained(tmp_path / "run" / "heads")
-    assert heads.num_layers == 3 and heads.threshold == report["threshold"]
+    decided = list(heads.config.thresholds) if heads.config.thresholds else heads.threshold  # per head, or one
+    assert heads.num_layers == 3 and decided == report["threshold"]
     assert (tmp_path / "run" / "logs").is_dir()  # the CSV logger
 
 
@@ -273,7 +277,7 @@ def test_validate_stage_alone_validates_given_heads_quietly(checkpoint, tmp_path
     alone = train(*common, "stages=[validate]", f"heads={tmp_path / 'full' / 'heads'}",
                   f"hydra.run.dir={tmp_path / 'alone'}")
     report = json.loads((tmp_path / "full" / "validate.json").read_text())
-    assert [point["threshold"] for point in report["threshold_sweep_val"]] == [0.5, 0.9]
+    assert [point["threshold"] for point in report["threshold_sweep_calibration"]] == [0.5, 0.9]
     assert (tmp_path / "alone" / "validate.json").read_text() == (tmp_path / "full" / "validate.json").read_text()
     assert "labelling" not in (tmp_path / "alone" / "train.log").read_text()
     output = full.stdout + full.stderr
@@ -317,17 +321,6 @@ def test_monotone_labels_are_safe_from_here_on():
                     "monotone")
 
 
-class FixedHeads(ExitHeads):
-    """Heads whose p_exit is given: [N, L] for the rows of one dataset."""
-
-    def __init__(self, p_exit):
-        super().__init__(ExitHeadsConfig(4, p_exit.shape[1], 2))
-        self.p_exit = p_exit
-
-    def forward(self, inputs):
-        return torch.stack([1 - self.p_exit, self.p_exit], dim=-1).log()
-
-
 def test_per_layer_thresholds_by_hand():
     """Four samples, L = 3 (heads 0, 1, 2 -> exits 1, 2, 3), grid 0.5 / 0.7 / 0.9, every answer must be kept. One
     global threshold: 0.7 (at 0.5 head 0 would also send out sample 1, whose answer changes at exit 1). Per head,
@@ -338,12 +331,38 @@ def test_per_layer_thresholds_by_hand():
         labels=[[1] * 4] * 4,
         match=[[0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]],
         accurate=[[1] * 4] * 4, families=["a"] * 4,
-    ).add_column("features", [[[0.0] * 8] * 3] * 4)
-    heads = FixedHeads(p_exit)
+    )
     config = build_model(build_processor(), ModelConfig(num_layers=3)).config
     grid = [0.5, 0.7, 0.9]
-    assert choose_threshold(heads, dataset, config, 1.0, grid)[0] == 0.7
-    chosen = choose_layer_thresholds(heads, dataset, config, 1.0, grid, start=0.7)
+    assert choose_threshold(p_exit, dataset, config, 1.0, grid)[0] == 0.7
+    chosen = choose_layer_thresholds(p_exit, dataset, config, 1.0, grid, start=0.7)
     assert chosen == (0.7, 0.5, 0.7)
     assert first_exit(p_exit, torch.tensor(chosen)).tolist() == [1, 2, 2, 3]
-    assert choose_layer_thresholds(heads, dataset, config, 0.75, grid, start=0.5) == (0.5, 0.5, 0.5)
+    assert choose_layer_thresholds(p_exit, dataset, config, 0.75, grid, start=0.5) == (0.5, 0.5, 0.5)
+
+
+def test_out_of_fold_scores_come_from_heads_that_did_not_see_the_row(tmp_path):
+    """Noise labels on features unique to each row: heads memorise the rows they train on (their own scores fit
+    the labels) but cannot predict a row they never saw, so the out-of-fold scores of `validate.calibration=crossfit`
+    are at chance; a fold leaking into its own heads would fit here too."""
+    n, num_layers, d = 96, 3, 4
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (n, num_layers + 1), generator=generator)
+    labels[:, -1] = 1  # exit L is the full model
+    dataset = cache_rows(labels.tolist(), match=labels.tolist(), accurate=labels.tolist(), families=["a"] * n)
+    dataset = dataset.add_column("features", torch.randn(n, num_layers, 2 * d, generator=generator).tolist())
+    config = ExitHeadsConfig(d, num_layers, 128)
+    cfg = OmegaConf.create({
+        "seed": 0, "verbose": False, "trainer": {"accelerator": "cpu", "devices": 1}, "logger": None,
+        "head_training": {"lr": 1e-2, "weight_decay": 0.0, "epochs": 300, "batch_size": n, "class_weights": None},
+        "validate": {"folds": 3},
+    })
+    target = head_labels(dataset).float()[:, :-1]  # the last head's exit is the full model: always safe
+
+    def accuracy(p_exit):
+        return float(((p_exit[:, :-1] > 0.5).float() == target).float().mean())
+
+    in_sample = exit_probabilities(fit_heads(cfg, config, dataset, None, tmp_path, seed=0, fold=True), dataset)
+    out_of_fold = out_of_fold_probabilities(cfg, config, dataset, tmp_path)
+    assert accuracy(in_sample) > 0.95
+    assert 0.3 < accuracy(out_of_fold) < 0.7

@@ -215,7 +215,8 @@ class FamilyAdapter:
         return self.query_attention(layer, sub, last, keys)
 
     def query_attention(
-        self, layer: nn.Module, sub, queries: torch.Tensor, keys: torch.Tensor | None = None, per_head: bool = False
+        self, layer: nn.Module, sub, queries: torch.Tensor, keys: torch.Tensor | None = None, per_head: bool = False,
+        projected_keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[b, n] attention each slot receives in `layer` from the `queries` slots ([b, n] bool), averaged over
         heads and over each row's queries (0 for a row without queries); [b, heads, n] with `per_head`.
@@ -223,14 +224,17 @@ class FamilyAdapter:
         Recomputed from the layer's own projections and rotary for those queries only, so the model keeps running
         with SDPA, which returns no attention weights. `keys` ([b, n] bool, default every real slot) limits the
         keys, as when the layer itself runs on fewer tokens than `sub` holds; attention is causal over slots.
+        `projected_keys` ([b, n, kv_heads * head_dim]): the output of the layer's `k_proj` on `sub`, when the
+        caller has it, so the keys are not projected again (see `query_probabilities`).
         """
-        probabilities, _, used = self.query_probabilities(layer, sub, queries, keys)
+        probabilities, _, used = self.query_probabilities(layer, sub, queries, keys, projected_keys)
         counts = used.sum(dim=1)
         per_head_mean = probabilities.sum(dim=2) / counts.clamp(min=1)[:, None, None].to(probabilities.dtype)
         return per_head_mean if per_head else per_head_mean.mean(dim=1)
 
     def query_probabilities(
-        self, layer: nn.Module, sub, queries: torch.Tensor, keys: torch.Tensor | None = None
+        self, layer: nn.Module, sub, queries: torch.Tensor, keys: torch.Tensor | None = None,
+        projected_keys: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each query's attention in `layer`, per head: `(probabilities [b, heads, w, n], slot [b, w], used [b, w])`.
 
@@ -238,12 +242,12 @@ class FamilyAdapter:
         most queries of a row, and the filler queries of rows with fewer (`used` False) have all-zero rows. Each
         used row of `probabilities` sums to 1 over the allowed keys (`keys`, default every real slot, causal over
         slots). Recomputed from the layer's input `sub.hidden` with its own `input_layernorm`, `q_proj`, `k_proj`
-        and rotary, as the layer's attention computes them (see `check_query_attention`).
+        and rotary, as the layer's attention computes them (see `check_query_attention`); with `projected_keys`
+        (the layer's own `k_proj` output on `sub`, [b, n, kv_heads * head_dim]) only the queries are projected.
         """
         attention = layer.self_attn
         keys = sub.valid if keys is None else keys & sub.valid
-        hidden = layer.input_layernorm(sub.hidden)
-        batch, length, _ = hidden.shape
+        batch, length, _ = sub.hidden.shape
         head_dim = attention.head_dim
         counts = queries.sum(dim=1)
         width = max(int(counts.max()), 1) if counts.numel() else 1
@@ -251,8 +255,11 @@ class FamilyAdapter:
         slot = torch.sort((~queries).to(torch.int8), dim=1, stable=True).indices[:, :width]
         used = torch.arange(width, device=slot.device)[None] < counts[:, None]
         row = torch.arange(batch, device=slot.device)[:, None]
-        query = attention.q_proj(hidden[row, slot]).view(batch, width, -1, head_dim).transpose(1, 2)
-        key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+        query = attention.q_proj(layer.input_layernorm(sub.hidden[row, slot]))
+        query = query.view(batch, width, -1, head_dim).transpose(1, 2)
+        if projected_keys is None:
+            projected_keys = attention.k_proj(layer.input_layernorm(sub.hidden))
+        key = projected_keys.view(batch, length, -1, head_dim).transpose(1, 2)
         query, _ = apply_rotary_pos_emb(query, query, sub.cos[row, slot], sub.sin[row, slot])
         _, key = apply_rotary_pos_emb(key, key, sub.cos, sub.sin)
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)

@@ -7,7 +7,8 @@ After decoder layer `i`, a head can read four groups of features of each sample 
 - `visual` [2d]: `[mean of the visual tokens, last visual token]` (the paper's Table 3 alternatives).
 - `attention` [heads]: per attention head of layer `i`, the share of the last prompt token's attention that goes
   to visual tokens (the paper's Table 6 "attention status"; the text share is one minus it). Recomputed for that
-  one query from the layer's input, so SDPA stays the model's attention.
+  one query from the layer's input and the keys the layer's own `k_proj` computes (caught by a forward hook), so
+  SDPA stays the model's attention and no key is projected twice.
 - `lens` [4]: the logit lens of the last prompt token at layer `i` (the final norm and `lm_head` applied to its
   state): top-1 probability, entropy, top-1 minus top-2 probability, and whether the top-1 token is the one of
   layer `i - 1` (0 at layer 0). Evidence that the answer has formed.
@@ -70,7 +71,9 @@ class HeadFeatures:
     features a head is trained on are the ones it sees.
 
     `groups` picks what is computed; state kept between layers (the attention status of the layer running, the
-    previous layer's lens top-1) is stored per batch row, so sub-batches may lose rows in between."""
+    previous layer's lens top-1) is stored per batch row, so sub-batches may lose rows in between. The attention
+    status needs `before_layer` with the very sub-batch the layer then runs on: it is computed during that layer
+    call, from the keys of the layer's `k_proj`."""
 
     def __init__(self, adapter, groups, text_tokens: torch.Tensor, visual_mask: torch.Tensor, prompt_length: int):
         unknown = set(groups) - set(FEATURE_GROUPS)
@@ -82,16 +85,41 @@ class HeadFeatures:
         heads = adapter.text_config.num_attention_heads
         self.attention = torch.zeros(batch, heads, device=visual_mask.device)
         self.previous_top1 = torch.full((batch,), -1, dtype=torch.long, device=visual_mask.device)
+        self._pending = None  # (layer, sub, hook handle) until the layer's k_proj has run on `sub`
 
     def before_layer(self, layer, sub: SubBatch) -> None:
-        """Attention status of `layer` for the rows of `sub`, from the layer's input `sub.hidden`."""
+        """Arm the attention status of `layer` for the rows of `sub`: computed when the layer runs on `sub` next,
+        from its input `sub.hidden` and the keys its `k_proj` returns."""
         if "attention" not in self.groups:
             return
+        self._check_captured()
+        handle = layer.self_attn.k_proj.register_forward_hook(self._attention_from_keys)
+        self._pending = (layer, sub, handle)
+
+    def _attention_from_keys(self, module, args, projected_keys: torch.Tensor) -> None:
+        layer, sub, handle = self._pending
+        handle.remove()
+        self._pending = None
+        if projected_keys.shape[:2] != sub.hidden.shape[:2]:
+            raise RuntimeError(
+                f"the attention-status features were armed for a sub-batch of {list(sub.hidden.shape[:2])} slots, "
+                f"but the layer's k_proj ran on {list(projected_keys.shape[:2])}: call HeadFeatures.before_layer "
+                "with the sub-batch the layer runs on next."
+            )
         last = torch.zeros_like(sub.valid)
         last[torch.arange(len(sub), device=last.device), _last_prompt_slot(sub, self.prompt_length)] = True
-        attention = self.adapter.query_attention(layer, sub, last, per_head=True)  # [b, heads, n]
+        attention = self.adapter.query_attention(layer, sub, last, per_head=True, projected_keys=projected_keys)
         visual = sub.slots_of(self.visual_mask)
         self.attention[sub.rows] = (attention * visual[:, None, :]).sum(dim=-1).to(self.attention.dtype)
+
+    def _check_captured(self) -> None:
+        if self._pending is not None:
+            self._pending[2].remove()
+            self._pending = None
+            raise RuntimeError(
+                "the attention-status features of the previous layer were never computed: its k_proj did not run "
+                "on the armed sub-batch (a layer without a k_proj call, or a layer that was skipped)."
+            )
 
     @torch.no_grad()
     def after_layer(self, sub: SubBatch) -> dict[str, torch.Tensor]:
@@ -102,6 +130,7 @@ class HeadFeatures:
         if "visual" in self.groups:
             out["visual"] = visual_features(sub, self.visual_mask)
         if "attention" in self.groups:
+            self._check_captured()
             out["attention"] = self.attention[sub.rows].to(sub.hidden.dtype)
         if "lens" in self.groups:
             out["lens"] = self._lens(sub)

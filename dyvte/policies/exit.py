@@ -72,6 +72,10 @@ class DynamicExit(ExitPolicy):
             p_exit = self.heads.exit_probability(head, self.heads.assemble(self._features.after_layer(sub)))
             threshold = self.heads.layer_threshold(head) if self.threshold is None else self.threshold
             decision = Decision(exit=p_exit > threshold)
-        if layer_idx + 1 < state.engine.num_layers:  # the last head never decides: its exit is the full model
-            self._features.before_layer(state.engine.adapter.layers[layer_idx], sub)
         return decision
+
+    def observe(self, layer_idx: int, sub: SubBatch, state: PrefillState) -> None:
+        # the features read after this layer, from the sub-batch it runs on (the last head never decides: its exit
+        # is the full model)
+        if layer_idx + 1 < state.engine.num_layers:
+            self._features.before_layer(state.engine.adapter.layers[layer_idx], sub)

@@ -312,8 +312,9 @@ class GroundingLoss:
     question's referent word (`referent`: "circle" in "what colour is the circle ?") over the visual tokens, at
     decoder layer `layer`, head `head`, against that object's visual token.
 
-    Without it every wrong look-up answer of the earlier checkpoints was another object's attribute: the decoder
-    read the visual tokens but did not select one by content. The scores are recomputed from the layer's own
+    Every wrong look-up answer of the shipped checkpoint is another object's attribute: the decoder reads the
+    visual tokens but does not select one by content; this loss supervises that selection directly (the pilots in
+    docs/testbed.md: on the CPU budget it did not raise accuracy). The scores are recomputed from the layer's own
     input, projections and rotary embedding for the supervised queries only, so the model's attention stays SDPA.
     """
 

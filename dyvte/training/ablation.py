@@ -37,6 +37,7 @@ def collect(sweep_dir: Path) -> list[dict]:
             "label_shape": config.head_training.label_shape,
             "label_target": config.head_training.label_target,
             "decision": config.validate.decision,
+            "calibration": config.validate.get("calibration", "val"),
             **{k: report[k] for k in ("agreement", "accuracy", "flops_saved", "mean_exit_layer", "head_parameters")},
             "val": report.get("val", {}),
             "label_oracle": report.get("label_oracle", {}),
@@ -57,7 +58,8 @@ def write_report(rows: list[dict], out_dir: Path) -> str:
         share = row["flops_saved"] / oracle["flops_saved"] if oracle.get("flops_saved") else None
         heads = f"{row['architecture']}, h = {row['hidden']}"
         labels = row["label_shape"] if row["label_target"] == "safe" else f"{row['label_shape']}, match"
-        table.append([row["setting"], " + ".join(row["inputs"]), heads, labels, row["decision"],
+        decision = row["decision"] if row["calibration"] == "val" else f"{row['decision']}, {row['calibration']}"
+        table.append([row["setting"], " + ".join(row["inputs"]), heads, labels, decision,
                       f"{100 * row['val'].get('agreement', float('nan')):.2f}%",
                       f"{100 * row['val'].get('flops_saved', float('nan')):.1f}%", f"{100 * row['agreement']:.2f}%",
                       f"{100 * row['accuracy']:.2f}%", f"{100 * row['flops_saved']:.1f}%",
@@ -73,8 +75,8 @@ def write_report(rows: list[dict], out_dir: Path) -> str:
         "# Exit-head ablations on the shipped testbed",
         "",
         "`python train.py -m experiment=ablation`: one job per setting of `conf/ablation/`, all on the same label "
-        "cache; the threshold of each is chosen on val (`validate.min_agreement`); settings are compared on val, "
-        "the other figures are on test.",
+        "cache; the thresholds of each keep `validate.min_agreement` on val (with `crossfit`, on out-of-fold scores "
+        "of the train split plus val); settings are compared on val, the other figures are on test.",
         "",
         markdown_table(header, table),
         "",

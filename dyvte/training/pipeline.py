@@ -7,6 +7,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
+import torch
+from datasets import Dataset, concatenate_datasets
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
@@ -18,7 +20,7 @@ from .dense_labels import LabelConfig
 from .heads_module import HeadsDataModule, HeadsModule
 from .label_run import run_labels
 from .label_store import LabelStore
-from .simulate import choose_layer_thresholds, choose_threshold, head_metrics, validate
+from .simulate import choose_layer_thresholds, choose_threshold, exit_probabilities, head_metrics, validate
 
 log = logging.getLogger(__name__)
 
@@ -76,45 +78,90 @@ def train_heads(cfg, model, stores: dict[str, LabelStore], output_dir: Path) -> 
         text.hidden_size, text.num_hidden_layers, training.hidden, feature_span=cfg.features.span,
         withdraw=cfg.model.withdraw, labels=asdict(label_config(cfg)), inputs=tuple(training.inputs),
         num_attention_heads=text.num_attention_heads, architecture=training.architecture,
-        label_shape=training.label_shape, label_target=training.label_target, **model_identity(cfg.model.name_or_path, cfg.model.revision),
+        label_shape=training.label_shape, label_target=training.label_target,
+        **model_identity(cfg.model.name_or_path, cfg.model.revision),
     )
+    val = stores["val"].load() if "val" in stores else None
+    return fit_heads(cfg, config, stores["train"].load(), val, output_dir, seed=cfg.seed)
+
+
+def fit_heads(cfg, config: ExitHeadsConfig, train: Dataset, val: Dataset | None, output_dir: Path, seed: int,
+              fold: bool = False) -> ExitHeads:
+    """New heads of `config` trained with `cfg.head_training`'s schedule on the cached rows of `train`. `fold`:
+    heads for cross-fitted calibration, trained quietly in this process on one device (calibration runs on rank 0
+    only, after the other ranks have finished), without a logger."""
     heads = ExitHeads(config)
+    training = cfg.head_training
     module = HeadsModule(heads, lr=training.lr, weight_decay=training.weight_decay,
                          class_weights=list(training.class_weights) if training.class_weights else None)
-    datamodule = HeadsDataModule(
-        stores["train"].load(), config, stores["val"].load() if "val" in stores else None,
-        batch_size=training.batch_size, seed=cfg.seed,
-    )
+    datamodule = HeadsDataModule(train, config, val, batch_size=training.batch_size, seed=seed)
+    trainer_kwargs = dict(cfg.trainer)
+    if fold:
+        trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if k not in ("strategy", "devices", "num_nodes")}
     trainer = L.Trainer(
-        **cfg.trainer, max_epochs=training.epochs, logger=instantiate(cfg.logger),
-        callbacks=[RichProgressBar()], enable_checkpointing=False, enable_model_summary=cfg.verbose,
+        **trainer_kwargs, **({"devices": 1} if fold else {}), max_epochs=training.epochs,
+        logger=False if fold else instantiate(cfg.logger), callbacks=[] if fold else [RichProgressBar()],
+        enable_progress_bar=not fold, enable_checkpointing=False, enable_model_summary=cfg.verbose and not fold,
         default_root_dir=str(output_dir),
     )
     trainer.fit(module, datamodule=datamodule)
-    return heads
+    return heads.eval()
+
+
+def out_of_fold_probabilities(cfg, config: ExitHeadsConfig, train: Dataset, output_dir: Path) -> torch.Tensor:
+    """p(exit) [N, L] for every row of `train`, each from heads trained on the other `cfg.validate.folds` folds
+    (rows dealt to folds by a permutation seeded with `cfg.seed`; fold `f`'s heads are seeded with `cfg.seed + f`).
+    Unlike the final heads' own scores on `train`, these are scores on unseen rows, so thresholds can be
+    calibrated on them as on val."""
+    folds = cfg.validate.folds
+    fold_of = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)) % folds
+    p_exit = torch.zeros(len(train), config.num_layers)
+    for fold in range(folds):
+        held = (fold_of == fold).nonzero().squeeze(1).tolist()
+        kept = (fold_of != fold).nonzero().squeeze(1).tolist()
+        log.info("calibration: heads of fold %d/%d (%d training rows, %d held out)", fold + 1, folds, len(kept),
+                 len(held))
+        L.seed_everything(cfg.seed + fold, workers=True, verbose=False)
+        heads = fit_heads(cfg, config, train.select(kept), None, output_dir / "folds", seed=cfg.seed + fold,
+                          fold=True)
+        p_exit[held] = exit_probabilities(heads, train.select(held))
+    return p_exit
 
 
 def validate_heads(cfg, model, heads: ExitHeads, stores: dict[str, LabelStore], output_dir: Path) -> dict:
-    """Choose the threshold on val, then report simulated dynamic exit on the held-out split."""
+    """Choose the threshold on val (or on out-of-fold train rows plus val), then report simulated dynamic exit on
+    the held-out split."""
     threshold, sweep = cfg.validate.threshold, []
     val = stores["val"].load() if "val" in stores else None
+    calibration = {"split": "val", "samples": len(val) if val is not None else 0}
     if threshold == "auto":
         if val is None:
             raise ValueError("validate.threshold=auto calibrates on a val split, and there is none: set "
                              "data.val_json_path or data.val_fraction > 0, or give validate.threshold a number")
-        threshold, sweep = choose_threshold(heads, val, model.config, cfg.validate.min_agreement,
+        rows, p_exit = val, exit_probabilities(heads, val)
+        if cfg.validate.calibration == "crossfit":
+            if "train" not in stores:
+                raise ValueError("validate.calibration=crossfit trains heads on folds of the train split, and "
+                                 "there is none: give data a train split or use validate.calibration=val")
+            train = stores["train"].load()
+            out_of_fold = out_of_fold_probabilities(cfg, heads.config, train, output_dir)
+            rows, p_exit = concatenate_datasets([train, val]), torch.cat([out_of_fold, p_exit])
+            calibration = {"split": "out-of-fold train + val", "samples": len(rows), "folds": cfg.validate.folds}
+        threshold, sweep = choose_threshold(p_exit, rows, model.config, cfg.validate.min_agreement,
                                             list(cfg.validate.thresholds))
         if cfg.validate.decision == "per_layer":
-            heads.config.thresholds = choose_layer_thresholds(heads, val, model.config, cfg.validate.min_agreement,
+            heads.config.thresholds = choose_layer_thresholds(p_exit, rows, model.config, cfg.validate.min_agreement,
                                                               list(cfg.validate.thresholds), threshold)
     split = cfg.validate.split if cfg.validate.split in stores else "val"
     held_out = stores[split].load()
     decision = heads.config.thresholds if cfg.validate.decision == "per_layer" else float(threshold)
     report = {"split": split, **validate(heads, held_out, model.config, decision, calibration=val,
                                          min_agreement=cfg.validate.min_agreement)}
-    report["threshold_sweep_val"] = sweep
-    if val is not None:  # the split the threshold was chosen on, for choosing among settings (ablation.py)
-        on_val = validate(heads, val, model.config, decision, calibration=None, min_agreement=cfg.validate.min_agreement)
+    report["calibration"] = calibration
+    report["threshold_sweep_calibration"] = sweep
+    if val is not None:  # the split settings are compared on (ablation.py)
+        on_val = validate(heads, val, model.config, decision, calibration=None,
+                          min_agreement=cfg.validate.min_agreement)
         report["val"] = {k: on_val[k] for k in ("agreement", "accuracy", "flops_saved", "mean_exit_layer")}
     report["head_parameters"] = sum(p.numel() for p in heads.parameters())
     report["heads"] = head_metrics(heads, held_out)

@@ -94,24 +94,24 @@ def score_exits(dataset: Dataset, exit_layer: torch.Tensor, model_config) -> dic
     }
 
 
-def choose_threshold(heads: ExitHeads, dataset: Dataset, model_config, min_agreement: float,
+def choose_threshold(p_exit: torch.Tensor, dataset: Dataset, model_config, min_agreement: float,
                      thresholds: list[float]) -> tuple[float, list]:
-    """The lowest of `thresholds` (most saving) whose agreement on `dataset` is at least `min_agreement`."""
-    p_exit = exit_probabilities(heads, dataset)
+    """The lowest of `thresholds` (most saving) whose agreement on `dataset` is at least `min_agreement`, given the
+    heads' p(exit) [N, L] for its rows (`exit_probabilities`, or out-of-fold ones)."""
     sweep = [{"threshold": t, **score_exits(dataset, first_exit(p_exit, t), model_config)} for t in thresholds]
     passing = [point for point in sweep if point["agreement"] >= min_agreement]
     chosen = min(passing, key=lambda point: point["threshold"]) if passing else sweep[-1]
     return chosen["threshold"], sweep
 
 
-def choose_layer_thresholds(heads: ExitHeads, dataset: Dataset, model_config, min_agreement: float,
+def choose_layer_thresholds(p_exit: torch.Tensor, dataset: Dataset, model_config, min_agreement: float,
                             thresholds: list[float], start: float) -> tuple[float, ...]:
-    """One threshold per head, from one global threshold `start` that keeps `min_agreement` on `dataset`: again
-    and again, lower one head's threshold to the next lower value of `thresholds`, the change that saves the most
-    LM prefill FLOPs on `dataset` while agreement stays at least `min_agreement`, until no change passes. So the
-    result agrees and saves at least as much as `start` on `dataset`; the last head's exit is the full model, and
-    its threshold stays `start`."""
-    p_exit = exit_probabilities(heads, dataset)
+    """One threshold per head, given the heads' p(exit) [N, L] for the rows of `dataset`, from one global threshold
+    `start` that keeps `min_agreement` on `dataset`: again and again, lower one head's threshold to the next lower
+    value of `thresholds`, the change that saves the most LM prefill FLOPs on `dataset` while agreement stays at
+    least `min_agreement`, until no change passes. So the result agrees and saves at least as much as `start` on
+    `dataset`; the last head's exit is the full model, and its threshold stays `start`."""
+    num_layers = p_exit.shape[1]
     match = torch_columns(dataset, ["match"])["match"]
     costs = prefill_costs(dataset, model_config)
     rows = torch.arange(len(dataset))
@@ -121,11 +121,11 @@ def choose_layer_thresholds(heads: ExitHeads, dataset: Dataset, model_config, mi
         exits = first_exit(p_exit, torch.tensor(per_head))
         return int(costs[rows, exits].sum()) if match[rows, exits].float().mean() >= min_agreement else None
 
-    current = [float(start)] * heads.num_layers
+    current = [float(start)] * num_layers
     spent = spent_if_agreeing(current)
     while spent is not None:
         trials = []
-        for head in range(heads.num_layers - 1):
+        for head in range(num_layers - 1):
             lower = [t for t in grid if t < current[head]]
             if lower:
                 trial = current[:head] + [lower[-1]] + current[head + 1:]
