@@ -114,6 +114,9 @@ def out_of_fold_probabilities(cfg, config: ExitHeadsConfig, train: Dataset, outp
     Unlike the final heads' own scores on `train`, these are scores on unseen rows, so thresholds can be
     calibrated on them as on val."""
     folds = cfg.validate.folds
+    if len(train) < 2 * folds:
+        raise ValueError(f"validate.folds={folds} needs at least {2 * folds} train rows to cross-fit, and the train "
+                         f"split has {len(train)}: lower validate.folds or use validate.calibration=val")
     fold_of = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)) % folds
     p_exit = torch.zeros(len(train), config.num_layers)
     for fold in range(folds):
