@@ -4,12 +4,24 @@ paper's findings (`findings.py`: attention stages, withdrawal sweep, attention e
 from pathlib import Path
 
 
-def plot_exit_histograms(results: dict, path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(figure, path: Path, dpi: int = 120) -> None:
+    """Lay out `figure`, write it to `path` and free it."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    _pyplot().close(figure)
+
+
+def plot_exit_histograms(results: dict, path: Path) -> None:
+    plt = _pyplot()
     policy = next((p for p in ("dynamic", "fastv+dynamic") if p in results["exit_layers"]), None)
     if policy is None:
         return
@@ -24,19 +36,14 @@ def plot_exit_histograms(results: dict, path: Path) -> None:
         axis.set_xlabel("exit layer", fontsize=8)
     axes[0][0].set_ylabel("samples")
     figure.suptitle(f"exit layers ({policy})", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_pareto(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5, 3.6))
-    for key, label, marker in (("static_sweep", "static exit k (VTW)", "s"), ("dynamic_sweep", "dynamic (thresholds)", "o")):
+    sweeps = (("static_sweep", "static exit k (VTW)", "s"), ("dynamic_sweep", "dynamic (thresholds)", "o"))
+    for key, label, marker in sweeps:
         points = sorted(results.get(key, []), key=lambda p: p["lm_tflops"])
         if points:
             axis.plot([p["lm_tflops"] for p in points], [p["accuracy"] for p in points], marker=marker, label=label)
@@ -49,22 +56,11 @@ def plot_pareto(results: dict, path: Path) -> None:
     axis.set_ylabel("accuracy")
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
 
 STAGE_PARTS = (("visual_self", "visual self-attention"), ("cross", "cross-attention (text → visual)"),
                ("text_self", "text self-attention"))
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _band(axis, stats: dict, label: str | None = None, style: str = "-", color=None):
@@ -99,9 +95,7 @@ def plot_attention_stages(results: dict, path: Path, groups: list[str], dpi: int
         row[0].set_ylabel("attention mass")
     for axis in axes[-1]:
         axis.set_xlabel("layer")
-    figure.tight_layout()
-    figure.savefig(path, dpi=dpi)
-    plt.close(figure)
+    _save(figure, path, dpi)
 
 
 def plot_withdrawal(results: dict, path: Path) -> None:
@@ -122,9 +116,7 @@ def plot_withdrawal(results: dict, path: Path) -> None:
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     accuracy.legend(fontsize=6, ncol=2)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_entropy(results: dict, path: Path) -> None:
@@ -146,6 +138,4 @@ def plot_entropy(results: dict, path: Path) -> None:
         axis.set_ylabel("entropy (nats)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
