@@ -369,7 +369,8 @@ def test_out_of_fold_scores_come_from_heads_that_did_not_see_the_row(tmp_path):
 
 
 def test_crossfit_with_too_few_train_rows_names_the_key(tmp_path):
-    dataset = cache_rows([[0, 1, 1]] * 5, match=[[0, 1, 1]] * 5, accurate=[[0, 1, 1]] * 5, families=["a"] * 5)
+    dataset = cache_rows([[0, 1, 1]] * 2, match=[[0, 1, 1]] * 2, accurate=[[0, 1, 1]] * 2, families=["a"] * 2)
     cfg = OmegaConf.create({"seed": 0, "validate": {"folds": 3}})
-    with pytest.raises(ValueError, match=r"validate.folds=3 needs at least 6 train rows to cross-fit"):
+    with pytest.raises(ValueError, match=r"validate.folds=3 needs at least 3 train rows to cross-fit, and the train "
+                                         r"split has 2"):
         out_of_fold_probabilities(cfg, ExitHeadsConfig(4, 2, 8), dataset, tmp_path)

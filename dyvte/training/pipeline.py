@@ -97,9 +97,10 @@ def fit_heads(cfg, config: ExitHeadsConfig, train: Dataset, val: Dataset | None,
     datamodule = HeadsDataModule(train, config, val, batch_size=training.batch_size, seed=seed)
     trainer_kwargs = dict(cfg.trainer)
     if fold:
-        trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if k not in ("strategy", "devices", "num_nodes")}
+        distributed = ("strategy", "devices", "num_nodes")
+        trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if k not in distributed} | {"devices": 1}
     trainer = L.Trainer(
-        **trainer_kwargs, **({"devices": 1} if fold else {}), max_epochs=training.epochs,
+        **trainer_kwargs, max_epochs=training.epochs,
         logger=False if fold else instantiate(cfg.logger), callbacks=[] if fold else [RichProgressBar()],
         enable_progress_bar=not fold, enable_checkpointing=False, enable_model_summary=cfg.verbose and not fold,
         default_root_dir=str(output_dir),
@@ -114,8 +115,8 @@ def out_of_fold_probabilities(cfg, config: ExitHeadsConfig, train: Dataset, outp
     Unlike the final heads' own scores on `train`, these are scores on unseen rows, so thresholds can be
     calibrated on them as on val."""
     folds = cfg.validate.folds
-    if len(train) < 2 * folds:
-        raise ValueError(f"validate.folds={folds} needs at least {2 * folds} train rows to cross-fit, and the train "
+    if len(train) < folds:  # every fold holds out at least one row
+        raise ValueError(f"validate.folds={folds} needs at least {folds} train rows to cross-fit, and the train "
                          f"split has {len(train)}: lower validate.folds or use validate.calibration=val")
     fold_of = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)) % folds
     p_exit = torch.zeros(len(train), config.num_layers)
