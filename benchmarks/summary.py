@@ -121,9 +121,8 @@ def write_summary(path: Path, env: dict, settings: dict, data: dict, run: dict) 
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for model, key, res in measured(data["head_overhead"]):
             p = res["projected_full_depth"]
-            inputs = " + ".join(res.get("head_inputs", ["mean_text", "last_text"]))
-            parameters = f"{res['head_parameters']:,}" if "head_parameters" in res else "-"
-            lines.append(f"| {model} | {res['batch']} | {inputs} | {res['head_hidden']} | {parameters} | "
+            lines.append(f"| {model} | {res['batch']} | {' + '.join(res['head_inputs'])} | {res['head_hidden']} | "
+                         f"{res['head_parameters']:,} | "
                          f"{res['heads_evaluated_per_prefill']} | "
                          f"{_t(res['all_heads_per_prefill'], digits=4)} | {_t(res['one_layer'])} | "
                          f"{res['fraction_of_one_layer']['median']:.3%} | "
