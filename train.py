@@ -7,42 +7,7 @@
     python train.py -v                                # more log output (Lightning's model summary, tips)
 """
 
-import json
-import logging
-from pathlib import Path
-
-import hydra
-import lightning as L
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
-from dyvte import cli
-from dyvte.configs import check_train_config
-from dyvte.loading import load_mllm
-from dyvte.training.pipeline import run
-
-cli.register_resolvers()
-log = logging.getLogger("train")
-
-
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    check_train_config(cfg)
-    cli.quiet_libraries(cfg.verbose)
-    L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
-    model, processor = load_mllm(
-        cfg.model.name_or_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
-        revision=cfg.model.revision, quantization=cfg.model.quantization,
-    )
-    report = run(cfg, output_dir, model, processor)
-    if report:
-        summary = {k: report[k] for k in ("agreement", "accuracy", "full_accuracy", "flops_saved", "mean_exit_layer",
-                                          "threshold")}
-        log.info("validate (%s split): %s", report["split"], json.dumps(summary))
-    log.info("outputs in %s", output_dir)
-
+from dyvte.train import cli_main
 
 if __name__ == "__main__":
-    cli.verbose_flag()
-    main()
+    cli_main()

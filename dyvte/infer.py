@@ -1,0 +1,167 @@
+"""Generate with visual-token exit, or compare exit policies on a dataset split.
+
+    python infer.py image=dyvte/testbed/data/images/test_00000.png question="what digit is on the purple diamond ?"
+    python infer.py task=eval policies=[none,vtw,fastv,dynamic,fastv+dynamic,gsearch,psigmoid,gsearch+dynamic]
+    python infer.py task=eval policies=[none,dynamic,random,downsample,tome,visionzip,pdrop,dart] budget=[64,128,192]
+"""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import optuna
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from dyvte import VisualExit, cli, flops
+from dyvte.configs import check_infer_config
+from dyvte.data import PromptCollator, Sample, load_image, load_splits
+from dyvte.evaluation import BASELINES, MODEL_BASELINES, PolicySettings, build_policy, evaluate, write_report
+from dyvte.heads import ExitHeads
+from dyvte.loading import load_mllm
+from dyvte.policies import KeepRateSchedule
+from dyvte.policies.search import GSearch, PSigmoidSearch, g_search, p_sigmoid_search, vtw_search
+from dyvte.prompts import chat_prompt
+
+cli.register_resolvers()
+log = logging.getLogger("infer")
+
+
+def calibration_batches(cfg, processor, n: int) -> list[dict]:
+    """The first `n` samples of the val split as processor batches (what the calibration searches run on)."""
+    calibration = load_splits(cfg.data)["val"][:n]
+    collator = PromptCollator(processor, require_answer=False)
+    batches = [collator(calibration[i : i + cfg.batch_size]) for i in range(0, len(calibration), cfg.batch_size)]
+    return [{k: v for k, v in b.items() if k not in ("samples", "skipped")} for b in batches if b["samples"]]
+
+
+def searched_schedule(cfg, method: str, engine: VisualExit, processor) -> KeepRateSchedule:
+    """`method` ("gsearch" or "psigmoid") loaded from `{method}.path`, or searched on the val split and saved as
+    `{method}.json` in the run's output dir (reload it with `{method}.path=...`)."""
+    options = cfg[method]
+    if options.path:
+        result = (GSearch if method == "gsearch" else PSigmoidSearch).load(options.path)
+        log.info("%s: keep rates %s from %s", method, [round(r, 4) for r in result.rates], options.path)
+        return result.policy()
+    batches = calibration_batches(cfg, processor, options.n)
+    if method == "gsearch":
+        result = g_search(engine, batches, options.lam, options.every, options.trials, options.first_layer,
+                          options.queries, cfg.max_new_tokens, seed=cfg.seed)
+    else:
+        result = p_sigmoid_search(engine, batches, options.budget, options.trials, options.k_max, options.alpha,
+                                  options.first_layer, options.queries, cfg.max_new_tokens, seed=cfg.seed)
+    path = Path(HydraConfig.get().runtime.output_dir) / f"{method}.json"
+    result.save(path)
+    log.info("%s: keep rates %s (E = %.4f on %d val samples), saved to %s", method,
+             [round(r, 4) for r in result.rates], result.score, options.n, path)
+    return result.policy()
+
+
+def policy_settings(cfg, engine: VisualExit, processor, names: list[str]) -> PolicySettings:
+    settings = PolicySettings(threshold=cfg.threshold, vtw_layer=cfg.vtw.layer, fastv_layer=cfg.fastv.layer,
+                              fastv_keep_ratio=cfg.fastv.keep_ratio, model=engine.model,
+                              baselines={name: OmegaConf.to_object(cfg[name])
+                                         for name in (*BASELINES, *MODEL_BASELINES)})
+    if any("dynamic" in name for name in names):
+        heads = ExitHeads.from_pretrained(cfg.heads)
+        heads.check_fits(engine.model, cfg.model.name_or_path, cfg.model.revision)
+        if cfg.threshold is not None and not 0 <= cfg.threshold <= 1 and not cfg.force:
+            raise ValueError(f"threshold {cfg.threshold} is outside [0, 1]; pass force=true to use it anyway.")
+        settings.heads = heads
+    if any("vtw" in name for name in names) and settings.vtw_layer is None:
+        batches = calibration_batches(cfg, processor, cfg.vtw.n)
+        search = vtw_search(engine, batches, cfg.vtw.eta, cfg.vtw.start_layer, cfg.vtw.n)
+        log.info("vtw_search: k=%d, KL per layer %s", search.k, [round(v, 5) for v in search.kl])
+        settings.vtw_layer = search.k
+    for method in ("gsearch", "psigmoid"):
+        if any(method in name for name in names):
+            setattr(settings, method, searched_schedule(cfg, method, engine, processor))
+    return settings
+
+
+def one_sample(cfg, engine: VisualExit, processor) -> dict:
+    if not cfg.question:
+        raise ValueError('task=sample needs question="..." (and image=PATH for a visual question).')
+    image = load_image(Sample(id=str(cfg.image), image=cfg.image, question="", answer="")) if cfg.image else None
+    prompt = chat_prompt(processor, cfg.question, images=int(image is not None))
+    if image is None:
+        log.warning("no image given: running the question text-only (nothing to withdraw)")
+        inputs = processor(text=[prompt], return_tensors="pt")
+    else:
+        inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    policy = build_policy(cfg.policy, policy_settings(cfg, engine, processor, [cfg.policy]))
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    engine.prefill(**inputs, policy=policy)  # warm-up, untimed
+    start = time.perf_counter()
+    engine.prefill(**inputs, policy=policy)
+    prefill_ms = 1000 * (time.perf_counter() - start)
+    start = time.perf_counter()
+    out = engine.generate(**inputs, policy=policy, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                          return_dict_in_generate=True)
+    total_ms = 1000 * (time.perf_counter() - start)
+    new = out.sequences[0, ids.shape[1]:]
+    shape = flops.DecoderShape.from_config(engine.model.config)
+    fed_back = max(len(new) - 1, 0)
+    counts = [int(out.past_key_values.num_keys(layer)[0]) - fed_back for layer in range(shape.num_layers)]
+    full = flops.prefill_flops_from_counts(shape, [int(mask.sum())] * shape.num_layers)
+    spent = flops.prefill_flops_from_counts(shape, counts)
+    vision = sum(flops.vision_flops(engine.model.config, **inputs))
+    result = {
+        "answer": processor.decode(new, skip_special_tokens=True).strip(),
+        "exit_layer": int(out.exit_layer[0]),
+        "num_layers": shape.num_layers,
+        "lm_prefill_tflops": spent / 1e12,
+        "full_model_tflops": full / 1e12,
+        "vision_tflops": vision / 1e12,
+        "total_tflops": (spent + vision) / 1e12,
+        "flops_saved": 1 - spent / full,
+        "prefill_ms": prefill_ms,
+        "decode_ms_per_token": (total_ms - prefill_ms) / fed_back if fed_back else None,
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+@hydra.main(config_path="conf", config_name="infer", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    check_infer_config(cfg)
+    cli.quiet_libraries(cfg.verbose)
+    torch.manual_seed(cfg.seed)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the searches log their result; not every trial
+    model, processor = load_mllm(cfg.model.name_or_path, dtype=cfg.model.dtype,
+                                 attn_implementation=cfg.model.attn_implementation, revision=cfg.model.revision,
+                                 quantization=cfg.model.quantization)
+    engine = VisualExit(model, withdraw=cfg.model.withdraw)
+    if cfg.task == "sample":
+        one_sample(cfg, engine, processor)
+        return
+    names = list(cfg.policies)
+    samples = load_splits(cfg.data)[cfg.split]
+    samples = samples[: cfg.limit] if cfg.limit else samples
+    sweep_dynamic = cfg.sweeps and Path(cfg.heads).exists()  # the threshold sweep needs heads
+    settings = policy_settings(cfg, engine, processor, names + (["dynamic"] if sweep_dynamic else []))
+    results = evaluate(engine, processor, samples, names, settings, cfg.batch_size, cfg.max_new_tokens, cfg.sweeps,
+                       list(cfg.sweep_thresholds), cfg.data.on_bad_sample, list(cfg.budget or []), cfg.budget_unit,
+                       list(cfg.budget_methods))
+    results["settings"] = {"vtw_layer": settings.vtw_layer, "threshold": settings.threshold
+                           if settings.threshold is not None else (settings.heads.threshold if settings.heads else None),
+                           "fastv": dict(cfg.fastv), "split": cfg.split, "model": cfg.model.name_or_path,
+                           "gsearch_rates": settings.gsearch.rates if settings.gsearch else None,
+                           "psigmoid_rates": settings.psigmoid.rates if settings.psigmoid else None,
+                           "baselines": settings.baselines}
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    print(write_report(results, output_dir))
+    log.info("results, table and plots in %s", output_dir)
+
+
+def cli_main() -> None:
+    """`dyvte-infer` / `python -m dyvte.infer` / the repository's `infer.py`: `-v` is `verbose=true`."""
+    cli.verbose_flag()
+    main()
+
+
+if __name__ == "__main__":
+    cli_main()
