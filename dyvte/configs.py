@@ -18,6 +18,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 QUANTIZATION = (None, "4bit", "8bit")
 DATA_SOURCES = ("llava_json", "hf")
+GROUP_KEYS = ("family",)  # sample fields `validate.groups` can certify within
 
 
 class ConfigError(ValueError):
@@ -133,11 +134,61 @@ def check_train_config(cfg: DictConfig) -> None:
     thresholds = cfg.validate.thresholds
     if not thresholds or not all(isinstance(t, Real) and 0.0 <= t <= 1.0 for t in thresholds):
         _fail("validate.thresholds", OmegaConf.to_object(thresholds), "must be a non-empty list of numbers in [0, 1]")
+    _certification(cfg)
     if "validate" in stages and "heads" not in stages and not cfg.heads:
         raise ConfigError(
             "stages without heads validate heads trained before: set heads=DIR (a train.py run's heads/ folder or "
             "a Hub id), or add the heads stage"
         )
+
+
+def _open_unit(cfg, key: str, optional: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < value < 1.0:
+        _fail(key, value, "must be a number strictly between 0 and 1" + (" (or null)" if optional else ""))
+
+
+def _certification(cfg) -> None:
+    """The Learn-then-Test keys of `validate` (docs/design.md, "Certified thresholds")."""
+    _open_unit(cfg, "validate.target_agreement", optional=True)
+    _open_unit(cfg, "validate.confidence")
+    _open_unit(cfg, "validate.path_fraction")
+    groups = cfg.validate.groups
+    if groups is not None and groups not in GROUP_KEYS:
+        _fail("validate.groups", groups, "must be null or one of " + ", ".join(GROUP_KEYS))
+    if groups is not None and cfg.validate.target_agreement is None:
+        _fail("validate.groups", groups, "certifies validate.target_agreement within each group: set "
+              "validate.target_agreement (e.g. 0.98)")
+    if cfg.validate.target_agreement is not None and cfg.validate.threshold != "auto":
+        _fail("validate.threshold", cfg.validate.threshold, "certified thresholds are calibrated: give "
+              "validate.threshold=auto, or validate.target_agreement=null for a fixed threshold")
+
+
+def check_certification(cfg: DictConfig, splits: dict) -> None:
+    """Before model time, with the splits read: enough calibration rows to certify `validate.target_agreement` at
+    `validate.confidence` (with zero disagreements allowed, n >= log(1 - confidence) / log(target) test rows), and
+    a `validate.groups` key the samples carry. `splits`: name -> samples (`dyvte.data.load_splits`)."""
+    target = cfg.validate.target_agreement
+    if target is None or "validate" not in cfg.stages:
+        return
+    from .training.certify import min_calibration_size, test_rows  # the training stack, only when certifying
+
+    names = ["train", "val"] if cfg.validate.calibration == "crossfit" else ["val"]
+    samples = [s for name in names for s in splits.get(name) or []]
+    minimum = min_calibration_size(target, cfg.validate.confidence)
+    tested = test_rows(len(samples), cfg.validate.decision, cfg.validate.path_fraction)
+    if tested < minimum:
+        raise ConfigError(
+            f"validate.target_agreement={target} at validate.confidence={cfg.validate.confidence} needs at least "
+            f"{minimum} calibration test rows (log(1 - confidence) / log(target)), and the calibration rows "
+            f"({' + '.join(names)}: {len(samples)}) leave {tested}: label more val rows, lower the target or the "
+            f"confidence" + (", or lower validate.path_fraction" if cfg.validate.decision == "per_layer" else ""))
+    key = cfg.validate.groups
+    if key is not None and not all(getattr(s, key, "") for s in samples):
+        raise ConfigError(f"validate.groups={key}: the calibration samples do not all carry a {key} (set "
+                          f"data.family_column for a datasets source), or use validate.groups=null")
 
 
 def _layers(cfg, key: str) -> None:

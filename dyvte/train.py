@@ -17,7 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dyvte import cli
-from dyvte.configs import check_train_config
+from dyvte.configs import check_certification, check_train_config
+from dyvte.data import load_splits
 from dyvte.loading import load_mllm
 from dyvte.training.pipeline import run
 
@@ -28,6 +29,8 @@ log = logging.getLogger("train")
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     check_train_config(cfg)
+    if cfg.validate.target_agreement is not None:  # calibration sizes and group keys, before model time
+        check_certification(cfg, load_splits(cfg.data))
     cli.quiet_libraries(cfg.verbose)
     L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
     output_dir = Path(HydraConfig.get().runtime.output_dir)

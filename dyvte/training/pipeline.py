@@ -19,6 +19,7 @@ from ..loading import model_identity
 from .dense_labels import LabelConfig
 from .heads_module import HeadsDataModule, HeadsModule
 from .label_run import run_labels
+from .certify import certify_rows
 from .label_store import LabelStore
 from .simulate import choose_layer_thresholds, choose_threshold, exit_probabilities, head_metrics, validate
 
@@ -156,12 +157,28 @@ def validate_heads(cfg, model, heads: ExitHeads, stores: dict[str, LabelStore], 
         if cfg.validate.decision == "per_layer":
             heads.config.thresholds = choose_layer_thresholds(p_exit, rows, model.config, cfg.validate.min_agreement,
                                                               list(cfg.validate.thresholds), threshold)
+        # scores of rows the heads never trained on, for studies of the calibration (benchmarks/certified.py)
+        torch.save({"id": rows["id"], "p_exit": p_exit}, output_dir / "calibration_scores.pt")
     split = cfg.validate.split if cfg.validate.split in stores else "val"
     held_out = stores[split].load()
     decision = heads.config.thresholds if cfg.validate.decision == "per_layer" else float(threshold)
+    certificate = None
+    if cfg.validate.target_agreement is not None:
+        certificate = certify_rows(rows, p_exit, model.config, cfg.validate, seed=cfg.seed)
+        point = validate(heads, held_out, model.config, decision, calibration=None,
+                         min_agreement=cfg.validate.min_agreement)
+        certificate["point_estimate"] = {k: point[k] for k in ("threshold", "agreement", "accuracy", "flops_saved",
+                                                               "mean_exit_layer")}
+        threshold = certificate["thresholds"][0]
+        if cfg.validate.decision == "per_layer":
+            decision = heads.config.thresholds = tuple(certificate["thresholds"])
+        else:
+            decision = threshold
     report = {"split": split, **validate(heads, held_out, model.config, decision, calibration=val,
                                          min_agreement=cfg.validate.min_agreement)}
     report["calibration"] = calibration
+    if certificate is not None:
+        report["certified"] = certificate
     report["threshold_sweep_calibration"] = sweep
     if val is not None:  # the split settings are compared on (ablation.py)
         on_val = validate(heads, val, model.config, decision, calibration=None,

@@ -106,15 +106,21 @@ def choose_threshold(p_exit: torch.Tensor, dataset: Dataset, model_config, min_a
 
 def choose_layer_thresholds(p_exit: torch.Tensor, dataset: Dataset, model_config, min_agreement: float,
                             thresholds: list[float], start: float) -> tuple[float, ...]:
-    """One threshold per head, given the heads' p(exit) [N, L] for the rows of `dataset`, from one global threshold
-    `start` that keeps `min_agreement` on `dataset`: again and again, lower one head's threshold to the next lower
-    value of `thresholds`, the change that saves the most LM prefill FLOPs on `dataset` while agreement stays at
-    least `min_agreement`, until no change passes. So the result agrees and saves at least as much as `start` on
-    `dataset`; the last head's exit is the full model, and its threshold stays `start`."""
-    num_layers = p_exit.shape[1]
+    """One threshold per head, given the heads' p(exit) [N, L] for the rows of `dataset`: `layer_thresholds` on
+    the rows' labels and LM prefill FLOPs."""
     match = torch_columns(dataset, ["match"])["match"]
-    costs = prefill_costs(dataset, model_config)
-    rows = torch.arange(len(dataset))
+    return layer_thresholds(p_exit, match, prefill_costs(dataset, model_config), min_agreement, thresholds, start)
+
+
+def layer_thresholds(p_exit: torch.Tensor, match: torch.Tensor, costs: torch.Tensor, min_agreement: float,
+                     thresholds: list[float], start: float) -> tuple[float, ...]:
+    """One threshold per head from one global threshold `start` that keeps `min_agreement` on the rows (p(exit)
+    [N, L], `match` [N, L+1], LM prefill FLOPs `costs` [N, L+1]): again and again, lower one head's threshold to
+    the next lower value of `thresholds`, the change that saves the most LM prefill FLOPs while agreement stays at
+    least `min_agreement`, until no change passes. So the result agrees and saves at least as much as `start` on
+    the rows; the last head's exit is the full model, and its threshold stays `start`."""
+    num_layers = p_exit.shape[1]
+    rows = torch.arange(len(p_exit))
     grid = sorted(thresholds)
 
     def spent_if_agreeing(per_head: list[float]) -> int | None:
