@@ -17,7 +17,7 @@ from dyvte.training.certify import binomial_cdf, certify, min_calibration_size
 ROOT = Path(__file__).resolve().parent.parent
 cli.register_resolvers()
 
-GRID = [i / 100 for i in range(1, 100)]
+GRID = [i / 50 for i in range(1, 50)]
 
 
 def exact_binomial_cdf(k: int, n: int, p: Fraction) -> float:
@@ -55,8 +55,10 @@ def true_risk(threshold: float) -> float:
 
 def naive_point_estimate(p_exit, match, costs, target):
     """Today's calibration: the lowest grid threshold whose empirical agreement reaches the target."""
-    passing = [t for t in GRID if (~match[p_exit[:, 0] > t, 1]).sum() <= (1 - target) * len(p_exit)]
-    return min(passing) if passing else 1.0
+    grid = torch.tensor(GRID)
+    errors = ((p_exit[None, :, 0] > grid[:, None]) & ~match[None, :, 1]).sum(dim=1)
+    passing = grid[errors <= (1 - target) * len(p_exit)]
+    return float(passing.min()) if len(passing) else 1.0
 
 
 def violation_rate(procedure, trials=300, n=300, target=0.95):
@@ -77,16 +79,15 @@ def test_certified_thresholds_hold_the_target_with_the_confidence(decision):
         return certify(p_exit, match, costs, target, 0.9, GRID, decision=decision)["thresholds"][0]
 
     assert_valid(certified)
-    # not vacuous: it exits, on average at a threshold whose true risk is close to the target
+    # not vacuous: it exits, at thresholds whose true risk is well above never exiting's zero
     generator = torch.Generator().manual_seed(1)
-    thresholds = [certified(*synthetic(300, generator), 0.95) for _ in range(50)]
-    assert sum(thresholds) / 50 < 0.8
+    risks = [true_risk(certified(*synthetic(300, generator), 0.95)) for _ in range(50)]
+    assert sum(risks) / 50 > 0.01
 
 
 def test_the_validity_check_fails_the_naive_point_estimate():
     """The same check rejects today's point estimate: it lands above the target's risk about half the time."""
-    assert violation_rate(naive_point_estimate) > 0.3
-    with pytest.raises(AssertionError, match="risk above the target"):
+    with pytest.raises(AssertionError, match=r"risk above the target in [3-6]\d\.\d% draws"):
         assert_valid(naive_point_estimate)
 
 
