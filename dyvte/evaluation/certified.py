@@ -1,16 +1,17 @@
 """Does the certificate hold? Random calibration/test partitions of the labelled prompts, and leave-one-family-out.
 
-    python -m dyvte.evaluation.certified outputs/DAY/TIME      # a `python train.py` run (its heads, its caches)
+    python -m dyvte.evaluation.certified [--partitions 200] [--calibration-size 700] [HYDRA OVERRIDES ...]
 
-Every prompt of the run's train, val and test splits gets a score from heads that never trained on it: the
-train rows their out-of-fold scores (`calibration_scores.pt`, written by the validate stage with
-`validate.calibration=crossfit`), val and test rows the final heads' scores. Risk is exact from the label cache.
+The pool is every row of the train, val and test label caches of `python train.py` with the same overrides (the
+rows labelled so far, if a cache is incomplete). Every row gets a score from heads that never trained on it:
+`validate.folds` sets of the configured heads are cross-fitted over the pool, each scoring the fold it left out
+(as `validate.calibration=crossfit` does for the train split). Risk is exact from the label cache.
 
 - validity: `partitions` random splits of the pool into `calibration_size` calibration rows and the rest as test
   rows; per procedure (today's point estimate, Learn-then-Test certified, certified per family) the share of
   partitions whose test agreement falls under the target, overall and per family (LTT promises at most
-  1 - confidence for the certified rows, plus the test rows' own sampling noise).
-- shift: calibrate on every family but one, test on the one left out (the heads still trained on all families).
+  1 - confidence for the certified rows, up to the test rows' own sampling noise).
+- shift: calibrate on every family but one, test on the one left out (the heads trained on all families).
 
 Writes `validity.{json,md}` and `shift.{json,md}` under `--out` (reports/testbed/certified).
 """
@@ -18,52 +19,51 @@ Writes `validity.{json,md}` and `shift.{json,md}` under `--out` (reports/testbed
 import argparse
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from datasets import concatenate_datasets
+from hydra import compose, initialize_config_module
 
 from ..cli import register_resolvers
 from ..data import load_splits
-from ..heads import ExitHeads
+from ..heads import ExitHeadsConfig
 from ..loading import load_mllm
 from ..training.certify import certify
 from ..training.heads_module import torch_columns
-from ..training.pipeline import label_stores
-from ..training.simulate import exit_probabilities, first_exit, layer_thresholds, prefill_costs
+from ..training.pipeline import label_config, label_stores, out_of_fold_probabilities
+from ..training.simulate import first_exit, first_safe_exit, layer_thresholds, prefill_costs
 from .tables import markdown_table
 
 
-def pooled_rows(run_dir: Path) -> dict:
-    """Every labelled prompt of a run with a score from heads that never trained on it: `p_exit` [N, L], `match`
-    [N, L+1] bool, `costs` [N, L+1], `oracle` [N] (first safe exit), `family` and `split` per row."""
-    register_resolvers()
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+def pooled_rows(cfg, work_dir: Path) -> dict:
+    """The labelled rows of the train, val and test caches of `cfg`, each scored by heads cross-fitted over the
+    pool: `p_exit` [N, L], `match` [N, L+1] bool, `costs` [N, L+1], `oracle` [N] (first safe exit), `family` and
+    `split` per row."""
     stores = label_stores(cfg, None, None, load_splits(cfg.data), compute=False)
+    parts = {name: store.load() for name, store in stores.items() if store.shards()}
+    rows = concatenate_datasets(list(parts.values()))
     model, _ = load_mllm(cfg.model.name_or_path, dtype=cfg.model.dtype, revision=cfg.model.revision)
-    heads = ExitHeads.from_pretrained(run_dir / "heads")
-    calibration = torch.load(run_dir / "calibration_scores.pt")
-    parts = []
-    train = stores["train"].load()
-    out_of_fold = dict(zip(calibration["id"], calibration["p_exit"]))
-    parts.append((train, torch.stack([out_of_fold[i] for i in train["id"]]), "train"))
-    for split in ("val", "test"):
-        rows = stores[split].load()
-        parts.append((rows, exit_probabilities(heads, rows), split))
-    pool = {"p_exit": [], "match": [], "costs": [], "family": [], "split": []}
-    for rows, p_exit, split in parts:
-        pool["p_exit"].append(p_exit)
-        pool["match"].append(torch_columns(rows, ["match"])["match"].bool())
-        pool["costs"].append(prefill_costs(rows, model.config))
-        pool["family"] += list(rows["family"])
-        pool["split"] += [split] * len(rows)
-    for key in ("p_exit", "match", "costs"):
-        pool[key] = torch.cat(pool[key])
-    labels = torch.cat([torch_columns(rows, ["labels"])["labels"][:, 1:] == 1 for rows, _, _ in parts])
-    pool["oracle"] = torch.where(labels.any(dim=1), labels.int().argmax(dim=1) + 1, labels.shape[1])
-    pool["grid"] = list(cfg.validate.thresholds)
-    pool["min_agreement"] = cfg.validate.min_agreement
-    return pool
+    text = model.config.get_text_config(decoder=True)
+    training = cfg.head_training
+    config = ExitHeadsConfig(
+        text.hidden_size, text.num_hidden_layers, training.hidden, feature_span=cfg.features.span,
+        withdraw=cfg.model.withdraw, labels=asdict(label_config(cfg)), inputs=tuple(training.inputs),
+        num_attention_heads=text.num_attention_heads, architecture=training.architecture,
+        label_shape=training.label_shape, label_target=training.label_target,
+    )
+    return {
+        "p_exit": out_of_fold_probabilities(cfg, config, rows, work_dir),
+        "match": torch_columns(rows, ["match"])["match"].bool(),
+        "costs": prefill_costs(rows, model.config),
+        "oracle": first_safe_exit(rows),
+        "family": list(rows["family"]),
+        "split": [name for name, part in parts.items() for _ in range(len(part))],
+        "grid": list(cfg.validate.thresholds),
+        "min_agreement": cfg.validate.min_agreement,
+        "path_fraction": cfg.validate.path_fraction,
+    }
 
 
 def point_estimate(p_exit, match, costs, min_agreement: float, grid: list[float]) -> tuple[float, ...]:
@@ -88,17 +88,27 @@ def scores(thresholds, p_exit, match, costs, families: list[str]) -> dict:
     return result
 
 
-def procedures(target: float, confidence: float, min_agreement: float, grid: list[float], seed: int) -> dict:
-    """name -> function(p_exit, match, costs, families) -> thresholds [L], for the procedures compared."""
-    def certified(groups: bool):
-        return lambda p, m, c, f: certify(p, m, c, target, confidence, grid, seed=seed,
-                                          groups=f if groups else None)["thresholds"]
+def procedures(target: float, confidence: float, pool: dict, seed: int) -> dict:
+    """name -> function(p_exit, match, costs, families) -> thresholds [L], for the procedures compared. Certified
+    per family tests CALM's fixed global path with every calibration row (the per-head path would leave half the
+    rows, too few per family); a calibration draw with no family large enough certifies nothing: never exit."""
+    def certified(decision: str, groups: bool):
+        def choose(p_exit, match, costs, families):
+            try:
+                return certify(p_exit, match, costs, target, confidence, pool["grid"], decision=decision, seed=seed,
+                               path_fraction=pool["path_fraction"],
+                               groups=families if groups else None)["thresholds"]
+            except ValueError:  # too few rows in every group
+                return [1.0] * p_exit.shape[1]
+        return choose
 
+    grid, min_agreement = pool["grid"], pool["min_agreement"]
     return {
         f"point estimate ({min_agreement})": lambda p, m, c, f: point_estimate(p, m, c, min_agreement, grid),
         f"point estimate ({target})": lambda p, m, c, f: point_estimate(p, m, c, target, grid),
-        "certified": certified(groups=False),
-        "certified per family": certified(groups=True),
+        "certified, per-head path": certified("per_layer", groups=False),
+        "certified, global path": certified("global", groups=False),
+        "certified per family, global path": certified("global", groups=True),
     }
 
 
@@ -106,7 +116,7 @@ def validity(pool: dict, calibration_size: int, partitions: int, target: float, 
              seed: int = 0) -> dict:
     """Share of `partitions` random calibration/test splits whose test agreement is under `target`, per
     procedure, overall and per family; with the mean agreement and FLOPs saved on the test rows."""
-    methods = procedures(target, confidence, pool["min_agreement"], pool["grid"], seed)
+    methods = procedures(target, confidence, pool, seed)
     generator = torch.Generator().manual_seed(seed)
     results = {name: [] for name in methods}
     for _ in range(partitions):
@@ -135,17 +145,18 @@ def validity(pool: dict, calibration_size: int, partitions: int, target: float, 
 
 
 def leave_one_family_out(pool: dict, target: float, confidence: float, seed: int = 0) -> dict:
-    """Per family: thresholds calibrated on the train and val rows of every other family (point estimate and
-    certified), scored on every pooled row of the family left out; beside them, calibrated on all families."""
-    methods = procedures(target, confidence, pool["min_agreement"], pool["grid"], seed)
-    methods.pop("certified per family")
-    calibration = [i for i, s in enumerate(pool["split"]) if s != "test"]
+    """Per family: the pool split in random halves; thresholds calibrated on the first half (in distribution) or
+    on its rows of every other family (left out), scored on the family's rows of the second half."""
+    methods = procedures(target, confidence, pool, seed)
+    methods.pop("certified per family, global path")
+    order = torch.randperm(len(pool["p_exit"]), generator=torch.Generator().manual_seed(seed)).tolist()
+    first, second = order[:len(order) // 2], order[len(order) // 2:]
     rows = {}
     for family in sorted(set(pool["family"])):
-        held = torch.tensor([i for i, f in enumerate(pool["family"]) if f == family])
+        held = torch.tensor([i for i in second if pool["family"][i] == family])
         rows[family] = {"samples": len(held)}
-        for setting, cal in (("in distribution", calibration),
-                             ("left out", [i for i in calibration if pool["family"][i] != family])):
+        for setting, cal in (("in distribution", first),
+                             ("left out", [i for i in first if pool["family"][i] != family])):
             cal = torch.tensor(cal)
             for name, method in methods.items():
                 thresholds = method(pool["p_exit"][cal], pool["match"][cal], pool["costs"][cal],
@@ -154,6 +165,10 @@ def leave_one_family_out(pool: dict, target: float, confidence: float, seed: int
                                [family] * len(held))
                 rows[family][f"{name}, {setting}"] = {k: score[k] for k in ("agreement", "flops_saved")}
     return {"target_agreement": target, "confidence": confidence, "families": rows}
+
+
+def _pool(report: dict) -> str:
+    return ", ".join(f"{n} {split} rows" for split, n in report.get("pool", {}).items())
 
 
 def validity_markdown(report: dict) -> str:
@@ -165,7 +180,8 @@ def validity_markdown(report: dict) -> str:
     return (f"Share of {report['partitions']} random partitions (calibration {report['calibration_size']}, test "
             f"{report['test_size']} rows) whose test agreement falls under {report['target_agreement']:.0%}; "
             f"certified at confidence {report['confidence']} (allowed: {1 - report['confidence']:.0%} plus "
-            f"sampling slack ±{report['slack']:.1%}).\n\n" + markdown_table(header, table) + "\n")
+            f"sampling slack ±{report['slack']:.1%}). Pool: {_pool(report)}.\n\n"
+            + markdown_table(header, table) + "\n")
 
 
 def shift_markdown(report: dict) -> str:
@@ -174,30 +190,34 @@ def shift_markdown(report: dict) -> str:
     header = ["family left out", "rows", *(f"{s}: agreement / saved" for s in settings)]
     table = [[f, str(r["samples"]), *(f"{r[s]['agreement']:.2%} / {r[s]['flops_saved']:.1%}" for s in settings)]
              for f, r in families.items()]
-    return ("Leave one family out: thresholds calibrated on the train (out-of-fold) and val rows of the other "
-            "families, scored on every row of the family left out (the heads trained on all families). "
-            f"Target {report['target_agreement']:.0%}, confidence {report['confidence']}.\n\n"
+    return ("Leave one family out: the pool in random halves; thresholds calibrated on the first half, with (in "
+            "distribution) or without (left out) the family, scored on the family's rows of the second half (the "
+            "heads were cross-fitted on all families). "
+            f"Target {report['target_agreement']:.0%}, confidence {report['confidence']}. Pool: {_pool(report)}.\n\n"
             + markdown_table(header, table) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path, help="a `python train.py` output folder (validate.calibration=crossfit)")
     parser.add_argument("--partitions", type=int, default=200)
-    parser.add_argument("--calibration-size", type=int, default=2000)
+    parser.add_argument("--calibration-size", type=int, default=1000)
     parser.add_argument("--target", type=float, default=0.98)
     parser.add_argument("--confidence", type=float, default=0.9)
     parser.add_argument("--out", type=Path, default=Path("reports/testbed/certified"))
+    parser.add_argument("overrides", nargs="*", help="train.py overrides: the label caches and heads to study")
     args = parser.parse_args()
-    pool = pooled_rows(args.run)
-    args.out.mkdir(parents=True, exist_ok=True)
+    register_resolvers()
+    with initialize_config_module("dyvte.conf", version_base="1.3"):
+        cfg = compose("train", overrides=args.overrides)
+    pool = pooled_rows(cfg, args.out / "folds")
     report = validity(pool, args.calibration_size, args.partitions, args.target, args.confidence)
-    (args.out / "validity.json").write_text(json.dumps(report, indent=2))
-    (args.out / "validity.md").write_text(validity_markdown(report))
     shift = leave_one_family_out(pool, args.target, args.confidence)
-    (args.out / "shift.json").write_text(json.dumps(shift, indent=2))
-    (args.out / "shift.md").write_text(shift_markdown(shift))
-    print(validity_markdown(report), shift_markdown(shift), sep="\n")
+    report["pool"] = shift["pool"] = {split: pool["split"].count(split) for split in sorted(set(pool["split"]))}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, result, markdown in (("validity", report, validity_markdown), ("shift", shift, shift_markdown)):
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        (args.out / f"{name}.md").write_text(markdown(result))
+        print(markdown(result))
 
 
 if __name__ == "__main__":

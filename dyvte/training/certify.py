@@ -145,7 +145,7 @@ def fixed_sequence_test(path: list[tuple[float, ...]], p_exit: torch.Tensor, mat
 
 
 def certify(p_exit: torch.Tensor, match: torch.Tensor, costs: torch.Tensor, target: float, confidence: float,
-            grid: list[float], decision: str = "per_layer", path_fraction: float = 0.5, seed: int = 0,
+            grid: list[float], decision: str = "per_layer", path_fraction: float = 0.25, seed: int = 0,
             groups: list[str] | None = None) -> dict:
     """Certified thresholds from calibration rows the heads never trained on.
 

@@ -157,8 +157,6 @@ def validate_heads(cfg, model, heads: ExitHeads, stores: dict[str, LabelStore], 
         if cfg.validate.decision == "per_layer":
             heads.config.thresholds = choose_layer_thresholds(p_exit, rows, model.config, cfg.validate.min_agreement,
                                                               list(cfg.validate.thresholds), threshold)
-        # scores of rows the heads never trained on, for studies of the calibration (benchmarks/certified.py)
-        torch.save({"id": rows["id"], "p_exit": p_exit}, output_dir / "calibration_scores.pt")
     split = cfg.validate.split if cfg.validate.split in stores else "val"
     held_out = stores[split].load()
     decision = heads.config.thresholds if cfg.validate.decision == "per_layer" else float(threshold)
