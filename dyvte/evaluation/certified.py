@@ -19,7 +19,6 @@ Writes `validity.{json,md}` and `shift.{json,md}` under `--out` (reports/testbed
 import argparse
 import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,11 +27,10 @@ from hydra import compose, initialize_config_module
 
 from ..cli import register_resolvers
 from ..data import load_splits
-from ..heads import ExitHeadsConfig
 from ..loading import load_mllm
 from ..training.certify import certify
 from ..training.heads_module import torch_columns
-from ..training.pipeline import label_config, label_stores, out_of_fold_probabilities
+from ..training.pipeline import heads_config, label_stores, out_of_fold_probabilities
 from ..training.simulate import first_exit, first_safe_exit, layer_thresholds, prefill_costs
 from .tables import markdown_table
 
@@ -45,16 +43,8 @@ def pooled_rows(cfg, work_dir: Path) -> dict:
     parts = {name: store.load() for name, store in stores.items() if store.shards()}
     rows = concatenate_datasets(list(parts.values()))
     model, _ = load_mllm(cfg.model.name_or_path, dtype=cfg.model.dtype, revision=cfg.model.revision)
-    text = model.config.get_text_config(decoder=True)
-    training = cfg.head_training
-    config = ExitHeadsConfig(
-        text.hidden_size, text.num_hidden_layers, training.hidden, feature_span=cfg.features.span,
-        withdraw=cfg.model.withdraw, labels=asdict(label_config(cfg)), inputs=tuple(training.inputs),
-        num_attention_heads=text.num_attention_heads, architecture=training.architecture,
-        label_shape=training.label_shape, label_target=training.label_target,
-    )
     return {
-        "p_exit": out_of_fold_probabilities(cfg, config, rows, work_dir),
+        "p_exit": out_of_fold_probabilities(cfg, heads_config(cfg, model), rows, work_dir),
         "match": torch_columns(rows, ["match"])["match"].bool(),
         "costs": prefill_costs(rows, model.config),
         "oracle": first_safe_exit(rows),

@@ -69,21 +69,25 @@ def _label_trainer_kwargs(cfg) -> dict:
     return {k: v for k, v in cfg.trainer.items() if k not in ("fast_dev_run", "precision")}
 
 
-def train_heads(cfg, model, stores: dict[str, LabelStore], output_dir: Path) -> ExitHeads:
-    # Seeded here, not only at start-up: a run that labels first draws random numbers a rerun on the cache does
-    # not, and the heads must be the same either way.
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+def heads_config(cfg, model) -> ExitHeadsConfig:
+    """The configuration of new heads for `model` from `cfg.head_training` and the label settings."""
     text = model.config.get_text_config(decoder=True)
     training = cfg.head_training
-    config = ExitHeadsConfig(
+    return ExitHeadsConfig(
         text.hidden_size, text.num_hidden_layers, training.hidden, feature_span=cfg.features.span,
         withdraw=cfg.model.withdraw, labels=asdict(label_config(cfg)), inputs=tuple(training.inputs),
         num_attention_heads=text.num_attention_heads, architecture=training.architecture,
         label_shape=training.label_shape, label_target=training.label_target,
         **model_identity(cfg.model.name_or_path, cfg.model.revision),
     )
+
+
+def train_heads(cfg, model, stores: dict[str, LabelStore], output_dir: Path) -> ExitHeads:
+    # Seeded here, not only at start-up: a run that labels first draws random numbers a rerun on the cache does
+    # not, and the heads must be the same either way.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     val = stores["val"].load() if "val" in stores else None
-    return fit_heads(cfg, config, stores["train"].load(), val, output_dir, seed=cfg.seed)
+    return fit_heads(cfg, heads_config(cfg, model), stores["train"].load(), val, output_dir, seed=cfg.seed)
 
 
 def fit_heads(cfg, config: ExitHeadsConfig, train: Dataset, val: Dataset | None, output_dir: Path, seed: int,
