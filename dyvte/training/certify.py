@@ -4,27 +4,29 @@ The question a deployment asks is how many answers exit changes. With per-head t
 exits at `i + 1` when `p_exit > tau_i`, the first such head wins), the risk is the disagreement rate with the full
 model on new samples, `R(tau) = P(answer with exit != full answer)`. `certify` picks `tau` such that
 
-    P_calibration( R(tau_hat) <= 1 - target ) >= confidence                                   (LTT Eq. 1)
+    P_calibration( R(tau_hat) <= 1 - target ) >= confidence        (LTT's (alpha, delta) risk control)
 
 over the draw of the calibration rows, which must be exchangeable with the new samples and unseen by the heads.
 
-Procedure (Angelopoulos, Bates, Candes, Jordan, Lei 2021, "Learn then Test"; CALM, Schuster et al. 2022, Sec. 3):
-1. Split the calibration rows at random into path rows and test rows (LTT Sec. 4, "Pareto testing" of Laufer-
-   Goldshtein et al. 2023 does the same): the path is learned on the path rows only, so on the test rows it is a
-   fixed sequence, as fixed-sequence testing requires.
+Procedure (Angelopoulos, Bates, Candes, Jordan, Lei 2021, "Learn then Test"; CALM, Schuster et al. 2022, calibrates
+its early exits the same way; the papers' section and equation numbers are not cited, they were not checked here):
+1. Split the calibration rows at random into path rows and test rows (the split "Pareto testing", Laufer-Goldshtein
+   et al. 2023, makes for LTT): the path is learned on the path rows only, so on the test rows it is a fixed
+   sequence, as fixed-sequence testing requires.
 2. `threshold_path`: from "never exit" (every threshold 1), lower one head's threshold at a time to the next lower
    grid value, each time the step that saves the most LM prefill FLOPs per disagreement added on the path rows.
    Every vector is at or below the one before it in every head, so exits only move earlier along the path.
 3. On the test rows (n of them), each path point `j` gets the exact binomial p-value of the null hypothesis
-   `H_j: R(tau_j) > epsilon` (epsilon = 1 - target; LTT Sec. 3.1, the binomial tail bound for a 0/1 loss):
+   `H_j: R(tau_j) > epsilon` (epsilon = 1 - target; LTT's binomial tail p-value for a 0/1 loss):
 
        p_j = P( Binomial(n, epsilon) <= n * R_hat_j ),
 
    valid because under `H_j` the number of disagreements is a Binomial(n, R(tau_j)) with R > epsilon.
-4. Fixed-sequence testing (LTT Proposition 2 / Sec. 3.2; CALM Sec. 3.2 "fixed sequence testing"): walk the path in
-   order and reject `H_j` while `p_j <= delta` (delta = 1 - confidence); the certified point is the last rejected
-   one. The family-wise error is at most delta, so the certified point's risk is at most epsilon with probability
-   at least 1 - delta (LTT Theorem 1). If `H_0` is not rejected, no exit is certified: all thresholds stay 1.
+4. Fixed-sequence testing (LTT; CALM uses it along its threshold grid): walk the path in order and reject `H_j`
+   while `p_j <= delta` (delta = 1 - confidence); the certified point is the last rejected one. The family-wise
+   error is at most delta, so the certified point's risk is at most epsilon with probability at least 1 - delta
+   (LTT's main theorem: FWER control at delta gives risk control). If `H_1` is not rejected, no exit is
+   certified: all thresholds stay 1.
 
 With groups (`validate.groups=family`), `H_j` is the union over certified groups of `R_g(tau_j) > epsilon`,
 rejected when every group's p-value is at most delta (an intersection-union test, valid at level delta without
