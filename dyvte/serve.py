@@ -110,6 +110,7 @@ class ChatInput:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+    stream: bool = False
 
 
 def image_bytes(url: str, number: int, allow_local_paths: bool) -> bytes:
@@ -205,7 +206,7 @@ def parse_request(request: ExitChatRequest, limits: RequestLimits) -> ChatInput:
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     return ChatInput(history=history, question=turns[-1][1], question_images=turns[-1][2], images=images,
                      policy=policy, max_new_tokens=max_new_tokens, temperature=request.temperature if sampled else 0.0,
-                     top_p=request.top_p if sampled else 1.0, stop=stop)
+                     top_p=request.top_p if sampled else 1.0, stop=stop, stream=bool(request.stream))
 
 
 # --- the HTTP side: LitServe's OpenAI spec with dyvte's request checks, extension field and stats ---------------
@@ -384,8 +385,9 @@ class ExitChatAPI(ls.LitAPI):
         return output
 
     def predict(self, x):
-        """Per decoding step, one message per request (a list for a batch): the new text; then one last message with
-        the usage and the `dyvte` extension."""
+        """One message per request (a list for a batch) per decoding step while a request of the batch streams (its
+        new text; "" for the others), then one last message each: the rest of the text, the usage and the `dyvte`
+        extension."""
         batched = isinstance(x, list)
         requests = x if batched else [x]
         groups: dict[tuple, list[int]] = {}
@@ -434,10 +436,13 @@ class ExitChatAPI(ls.LitAPI):
         thread = threading.Thread(target=run, name="dyvte-generate")
         thread.start()
         answers = [_Answer(r, self.processor, self.eos_ids) for r in requests]
+        stream = any(r.stream for r in requests)  # else one message per request: each is a trip between processes
         while (tokens := steps.get()) is not None:
             for answer, token in zip(answers, tokens):
                 answer.add(token)
-            yield [{"role": "assistant", "content": answer.delta()} for answer in answers]
+            if stream:
+                yield [{"role": "assistant", "content": answer.delta() if answer.request.stream else ""}
+                       for answer in answers]
         thread.join()
         if "error" in result:
             raise result["error"]
@@ -499,7 +504,7 @@ def check_heads(cfg, policies: tuple[str, ...], config) -> None:
     needing = [name for name in policies if "dynamic" in name]
     try:
         heads = ExitHeads.from_pretrained(cfg.heads)
-    except (FileNotFoundError, OSError) as error:
+    except (OSError, ValueError) as error:  # no such folder, no heads in it, or not a Hub id either
         raise SystemExit(f"policies {needing} need exit heads, but heads={cfg.heads} has none ({error}): train them "
                          "(dyvte-train) and pass heads=DIR, or serve without them (policy=none policies=[none]).")
     try:

@@ -297,6 +297,8 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_every_good_one_is_answere
 
 def test_stats_histogram_counts_every_answer(testbed_server):
     _, url, _ = testbed_server
+    question, image = first_test_samples(1)[0]
+    answered(post(url, chat_body(question, [image], "none")))
     stats = httpx.get(url + "/v1/dyvte/stats").json()
     assert sum(stats["histogram"].values()) == stats["answered"] > 0
     assert sum(p["requests"] for p in stats["policies"].values()) == stats["answered"]
