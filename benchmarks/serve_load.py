@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> Path:
         full, dynamic = cells[f"c{concurrency}/none"], cells[f"c{concurrency}/dynamic"]
         cells[f"c{concurrency}/dynamic"]["throughput_vs_full"] = round(dynamic["req_per_s"] / full["req_per_s"], 3)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}
-    record = {"env": env, "settings": settings, "command": "flock /tmp/dyvte-heavy.lock python -m benchmarks.serve_load",
-              "model": "testbed", "heads": "dyvte/testbed/data/heads (calibrated threshold)",
+    record = {"env": env, "settings": settings,
+              "command": "flock /tmp/dyvte-heavy.lock python -m benchmarks.serve_load", "model": "testbed", "heads": "dyvte/testbed/data/heads (calibrated threshold)",
               "timing": "wall clock per request at the client (time.perf_counter), loopback HTTP, greedy decoding; "
                         "policies none and dynamic run one after the other at each concurrency, one server",
               "cells": cells}

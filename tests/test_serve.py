@@ -28,7 +28,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dyvte import ExitHeads, ExitHeadsConfig, VisualExit, load_mllm
+from dyvte import ExitHeads, ExitHeadsConfig, NoExit, VisualExit, load_mllm
 from dyvte.evaluation import PolicySettings, build_policy
 from dyvte.prompts import chat_prompt
 from dyvte.testbed import DATA_DIR
@@ -124,16 +124,19 @@ def answered(response: httpx.Response) -> tuple[str, dict]:
 
 
 @torch.no_grad()
-def offline(model, processor, policy, question: str, images: list[Image.Image]) -> tuple[str, int, str]:
-    """`engine.generate` alone on the request's inputs (greedy), its exit layer, and the stock model's answer."""
+def offline(model, processor, policy, question: str, images: list[Image.Image]) -> tuple[str, int, str | None]:
+    """`engine.generate` alone on the request's inputs (greedy), its exit layer, and (for `NoExit`) the stock
+    model's answer."""
     prompt = chat_prompt(processor, question, len(images))
     inputs = processor(images=images, text=[prompt], return_tensors="pt")
     out = VisualExit(model).generate(**inputs, policy=policy, max_new_tokens=MAX_TOKENS, do_sample=False,
                                      return_dict_in_generate=True)
     n = inputs["input_ids"].shape[1]
-    stock = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+    stock = None
+    if isinstance(policy, NoExit):
+        stock = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
     return (processor.decode(out.sequences[0, n:], skip_special_tokens=True).strip(), int(out.exit_layer[0]),
-            processor.decode(stock[0, n:], skip_special_tokens=True).strip())
+            None if stock is None else processor.decode(stock[0, n:], skip_special_tokens=True).strip())
 
 
 def first_test_samples(count: int) -> list[tuple[str, Image.Image]]:
@@ -353,6 +356,7 @@ def test_start_up_failures_name_the_fix(tmp_path):
 # --- real-format LLaVA and Qwen2-VL folders ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a server per model folder: about a minute each on two busy cores
 @pytest.mark.parametrize("name", ["llava-1.5", "qwen2-vl"])
 def test_real_format_served_answers_equal_offline_generate(name, tmp_path):
     folder = fixture(name)
