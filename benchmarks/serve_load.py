@@ -140,8 +140,8 @@ def summarize(results: list, wall: float, expected: dict, policy: str, requests:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=64, help="requests per cell (concurrency x policy)")
-    parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per cell before it stops sending")
+    parser.add_argument("--requests", type=int, default=48, help="requests per cell (concurrency x policy)")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per cell before it stops sending")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--samples", type=int, default=32, help="distinct test-split samples, cycled")
     parser.add_argument("--max-tokens", type=int, default=16)
