@@ -389,3 +389,33 @@ def test_real_format_served_answers_equal_offline_generate(name, tmp_path):
             assert text == expected[job][2]
     assert (alone[0], alone[1]["exit_layer"], alone[1]["batch_size"]) == (*expected["dynamic", 1][:2], 1)
     assert max(answered(r)[1]["batch_size"] for r in responses) > 1
+
+
+# --- request parsing, in process ---------------------------------------------------------------------------------
+
+
+def test_a_conversation_becomes_the_prompt_the_chat_template_writes():
+    from dyvte.serve import BadRequest, ExitChatRequest, RequestLimits, parse_request
+
+    _, processor = load_mllm("testbed")
+    image = Image.new("RGB", (32, 32), "red")
+    request = ExitChatRequest(temperature=0, stop=["."], messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                     {"type": "text", "text": "what is it ?"}]},
+        {"role": "assistant", "content": "a red square"},
+        {"role": "user", "content": "and its colour ?"}])
+    limits = RequestLimits(policies=("dynamic",), default_policy="dynamic", max_new_tokens=4, max_tokens=8,
+                           max_images=1, max_image_pixels=1024, require_image=True, allow_local_paths=False)
+    parsed = parse_request(request, limits)
+    prompt = chat_prompt(processor, parsed.question, parsed.question_images, parsed.history)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it ?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]},
+                {"role": "user", "content": [{"type": "text", "text": "and its colour ?"}]}]
+    assert prompt == processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert [i.getpixel((0, 0)) for i in parsed.images] == [(255, 0, 0)]
+    assert (parsed.policy, parsed.max_new_tokens, parsed.temperature, parsed.stop) == ("dynamic", 4, 0.0, ["."])
+    big = ExitChatRequest(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(Image.new("RGB", (64, 64)))}},
+        {"type": "text", "text": "what is it ?"}]}])
+    with pytest.raises(BadRequest, match="64 x 64 = 4096 pixels, over this server's max_image_pixels=1024"):
+        parse_request(big, limits)
