@@ -294,3 +294,30 @@ def check_analyze_config(cfg: DictConfig) -> None:
     _integer(cfg, "batch_size", 1)
     _integer(cfg, "max_new_tokens", 1)
     _integer(cfg, "seed", 0)
+
+
+SERVE_HOSTS = ("127.0.0.1", "0.0.0.0", "::")
+
+
+def check_serve_config(cfg: DictConfig) -> None:
+    """Every key of `conf/serve.yaml`: infer.py's (model, heads, policies' settings; its `task` is not used) and the
+    server's own."""
+    check_infer_config(OmegaConf.merge(cfg, {"task": "eval"}))
+    _choice(cfg, "host", SERVE_HOSTS)
+    _integer(cfg, "port", 1024)
+    if cfg.port > 65535:
+        _fail("port", cfg.port, "must be in 1024..65535")
+    if isinstance(cfg.policies, str) or not cfg.policies:
+        _fail("policies", cfg.policies, "must be a non-empty list of policy names, e.g. [none,dynamic]")
+    _given(cfg, "policy", "the policy of requests that name none, e.g. policy=dynamic")
+    _integer(cfg, "max_batch_size", 1)
+    _number(cfg, "batch_timeout", 0.0, float("inf"), low_open=cfg.max_batch_size > 1)
+    _integer(cfg, "max_tokens", 1)
+    if cfg.max_new_tokens > cfg.max_tokens:
+        _fail("max_new_tokens", cfg.max_new_tokens, f"is the default max_tokens of a request: at most max_tokens="
+              f"{cfg.max_tokens}")
+    _integer(cfg, "max_images", 0)
+    _integer(cfg, "max_image_pixels", 1)
+    _choice(cfg, "require_image", (True, False))
+    _choice(cfg, "allow_local_paths", (True, False))
+    _number(cfg, "request_timeout", 0.0, float("inf"), low_open=True)

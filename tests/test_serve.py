@@ -1,0 +1,421 @@
+"""The OpenAI-compatible server (`serve.py`, LitServe) answers through HTTP exactly what `VisualExit.generate` answers
+offline on the same inputs and policy, alone and batched with other requests of other lengths and exits; refuses
+bad requests with a 4xx that names the problem while answering every good one; fails at start-up naming the fix;
+and finishes the requests in flight when it is stopped.
+
+Each server runs in a subprocess on a free loopback port (once per model), with `max_batch_size` as large as the
+concurrent groups sent and a long `batch_timeout`, so a concurrent group is answered as one batch whenever its
+requests arrive within that window (the responses say how many requests their generate call answered).
+"""
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from dyvte import ExitHeads, ExitHeadsConfig, NoExit, VisualExit, load_mllm
+from dyvte.evaluation import PolicySettings, build_policy
+from dyvte.prompts import chat_prompt
+from dyvte.testbed import DATA_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from fixtures.real_format import fixture  # noqa: E402
+
+HEADS = DATA_DIR / "heads"
+TESTBED_POLICIES = ("none", "dynamic", "fastv+dynamic")
+MAX_TOKENS = 8
+
+
+# --- a server in a subprocess, on a free loopback port ----------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(workdir: Path, *overrides: str, port: int | None = None) -> tuple[subprocess.Popen, str, Path]:
+    port = port or free_port()
+    log = workdir / f"serve-{port}.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"port={port}", *overrides], cwd=workdir,
+                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return process, f"http://127.0.0.1:{port}", log
+
+
+def wait_until_healthy(process: subprocess.Popen, url: str, log: Path, limit_s: float = 180) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    stop(process)
+    pytest.fail(f"the server was not healthy within {limit_s} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen, limit_s: float = 60) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(limit_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the session this test started
+        process.wait(10)
+
+
+def serve(workdir: Path, *overrides: str):
+    process, url, log = launch(workdir, *overrides)
+    wait_until_healthy(process, url, log)
+    return process, url, log
+
+
+# --- requests and offline answers --------------------------------------------------------------------------------
+
+
+def data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat_body(question: str, images: list[Image.Image], policy: str | None = None, **extra) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+    body = {"model": "served", "temperature": 0, "max_tokens": MAX_TOKENS,
+            "messages": [{"role": "user", "content": content + [{"type": "text", "text": question}]}], **extra}
+    if policy:
+        body["policy"] = policy
+    return body
+
+
+def post(url: str, body) -> httpx.Response:
+    if isinstance(body, bytes):
+        return httpx.post(url + "/v1/chat/completions", content=body, timeout=120,
+                          headers={"content-type": "application/json"})
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+
+
+def answered(response: httpx.Response) -> tuple[str, dict]:
+    assert response.status_code == 200, response.text
+    data = response.json()
+    return data["choices"][0]["message"]["content"], data["dyvte"]
+
+
+@torch.no_grad()
+def offline(model, processor, policy, question: str, images: list[Image.Image]) -> tuple[str, int, str | None]:
+    """`engine.generate` alone on the request's inputs (greedy), its exit layer, and (for `NoExit`) the stock
+    model's answer."""
+    prompt = chat_prompt(processor, question, len(images))
+    inputs = processor(images=images, text=[prompt], return_tensors="pt")
+    out = VisualExit(model).generate(**inputs, policy=policy, max_new_tokens=MAX_TOKENS, do_sample=False,
+                                     return_dict_in_generate=True)
+    n = inputs["input_ids"].shape[1]
+    stock = None
+    if isinstance(policy, NoExit):
+        stock = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+    return (processor.decode(out.sequences[0, n:], skip_special_tokens=True).strip(), int(out.exit_layer[0]),
+            None if stock is None else processor.decode(stock[0, n:], skip_special_tokens=True).strip())
+
+
+def first_test_samples(count: int) -> list[tuple[str, Image.Image]]:
+    records = json.loads((DATA_DIR / "test.json").read_text())[:count]
+    return [(r["conversations"][0]["value"].replace("<image>", "").strip(),
+             Image.open(DATA_DIR / "images" / r["image"]).convert("RGB")) for r in records]
+
+
+# --- the testbed server ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def testbed_server(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("serve-testbed")
+    process, url, log = serve(workdir, f"heads={HEADS}", "policy=dynamic", f"policies=[{','.join(TESTBED_POLICIES)}]",
+                              "max_batch_size=16", "batch_timeout=1.0", "max_tokens=16", "max_images=1")
+    yield process, url, log
+    stop(process)
+
+
+@pytest.fixture(scope="module")
+def testbed_offline():
+    model, processor = load_mllm("testbed")
+    settings = PolicySettings(heads=ExitHeads.from_pretrained(HEADS), model=model)
+    policies = {name: build_policy(name, settings) for name in TESTBED_POLICIES}
+    cases = first_test_samples(8)
+    return cases, {(name, i): offline(model, processor, policy, question, [image])
+                   for name, policy in policies.items() for i, (question, image) in enumerate(cases)}
+
+
+def test_alone_equals_offline_generate(testbed_server, testbed_offline):
+    _, url, _ = testbed_server
+    cases, expected = testbed_offline
+    for name in TESTBED_POLICIES:
+        for i in (0, 2):
+            question, image = cases[i]
+            text, extension = answered(post(url, chat_body(question, [image], name)))
+            answer, exit_layer, stock = expected[name, i]
+            assert (text, extension["exit_layer"], extension["batch_size"]) == (answer, exit_layer, 1)
+            assert extension["policy"] == name and 0 <= extension["flops_saved"] < 1
+            if name == "none":
+                assert text == stock and exit_layer == extension["num_layers"] == 12
+                assert extension["flops_saved"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_batched_with_other_lengths_and_exits_equals_offline_generate(testbed_server, testbed_offline):
+    _, url, _ = testbed_server
+    cases, expected = testbed_offline
+    jobs = [(name, i) for name in ("none", "dynamic") for i in range(len(cases))]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        responses = list(pool.map(lambda job: post(url, chat_body(cases[job[1]][0], [cases[job[1]][1]], job[0])),
+                                  jobs))
+    results = {job: answered(response) for job, response in zip(jobs, responses)}
+    for job, (text, extension) in results.items():
+        assert (text, extension["exit_layer"]) == expected[job][:2], job
+    dynamic = [results["dynamic", i][1] for i in range(len(cases))]
+    assert len({e["exit_layer"] for e in dynamic}) > 1  # samples with different exits ...
+    assert max(e["batch_size"] for e in dynamic) > 1  # ... answered in one batch
+    assert len({response.json()["usage"]["prompt_tokens"] for response in responses}) > 1  # of different lengths
+
+
+def test_streaming_sends_the_same_answer_token_by_token(testbed_server, testbed_offline):
+    _, url, _ = testbed_server
+    cases, expected = testbed_offline
+    i = next(i for i in range(len(cases)) if " " in expected["dynamic", i][0])  # an answer of several tokens
+    question, image = cases[i]
+    deltas, last = [], None
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=120,
+                      json=chat_body(question, [image], "dynamic", stream=True)) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line.removeprefix("data: "))
+                deltas += [c["delta"]["content"] for c in chunk["choices"] if c["delta"]["content"]]
+                last = chunk
+    answer, exit_layer, _ = expected["dynamic", i]
+    assert len(deltas) > 1 and "".join(deltas) == answer
+    assert last["choices"][0]["finish_reason"] == "stop" and last["dyvte"]["exit_layer"] == exit_layer
+
+
+def test_openai_client_with_the_policy_field(testbed_server, testbed_offline):
+    openai = pytest.importorskip("openai")  # the dev extra installs it; the HTTP tests above need nothing more
+    _, url, _ = testbed_server
+    cases, expected = testbed_offline
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    question, image = cases[1]
+    completion = client.chat.completions.create(
+        model="testbed", temperature=0, max_tokens=MAX_TOKENS, extra_body={"policy": "fastv+dynamic"},
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                               {"type": "text", "text": question}]}])
+    assert completion.choices[0].message.content == expected["fastv+dynamic", 1][0]
+    assert completion.model_extra["dyvte"]["exit_layer"] == expected["fastv+dynamic", 1][1]
+
+
+def bomb_png(side: int) -> bytes:
+    """A 1 x 1 PNG whose header claims side x side pixels (a decompression bomb's header, a few bytes long)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    header = b"IHDR" + struct.pack(">II", side, side) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(data)
+
+
+def test_bad_requests_get_a_4xx_naming_the_problem_and_every_good_one_is_answered(testbed_server, testbed_offline):
+    _, url, _ = testbed_server
+    cases, expected = testbed_offline
+    question, image = cases[0]
+    good_body = chat_body(question, [image], "dynamic")
+    image_part = good_body["messages"][0]["content"][0]
+
+    def with_url(image_url: str) -> dict:
+        body = json.loads(json.dumps(good_body))
+        body["messages"][0]["content"][0]["image_url"]["url"] = image_url
+        return body
+
+    no_image = json.loads(json.dumps(good_body))
+    no_image["messages"][0]["content"] = no_image["messages"][0]["content"][1:]
+    two_images = json.loads(json.dumps(good_body))
+    two_images["messages"][0]["content"].insert(0, image_part)
+    bad = {  # case: (body, status, words the error must contain); the case names the kind of refusal
+        "malformed_json": (b'{"messages": [{"role": "user", "content": "what', 422, "JSON decode error"),
+        "bad_base64": (with_url("data:image/png;base64,@@not base64@@"), 400, "bad base64"),
+        "not_an_image": (with_url("data:image/png;base64," + base64.b64encode(b"hello, world").decode()), 400,
+                         "is not an image"),
+        "image_too_large": (with_url("data:image/png;base64," + base64.b64encode(bomb_png(5000)).decode()), 413,
+                            "5000 x 5000 = 25000000 pixels, over this server's max_image_pixels=16777216"),
+        "image_too_large (over PIL's limit)": (
+            with_url("data:image/png;base64," + base64.b64encode(bomb_png(40000)).decode()), 413,
+            "decompression bomb"),
+        "no_image": (no_image, 400, "no image"),
+        "too_many_images": (two_images, 400, "max_images=1"),
+        "unknown_policy": ({**good_body, "policy": "fastest"}, 400, "'fastest' is not served"),
+        "max_tokens": ({**good_body, "max_tokens": 17}, 400, "max_tokens=17 is outside 1..16"),
+        "url_not_fetched": (with_url("https://example.com/cat.png"), 400, "never fetches URLs"),
+        "local_path": (with_url(str(DATA_DIR / "images" / "test_00000.png")), 400, "allow_local_paths=true"),
+    }
+    before = httpx.get(url + "/v1/dyvte/stats").json()
+    jobs = [("good", good_body)]
+    for kind, (body, _, _) in bad.items():
+        jobs += [(kind, body), ("good", good_body)]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda job: post(url, job[1]), jobs))
+    for (kind, _), response in zip(jobs, responses):
+        if kind == "good":
+            text, extension = answered(response)
+            assert (text, extension["exit_layer"]) == expected["dynamic", 0][:2]
+        else:
+            _, status, words = bad[kind]
+            assert response.status_code == status and words in response.text, (kind, response.text)
+    after = httpx.get(url + "/v1/dyvte/stats").json()
+    goods = sum(kind == "good" for kind, _ in jobs)
+    assert after["answered"] - before["answered"] == goods and after["in_flight"] == 0
+    refused = Counter(after["refused_by_kind"])
+    refused.subtract(before["refused_by_kind"])
+    kinds = Counter(case.split(" ")[0] for case in bad if case != "malformed_json")  # FastAPI refuses bad JSON
+    assert +refused == kinds
+    assert answered(post(url, good_body))[0] == expected["dynamic", 0][0]  # still serving
+
+
+def test_stats_histogram_counts_every_answer(testbed_server):
+    _, url, _ = testbed_server
+    question, image = first_test_samples(1)[0]
+    answered(post(url, chat_body(question, [image], "none")))
+    stats = httpx.get(url + "/v1/dyvte/stats").json()
+    assert sum(stats["histogram"].values()) == stats["answered"] > 0
+    assert sum(p["requests"] for p in stats["policies"].values()) == stats["answered"]
+    for name, policy in stats["policies"].items():
+        assert policy["mean_exit_layer"] == pytest.approx(
+            sum(int(k) * v for k, v in policy["histogram"].items()) / policy["requests"])
+    assert stats["policies"]["none"]["histogram"] == {"12": stats["policies"]["none"]["requests"]}
+
+
+def test_stopping_finishes_the_requests_in_flight(testbed_server, testbed_offline):
+    """Last in this module: it stops the testbed server."""
+    process, url, log = testbed_server
+    cases, expected = testbed_offline
+    jobs = [("dynamic", i) for i in range(3)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(post, url, chat_body(cases[i][0], [cases[i][1]], name)) for name, i in jobs]
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/v1/dyvte/stats").json()["in_flight"] < len(jobs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        responses = [future.result() for future in futures]
+    for job, response in zip(jobs, responses):
+        text, extension = answered(response)
+        assert (text, extension["exit_layer"]) == expected[job][:2]
+    assert process.wait(60) == 0, log.read_text()[-3000:]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/health", timeout=2)
+
+
+# --- start-up failures -------------------------------------------------------------------------------------------
+
+
+def test_start_up_failures_name_the_fix(tmp_path):
+    ExitHeads(ExitHeadsConfig(hidden_size=64, num_layers=12, head_hidden=4)).save_pretrained(tmp_path / "other")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [  # (overrides, port, words the error must contain)
+            ((f"heads={HEADS}",), port, f"port={port} on 127.0.0.1 is not free"),
+            ((f"heads={tmp_path / 'other'}",), None, "do not fit the model: hidden size 64 vs the model's 96"),
+            ((f"heads={tmp_path / 'none'}", "policies=[none]"), None, "need exit heads"),
+            ((f"heads={HEADS}", "policies=[none,gsearch]"), None, "gsearch.path=FILE"),
+        ]
+        launched = [launch(tmp_path, *overrides, port=p) for overrides, p, _ in cases]
+        for (process, _, log), (_, _, words) in zip(launched, cases):
+            assert process.wait(120) != 0
+            assert words in log.read_text(), log.read_text()[-2000:]
+    assert "another port" in launched[0][2].read_text() and "heads=DIR" in launched[2][2].read_text()
+
+
+# --- real-format LLaVA and Qwen2-VL folders ---------------------------------------------------------------------
+
+
+@pytest.mark.slow  # a server per model folder: about a minute each on two busy cores
+@pytest.mark.parametrize("name", ["llava-1.5", "qwen2-vl"])
+def test_real_format_served_answers_equal_offline_generate(name, tmp_path):
+    folder = fixture(name)
+    model, processor = load_mllm(str(folder))
+    text = model.config.get_text_config(decoder=True)
+    torch.manual_seed(0)
+    heads = ExitHeads(ExitHeadsConfig(hidden_size=text.hidden_size, num_layers=text.num_hidden_layers,
+                                      head_hidden=8, threshold=0.5))
+    heads.save_pretrained(tmp_path / "heads")
+    settings = PolicySettings(heads=ExitHeads.from_pretrained(tmp_path / "heads"), model=model)
+    cases = [("What is it?", [Image.new("RGB", (56, 56), "red")]),
+             ("Describe the colour of this picture in one short word, please.", [Image.new("RGB", (84, 56), "green")]),
+             ("What?", [Image.new("RGB", (56, 112), "blue")])]
+    expected = {(policy, i): offline(model, processor, build_policy(policy, settings), question, images)
+                for policy in ("none", "dynamic") for i, (question, images) in enumerate(cases)}
+    process, url, log = serve(tmp_path, f"model.name_or_path={folder}", "model.revision=null",
+                              f"heads={tmp_path / 'heads'}", "policies=[none,dynamic]", "max_batch_size=6",
+                              "batch_timeout=1.0")
+    try:
+        jobs = list(expected)
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            responses = list(pool.map(lambda job: post(url, chat_body(*cases[job[1]], job[0])), jobs))
+        alone = answered(post(url, chat_body(*cases[1], "dynamic")))
+    finally:
+        stop(process)
+    for job, response in zip(jobs, responses):
+        text, extension = answered(response)
+        assert (text, extension["exit_layer"]) == expected[job][:2], job
+        if job[0] == "none":
+            assert text == expected[job][2]
+    assert (alone[0], alone[1]["exit_layer"], alone[1]["batch_size"]) == (*expected["dynamic", 1][:2], 1)
+    assert max(answered(r)[1]["batch_size"] for r in responses) > 1
+
+
+# --- request parsing, in process ---------------------------------------------------------------------------------
+
+
+def test_a_conversation_becomes_the_prompt_the_chat_template_writes():
+    from dyvte.serve import BadRequest, ExitChatRequest, RequestLimits, parse_request
+
+    _, processor = load_mllm("testbed")
+    image = Image.new("RGB", (32, 32), "red")
+    request = ExitChatRequest(temperature=0, stop=["."], messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                     {"type": "text", "text": "what is it ?"}]},
+        {"role": "assistant", "content": "a red square"},
+        {"role": "user", "content": "and its colour ?"}])
+    limits = RequestLimits(policies=("dynamic",), default_policy="dynamic", max_new_tokens=4, max_tokens=8,
+                           max_images=1, max_image_pixels=1024, require_image=True, allow_local_paths=False)
+    parsed = parse_request(request, limits)
+    prompt = chat_prompt(processor, parsed.question, parsed.question_images, parsed.history)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it ?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]},
+                {"role": "user", "content": [{"type": "text", "text": "and its colour ?"}]}]
+    assert prompt == processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert [i.getpixel((0, 0)) for i in parsed.images] == [(255, 0, 0)]
+    assert (parsed.policy, parsed.max_new_tokens, parsed.temperature, parsed.stop) == ("dynamic", 4, 0.0, ["."])
+    big = ExitChatRequest(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(Image.new("RGB", (64, 64)))}},
+        {"type": "text", "text": "what is it ?"}]}])
+    with pytest.raises(BadRequest, match="64 x 64 = 4096 pixels, over this server's max_image_pixels=1024"):
+        parse_request(big, limits)
