@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+from . import memory
 from .prompts import check_chat_template
 from .testbed import MODEL_DIR as TESTBED_MODEL_DIR
 
@@ -79,18 +80,25 @@ def load_mllm(
     dtype=torch.float32,
     attn_implementation: str = "sdpa",
     quantization: str | None = None,
+    check_memory: bool = True,
     **kwargs,
 ):
     """`(model, processor)` through the stock Auto classes; extra kwargs (e.g. `device_map`) go to the model.
 
     `quantization` ("4bit" | "8bit", GPU only) loads the frozen model through bitsandbytes; the engine runs its
-    (quantized) layers unchanged.
+    (quantized) layers unchanged. `check_memory`: before any weight is read, the bytes the weights need are counted
+    from the config (`dyvte.memory`) and a model that does not fit in the free memory is refused (`MemoryError`).
     """
     bnb_config = quantization_config(quantization, dtype)  # fails before any download
     if bnb_config is not None:
         kwargs["quantization_config"] = bnb_config
         kwargs.setdefault("device_map", "auto")
     path = resolve_model_path(name_or_path)
+    if check_memory:
+        device_map = kwargs.get("device_map")
+        on_gpu = torch.cuda.is_available() and device_map is not None and "cpu" not in str(device_map)
+        memory.check_fits(AutoConfig.from_pretrained(path, revision=kwargs.get("revision")), name_or_path, dtype,
+                          quantization, "cuda" if on_gpu else "cpu")
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
     )
