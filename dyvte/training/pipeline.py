@@ -3,6 +3,9 @@
 import hashlib
 import json
 import logging
+import resource
+import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -182,16 +185,28 @@ def load_trained_heads(cfg, model) -> ExitHeads:
     return heads
 
 
+@contextmanager
+def _stage(name: str):
+    """Logs the stage's wall time and the process's peak resident memory so far."""
+    start = time.perf_counter()
+    yield
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    log.info("stage %s: %.1f s, peak resident memory so far %.2f GiB", name, time.perf_counter() - start,
+             peak / 2**30)
+
+
 def run(cfg, output_dir: Path, model, processor) -> dict:
     """The configured stages in order; returns the validation report (empty without the validate stage)."""
     stages = list(cfg.stages)
     splits = load_splits(cfg.data)
-    stores = label_stores(cfg, model, processor, splits, compute="labels" in stages)
+    with _stage("labels" if "labels" in stages else "label cache check"):
+        stores = label_stores(cfg, model, processor, splits, compute="labels" in stages)
     for name, store in stores.items():
         if not store.complete:
             raise FileNotFoundError(f"the {name} label cache {store.dir} is incomplete: run the labels stage.")
     if "heads" in stages:
-        heads = train_heads(cfg, model, stores, output_dir)
+        with _stage("heads"):
+            heads = train_heads(cfg, model, stores, output_dir)
         if rank_zero_only.rank != 0:  # under DDP every rank ends with the same heads; rank 0 writes them
             return {}
         heads.save_pretrained(output_dir / "heads")
@@ -200,5 +215,6 @@ def run(cfg, output_dir: Path, model, processor) -> dict:
     elif "validate" in stages:
         heads = load_trained_heads(cfg, model)
     if "validate" in stages:
-        return validate_heads(cfg, model, heads, stores, output_dir)
+        with _stage("validate"):
+            return validate_heads(cfg, model, heads, stores, output_dir)
     return {}
