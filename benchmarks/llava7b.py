@@ -181,23 +181,24 @@ def main() -> None:
     image, question = image_dir / records[0]["image"], records[0]["conversations"][0]["value"].replace("<image>", "")
     question = question.strip()
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    entry = results[tag] = {"settings": {**vars(args), "work": str(work), "out": str(args.out), "folder": str(folder),
-                                         "command": " ".join(["python -m benchmarks.llava7b", *sys.argv[1:]])},
-                            "environment": environment(torch.get_num_threads())}
+    entry = results.setdefault(tag, {})  # one entry per precision; each step run replaces its own record
+    entry.update(folder=str(folder), samples=args.samples, max_new_tokens=args.max_new_tokens,
+                 batch_size=args.batch_size, environment=environment(torch.get_num_threads()))
+    command = " ".join(["python -m benchmarks.llava7b", *sys.argv[1:]])
 
     def save():
-        args.out.write_text(json.dumps(results, indent=2, default=str))
+        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
     steps = args.steps.split(",")
     if "train" in steps:
-        entry["train"] = train(folder, work, json_path, image_dir, args, tag)
+        entry["train"] = {"benchmark_command": command, **train(folder, work, json_path, image_dir, args, tag)}
         save()
     if "infer" in steps:
-        heads = entry.get("train", {}).get("heads_dir") or str(work / f"train-{tag}" / "heads")
-        entry["infer"] = infer(folder, work, image, question, heads, args, tag)
+        heads = str(work / f"train-{tag}" / "heads")
+        entry["infer"] = {"benchmark_command": command, **infer(folder, work, image, question, heads, args, tag)}
         save()
     if "ratio" in steps:
-        entry["exit_ratio"] = exit_ratio(folder, image, question, args)
+        entry["exit_ratio"] = {"benchmark_command": command, **exit_ratio(folder, image, question, args)}
         save()
     print(json.dumps(entry, indent=2, default=str))
 

@@ -1,5 +1,6 @@
 """One entry point for the models dyvte runs on: the shipped testbed, a local checkpoint or a Hub id."""
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -31,11 +32,22 @@ def model_identity(name_or_path: str, revision: str | None) -> dict:
     identity = {"model": name_or_path, "revision": revision}
     path = Path(resolve_model_path(name_or_path))
     if path.is_dir():
-        digest = hashlib.sha256()
-        for weights in sorted(path.glob("*.safetensors")):
-            digest.update(weights.read_bytes())
-        identity["weights_sha256"] = digest.hexdigest()
+        files = sorted(path.glob("*.safetensors"))
+        identity["weights_sha256"] = _weights_sha256(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                                                           for f in files))
     return identity
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_sha256(files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 over the weight files' bytes in order, read in 1 MiB blocks (a 7B checkpoint's 5 GB shard is never
+    in memory at once); computed once per process for the same files, sizes and modification times."""
+    digest = hashlib.sha256()
+    for name, _, _ in files:
+        with open(name, "rb") as weights:
+            while block := weights.read(2**20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 QUANTIZATION_CHOICES = (None, "4bit", "8bit")

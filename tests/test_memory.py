@@ -65,3 +65,34 @@ def test_a_model_that_fits_goes_on_to_load(model, tmp_path, monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: VirtualMemory(2**34, 2**33))
     with pytest.raises(OSError, match="model.safetensors|pytorch_model.bin|no file named"):  # past the check
         load_mllm(str(tmp_path), dtype=torch.float32)
+
+
+def test_head_inputs_stream_the_batches_a_whole_tensor_gives(tmp_path):
+    """The heads' training batches read from the memory-mapped cache a batch at a time equal those of one fp32
+    tensor of every row (the mean and last text state, the halves of the cached `features`), in the same order."""
+    import datasets
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dyvte.heads import ExitHeadsConfig
+    from dyvte.training.heads_module import HeadInputs
+    from dyvte.training.label_store import row_features
+
+    n, layers, d = 37, 3, 8
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(n, layers, 2 * d, generator=generator).half()
+    labels = torch.randint(-1, 2, (n, layers + 1), generator=generator, dtype=torch.int8)
+    rows = {"id": [f"{i:03d}" for i in range(n)], "family": ["q"] * n, "answer": ["a"] * n, "ground_truth": ["a"] * n,
+            "n_text": [5] * n, "n_visual": [9] * n, "vision_flops": [0] * n, "labels": labels.tolist(),
+            "match": (labels == 1).tolist(), "ce": torch.rand(n, layers + 1).tolist(),
+            "accurate": (labels == 1).tolist(), "features": features.numpy()}
+    datasets.Dataset.from_dict(rows, features=row_features(layers, d, 2)).save_to_disk(str(tmp_path / "shard"))
+    dataset = datasets.load_from_disk(str(tmp_path / "shard"))
+    config = ExitHeadsConfig(d, layers, 4, inputs=("mean_text", "last_text"), label_shape="per_layer",
+                             label_target="safe")
+    whole = TensorDataset(features.float(), labels[:, 1:].long())  # mean_text then last_text: the stored order
+
+    def batches(data):
+        return list(DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3)))
+
+    for (streamed_x, streamed_y), (x, y) in zip(batches(HeadInputs(dataset, config)), batches(whole), strict=True):
+        assert streamed_x.dtype == torch.float32 and torch.equal(streamed_x, x) and torch.equal(streamed_y, y)
