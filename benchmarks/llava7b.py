@@ -91,7 +91,8 @@ def train(folder: Path, work: Path, json_path: Path, image_dir: Path, args, tag:
                f"model.dtype={args.dtype}", f"model.quantization={args.quantization or 'null'}",
                "data=llava665k", f"data.json_path={json_path}", f"data.image_dir={image_dir}", "data.fraction=1.0",
                "data.val_fraction=0.25", f"labels.max_new_tokens={args.max_new_tokens}",
-               f"labels.batch_size={args.batch_size}", f"cache_dir={cache}", f"hydra.run.dir={run_dir}"]
+               f"labels.batch_size={args.batch_size}", f"labels.reference={args.reference}", f"cache_dir={cache}",
+               f"hydra.run.dir={run_dir}"]
     result = run_process(command, work / f"train-{tag}.log")
     stages = {}
     for name, seconds, peak in STAGE_LINE.findall(Path(result["log"]).read_text()):
@@ -163,6 +164,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--reference", default="model", help="labels.reference: model (greedy answer, the default) "
+                        "or ground_truth (the dataset answer: no generation, one dense pass per sample)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--repeats", type=int, default=3)
@@ -183,7 +186,8 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     entry = results.setdefault(tag, {})  # one entry per precision; each step run replaces its own record
     entry.update(folder=str(folder), samples=args.samples, max_new_tokens=args.max_new_tokens,
-                 batch_size=args.batch_size, environment=environment(torch.get_num_threads()))
+                 batch_size=args.batch_size, reference=args.reference,
+                 environment=environment(torch.get_num_threads()))
     command = " ".join(["python -m benchmarks.llava7b", *sys.argv[1:]])
 
     def save():
