@@ -10,7 +10,7 @@ from collections import namedtuple
 import psutil
 import pytest
 import torch
-from tiny_models import build_model
+from tiny_models import FAMILIES, build_model
 from transformers import AutoModelForImageTextToText
 
 from dyvte.loading import load_mllm
@@ -19,7 +19,7 @@ from dyvte.memory import weight_bytes
 VirtualMemory = namedtuple("VirtualMemory", "total available")
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def model(request):
     return build_model(request.param)
 
