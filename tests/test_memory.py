@@ -56,7 +56,7 @@ def test_a_model_that_does_not_fit_is_refused_before_loading(model, tmp_path, mo
         load_mllm(str(tmp_path), dtype=torch.float32)
     message = str(error.value)
     assert f"weights take {needed / 2**30:.1f} GiB" in message
-    assert "0.2 GiB free" in message and "1.0 GiB to run" in message  # the 1 GiB minimum workspace
+    assert "0.2 GiB free" in message and "1.0 GiB to run" in message  # 1 GiB + 15% of a tiny model
     assert "model.quantization=4bit" in message and "model.dtype=bfloat16" in message and "Nothing was loaded" in message
 
 
