@@ -46,6 +46,8 @@ def label_stores(cfg, model, processor, splits: dict[str, list[Sample]], compute
         ids = hashlib.sha256("\n".join(s.id for s in samples).encode()).hexdigest()
         key = {**identity, "dtype": cfg.model.dtype, "quantization": cfg.model.quantization,
                "withdraw": cfg.model.withdraw, "split": name, "sample_ids_sha256": ids, "labels": asdict(config)}
+        if cfg.model.quantization == "8bit":  # LLM.int8's outlier threshold changes the labels
+            key["llm_int8_threshold"] = float(cfg.model.llm_int8_threshold)
         store = LabelStore(cfg.cache_dir, key)
         if compute and store.complete:
             log.info("labels for %s: reusing the complete cache %s", name, store.dir)

@@ -1,0 +1,145 @@
+"""Do labels and heads transfer across precisions of the frozen model? `python -m benchmarks.precision_transfer`.
+
+On the shipped testbed (a seeded subsample of its splits, the same for every precision), `train.py` runs with the
+frozen model in fp32, bf16, LLM.int8 (bitsandbytes' default outlier threshold 6.0) and NF4 (fp32 compute). Then:
+
+- labels: per exit layer, the share of samples whose label (exit at `k` safe or not) equals the fp32 label, and
+  the share whose full-depth answer equals the fp32 model's;
+- heads: each precision's own `validate.json` (agreement with its own full model, FLOPs saved);
+- cross: heads trained on one precision's labels, deployed on another's: as trained (their calibrated per-layer
+  thresholds) and recalibrated on the deployment precision (`train.py stages=[validate] heads=...`).
+
+Every step skips what a previous run of this script finished (the outputs and the label cache stay), and the
+JSON is rewritten after each step. Run it alone on the machine (`flock /tmp/dyvte-heavy.lock`): it is minutes of
+both cores per precision.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from dyvte.heads import ExitHeads
+from dyvte.loading import resolve_model_path
+from dyvte.training.label_store import LabelStore
+from dyvte.training.simulate import validate
+
+ROOT = Path(__file__).resolve().parent.parent
+PRECISIONS = {
+    "fp32": ["model.dtype=float32"],
+    "bf16": ["model.dtype=bfloat16"],
+    "int8": ["model.quantization=8bit"],
+    "nf4": ["model.quantization=nf4"],
+}
+# (trained on, deployed on): the swaps users make between a quantized labelling model and a bf16 server
+CROSS = [("nf4", "bf16"), ("bf16", "nf4"), ("fp32", "nf4"), ("fp32", "int8"), ("nf4", "fp32")]
+
+
+def train(args: list[str], log: Path) -> float:
+    start = time.perf_counter()
+    with log.open("w") as out:
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"train.py {' '.join(args)} failed; see {log}")
+    return time.perf_counter() - start
+
+
+def stores(cache_dir: Path) -> dict[tuple[str, str], LabelStore]:
+    """The complete label caches under `cache_dir`, by (precision, split)."""
+    found = {}
+    for meta in cache_dir.glob("*/meta.json"):
+        fields = json.loads(meta.read_text())
+        fields.pop("schema")
+        precision = {"8bit": "int8", "nf4": "nf4"}.get(fields["quantization"]) or (
+            "bf16" if fields["dtype"] == "bfloat16" else "fp32")
+        store = LabelStore(cache_dir, fields)
+        if store.complete:
+            found[(precision, fields["split"])] = store
+    return found
+
+
+def label_agreement(reference, other) -> dict:
+    """Per exit layer 0..L: the share of samples (matched by id) whose label equals the reference's; and the share
+    whose full-depth answer does."""
+    assert reference["id"] == other["id"], "the two caches hold different samples"
+    ref, oth = torch.tensor(reference["labels"]), torch.tensor(other["labels"])
+    same_answer = [a == b for a, b in zip(reference["answer"], other["answer"])]
+    return {"per_exit_layer": (ref == oth).float().mean(0).tolist(), "all_layers": float((ref == oth).float().mean()),
+            "full_answer": sum(same_answer) / len(same_answer)}
+
+
+def summary(report: dict) -> dict:
+    return {k: report[k] for k in ("agreement", "accuracy", "full_accuracy", "flops_saved", "mean_exit_layer")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=600, help="training prompts (data.limit)")
+    parser.add_argument("--eval-limit", type=int, default=200, help="val and test prompts each (data.eval_limit)")
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "precision_transfer"))
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "precision_transfer.json"))
+    options = parser.parse_args()
+    out, results_path = Path(options.out), Path(options.results)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = out / "cache"
+    common = [f"data.limit={options.limit}", f"data.eval_limit={options.eval_limit}", f"cache_dir={cache_dir}"]
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results.update({"limit": options.limit, "eval_limit": options.eval_limit,
+                    "commands": results.get("commands", {}), "runs": results.get("runs", {}),
+                    "cross": results.get("cross", {})})
+
+    def save() -> None:
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+
+    for name, overrides in PRECISIONS.items():
+        run_dir = out / name
+        args = [*overrides, *common, f"hydra.run.dir={run_dir}"]
+        results["commands"][name] = "python train.py " + " ".join(args)
+        if not (run_dir / "validate.json").exists():
+            seconds = train(args, out / f"{name}.log")
+            results["runs"][name] = {"seconds": seconds}
+        report = json.loads((run_dir / "validate.json").read_text())
+        results["runs"][name] = {**results["runs"].get(name, {}), **summary(report),
+                                 "threshold": report["threshold"]}
+        save()
+
+    caches = stores(cache_dir)
+    model_config = AutoConfig.from_pretrained(resolve_model_path("testbed"))
+    results["labels_vs_fp32"] = {}
+    for name in PRECISIONS:
+        by_split = {}
+        for split in ("train", "val", "test"):
+            by_split[split] = label_agreement(caches[("fp32", split)].load(), caches[(name, split)].load())
+        results["labels_vs_fp32"][name] = by_split
+    save()
+
+    for source, target in CROSS:
+        key = f"{source}->{target}"
+        heads = ExitHeads.from_pretrained(out / source / "heads")
+        test = caches[(target, "test")].load()
+        as_trained = validate(heads, test, model_config, tuple(heads.config.thresholds), calibration=None,
+                              min_agreement=0.985)
+        run_dir = out / f"{source}_heads_on_{target}"
+        args = ["stages=[validate]", f"heads={out / source / 'heads'}", "validate.calibration=val",
+                *PRECISIONS[target], *common, f"hydra.run.dir={run_dir}"]
+        results["commands"][f"{key} recalibrated"] = "python train.py " + " ".join(args)
+        if not (run_dir / "validate.json").exists():
+            train(args, out / f"{source}_heads_on_{target}.log")
+        recalibrated = json.loads((run_dir / "validate.json").read_text())
+        results["cross"][key] = {
+            "as_trained": {k: as_trained[k] for k in ("agreement", "accuracy", "flops_saved", "mean_exit_layer")},
+            "recalibrated": summary(recalibrated),
+            "native": {k: results["runs"][target][k] for k in ("agreement", "accuracy", "flops_saved")},
+        }
+        save()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
