@@ -10,8 +10,8 @@ frozen model in fp32, bf16, LLM.int8 (bitsandbytes' default outlier threshold 6.
   thresholds) and recalibrated on the deployment precision (`train.py stages=[validate] heads=...`).
 
 Every step skips what a previous run of this script finished (the outputs and the label cache stay), and the
-JSON is rewritten after each step. Run it alone on the machine (`flock /tmp/dyvte-heavy.lock`): it is minutes of
-both cores per precision.
+JSON is rewritten after each step. Each `train.py` runs under `flock LOCK` (`--lock`, default the shared machine's
+heavy-job lock), so that it has the machine's cores to itself; `--lock ""` runs without.
 """
 
 import argparse
@@ -40,14 +40,19 @@ PRECISIONS = {
 CROSS = [("nf4", "bf16"), ("bf16", "nf4"), ("fp32", "nf4"), ("fp32", "int8"), ("nf4", "fp32")]
 
 
-def train(args: list[str], log: Path) -> float:
-    start = time.perf_counter()
+def train(args: list[str], log: Path, lock: str) -> float:
+    """Run `train.py args` (under `flock lock`); the seconds it took once it held the lock."""
+    command = [sys.executable, str(ROOT / "train.py"), *args]
+    if lock:
+        command = ["flock", lock, "bash", "-c", 'echo "lock held $(date +%s.%N)"; exec "$@"', "_", *command]
+    start = time.time()
     with log.open("w") as out:
-        result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
+        result = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise RuntimeError(f"train.py {' '.join(args)} failed; see {log}")
-    return time.perf_counter() - start
+    if lock:
+        start = float(log.read_text().split("lock held ", 1)[1].split()[0])
+    return time.time() - start
 
 
 def stores(cache_dir: Path) -> dict[tuple[str, str], LabelStore]:
@@ -80,64 +85,61 @@ def summary(report: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit", type=int, default=600, help="training prompts (data.limit)")
-    parser.add_argument("--eval-limit", type=int, default=200, help="val and test prompts each (data.eval_limit)")
+    parser.add_argument("--limit", type=int, default=240, help="training prompts (data.limit)")
+    parser.add_argument("--eval-limit", type=int, default=80, help="val and test prompts each (data.eval_limit)")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "precision_transfer"))
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "precision_transfer.json"))
+    parser.add_argument("--lock", default="/tmp/dyvte-heavy.lock", help="flock this file around each train.py")
     options = parser.parse_args()
     out, results_path = Path(options.out), Path(options.results)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = out / "cache"
     common = [f"data.limit={options.limit}", f"data.eval_limit={options.eval_limit}", f"cache_dir={cache_dir}"]
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results.update({"limit": options.limit, "eval_limit": options.eval_limit,
-                    "commands": results.get("commands", {}), "runs": results.get("runs", {}),
-                    "cross": results.get("cross", {})})
+    results.update({"limit": options.limit, "eval_limit": options.eval_limit, "commands": {},
+                    "runs": results.get("runs", {}), "labels_vs_fp32": {}, "cross": {}})
+    model_config = AutoConfig.from_pretrained(resolve_model_path("testbed"))
 
     def save() -> None:
+        results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
 
-    for name, overrides in PRECISIONS.items():
+    done = []
+    for name in ("fp32", "nf4", "bf16", "int8"):  # the slowest (LLM.int8 on a CPU) last
         run_dir = out / name
-        args = [*overrides, *common, f"hydra.run.dir={run_dir}"]
+        args = [*PRECISIONS[name], *common, f"hydra.run.dir={run_dir}"]
         results["commands"][name] = "python train.py " + " ".join(args)
         if not (run_dir / "validate.json").exists():
-            seconds = train(args, out / f"{name}.log")
-            results["runs"][name] = {"seconds": seconds}
+            results["runs"][name] = {"seconds": train(args, out / f"{name}.log", options.lock)}
         report = json.loads((run_dir / "validate.json").read_text())
         results["runs"][name] = {**results["runs"].get(name, {}), **summary(report),
                                  "threshold": report["threshold"]}
-        save()
-
-    caches = stores(cache_dir)
-    model_config = AutoConfig.from_pretrained(resolve_model_path("testbed"))
-    results["labels_vs_fp32"] = {}
-    for name in PRECISIONS:
-        by_split = {}
-        for split in ("train", "val", "test"):
-            by_split[split] = label_agreement(caches[("fp32", split)].load(), caches[(name, split)].load())
-        results["labels_vs_fp32"][name] = by_split
-    save()
-
-    for source, target in CROSS:
-        key = f"{source}->{target}"
-        heads = ExitHeads.from_pretrained(out / source / "heads")
-        test = caches[(target, "test")].load()
-        as_trained = validate(heads, test, model_config, tuple(heads.config.thresholds), calibration=None,
-                              min_agreement=0.985)
-        run_dir = out / f"{source}_heads_on_{target}"
-        args = ["stages=[validate]", f"heads={out / source / 'heads'}", "validate.calibration=val",
-                *PRECISIONS[target], *common, f"hydra.run.dir={run_dir}"]
-        results["commands"][f"{key} recalibrated"] = "python train.py " + " ".join(args)
-        if not (run_dir / "validate.json").exists():
-            train(args, out / f"{source}_heads_on_{target}.log")
-        recalibrated = json.loads((run_dir / "validate.json").read_text())
-        results["cross"][key] = {
-            "as_trained": {k: as_trained[k] for k in ("agreement", "accuracy", "flops_saved", "mean_exit_layer")},
-            "recalibrated": summary(recalibrated),
-            "native": {k: results["runs"][target][k] for k in ("agreement", "accuracy", "flops_saved")},
+        done.append(name)
+        caches = stores(cache_dir)
+        results["labels_vs_fp32"][name] = {
+            split: label_agreement(caches[("fp32", split)].load(), caches[(name, split)].load())
+            for split in ("train", "val", "test")
         }
         save()
+        for source, target in CROSS:
+            if name not in (source, target) or source not in done or target not in done:
+                continue
+            heads = ExitHeads.from_pretrained(out / source / "heads")
+            as_trained = validate(heads, caches[(target, "test")].load(), model_config,
+                                  tuple(heads.config.thresholds), calibration=None, min_agreement=0.985)
+            cross_dir = out / f"{source}_heads_on_{target}"
+            args = ["stages=[validate]", f"heads={out / source / 'heads'}", "validate.calibration=val",
+                    *PRECISIONS[target], *common, f"hydra.run.dir={cross_dir}"]
+            results["commands"][f"{source}->{target} recalibrated"] = "python train.py " + " ".join(args)
+            if not (cross_dir / "validate.json").exists():
+                train(args, out / f"{source}_heads_on_{target}.log", options.lock)
+            recalibrated = json.loads((cross_dir / "validate.json").read_text())
+            results["cross"][f"{source}->{target}"] = {
+                "as_trained": {k: as_trained[k] for k in ("agreement", "accuracy", "flops_saved", "mean_exit_layer")},
+                "recalibrated": summary(recalibrated),
+                "native": {k: results["runs"][target][k] for k in ("agreement", "accuracy", "flops_saved")},
+            }
+            save()
     print(json.dumps(results, indent=2))
 
 

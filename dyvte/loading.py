@@ -118,6 +118,28 @@ def _run_once(module, dtype: torch.dtype) -> None:
         module(torch.zeros(1, module.in_features, dtype=dtype, device=module.weight.device))
 
 
+def load_frozen_model(
+    name_or_path: str = "testbed",
+    dtype=torch.float32,
+    attn_implementation: str = "sdpa",
+    quantization: str | None = None,
+    llm_int8_threshold: float = DEFAULT_INT8_THRESHOLD,
+    **kwargs,
+):
+    """The model of `load_mllm` alone, in eval mode (a checkpoint without a processor works too)."""
+    bnb_config = quantization_config(quantization, dtype, llm_int8_threshold)  # fails before any download
+    if bnb_config is not None:
+        kwargs["quantization_config"] = bnb_config
+        kwargs.setdefault("device_map", "auto" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForImageTextToText.from_pretrained(
+        resolve_model_path(name_or_path), dtype=dtype, attn_implementation=attn_implementation, **kwargs
+    )
+    model.eval()
+    if bnb_config is not None:
+        prepare_quantized_layers(model, quantization)
+    return model
+
+
 def load_mllm(
     name_or_path: str = "testbed",
     dtype=torch.float32,
@@ -132,17 +154,8 @@ def load_mllm(
     bitsandbytes, every layer checked to run (`prepare_quantized_layers`); the engine runs its quantized layers
     unchanged. `llm_int8_threshold` is LLM.int8's outlier threshold (`quantization_config`).
     """
-    bnb_config = quantization_config(quantization, dtype, llm_int8_threshold)  # fails before any download
-    if bnb_config is not None:
-        kwargs["quantization_config"] = bnb_config
-        kwargs.setdefault("device_map", "auto" if torch.cuda.is_available() else "cpu")
+    model = load_frozen_model(name_or_path, dtype, attn_implementation, quantization, llm_int8_threshold, **kwargs)
     path = resolve_model_path(name_or_path)
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
-    )
-    model.eval()
-    if bnb_config is not None:
-        prepare_quantized_layers(model, quantization)
     processor = load_processor(path)
     check_processor(processor, model.config, name_or_path)
     return model, processor
