@@ -187,6 +187,8 @@ def load_trained_heads(cfg, model) -> ExitHeads:
 def run(cfg, output_dir: Path, model, processor) -> dict:
     """The configured stages in order; returns the validation report (empty without the validate stage)."""
     stages = list(cfg.stages)
+    if "validate" in stages and "heads" not in stages:  # heads of another model stop the run before any labelling
+        heads = load_trained_heads(cfg, model)
     splits = load_splits(cfg.data)
     stores = label_stores(cfg, model, processor, splits, compute="labels" in stages)
     for name, store in stores.items():
@@ -199,8 +201,6 @@ def run(cfg, output_dir: Path, model, processor) -> dict:
         heads.save_pretrained(output_dir / "heads")
         if cfg.trainer.fast_dev_run:
             return {}
-    elif "validate" in stages:
-        heads = load_trained_heads(cfg, model)
     if "validate" in stages:
         return validate_heads(cfg, model, heads, stores, output_dir)
     return {}
