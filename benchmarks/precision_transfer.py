@@ -83,6 +83,36 @@ def summary(report: dict) -> dict:
     return {k: report[k] for k in ("agreement", "accuracy", "full_accuracy", "flops_saved", "mean_exit_layer")}
 
 
+def markdown(results: dict) -> str:
+    """The tables of docs/precision.md from the results JSON."""
+    runs, labels = results["runs"], results["labels_vs_fp32"]
+    lines = ["| frozen model | full-model accuracy (test) | labels = fp32 labels (test, all exits) | full answer = fp32 "
+             "answer (test) | heads' agreement (test) | FLOPs saved | train.py seconds |", "|---|---|---|---|---|---|---|"]
+    for name in ("fp32", "bf16", "int8", "nf4"):
+        if name not in labels:
+            continue
+        run, test = runs[name], labels[name]["test"]
+        lines.append(f"| {name} | {run['full_accuracy']:.1%} | {test['all_layers']:.1%} | {test['full_answer']:.1%} | "
+                     f"{run['agreement']:.1%} | {run['flops_saved']:.1%} | {run.get('seconds', float('nan')):.0f} |")
+    exits = [name for name in ("bf16", "int8", "nf4") if name in labels]
+    if exits:
+        layers = len(labels[exits[0]]["test"]["per_exit_layer"])
+        lines += ["", "Label agreement with the fp32 labels per exit layer k (test split):", "",
+                  "| k | " + " | ".join(exits) + " |", "|---|" + "---|" * len(exits)]
+        for k in range(layers):
+            lines.append(f"| {k} | " + " | ".join(f"{labels[n]['test']['per_exit_layer'][k]:.0%}" for n in exits) + " |")
+    if results["cross"]:
+        lines += ["", "| heads trained on -> deployed on | as trained: agreement / FLOPs saved | recalibrated on the "
+                  "deployment's val: agreement / FLOPs saved | heads trained on the deployment precision |",
+                  "|---|---|---|---|"]
+        for key, cross in results["cross"].items():
+            a, r, n = cross["as_trained"], cross["recalibrated"], cross["native"]
+            lines.append(f"| {key.replace('->', ' -> ')} | {a['agreement']:.1%} / {a['flops_saved']:.1%} | "
+                         f"{r['agreement']:.1%} / {r['flops_saved']:.1%} | {n['agreement']:.1%} / "
+                         f"{n['flops_saved']:.1%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=240, help="training prompts (data.limit)")
@@ -90,7 +120,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "outputs" / "precision_transfer"))
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "precision_transfer.json"))
     parser.add_argument("--lock", default="/tmp/dyvte-heavy.lock", help="flock this file around each train.py")
+    parser.add_argument("--markdown", action="store_true", help="print the tables of an existing results JSON")
     options = parser.parse_args()
+    if options.markdown:
+        print(markdown(json.loads(Path(options.results).read_text())))
+        return
     out, results_path = Path(options.out), Path(options.results)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = out / "cache"
@@ -140,7 +174,7 @@ def main() -> None:
                 "native": {k: results["runs"][target][k] for k in ("agreement", "accuracy", "flops_saved")},
             }
             save()
-    print(json.dumps(results, indent=2))
+    print(markdown(results))
 
 
 if __name__ == "__main__":
