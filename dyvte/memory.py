@@ -5,6 +5,7 @@ every family transformers knows: each parameter and buffer at the load dtype, ex
 quantization, where the linear layers' weights (all but the output embedding, which bitsandbytes keeps) take
     4-bit (FP4 / NF4): half a byte per weight plus one fp32 absmax per block of 64 (0.5625 bytes),
     8-bit (LLM.int8):  one byte per weight plus one fp32 scale per output row.
+(An upper bound for 4-bit: double quantization, dyvte's setting, stores the absmax in 8 bits, ~0.51 bytes.)
 A run needs the weights, `BASE_WORKSPACE_BYTES` for the libraries and `WORKSPACE_FRACTION` of the weights for
 activations, the KV cache and the label pass (the full-depth LLaVA-1.5-7B run of benchmarks/llava7b.py peaked 3.3
 GiB above its 13.2 GiB of bf16 weights at batch 1; this gives 3.0 GiB); that is compared with the memory free on

@@ -49,6 +49,8 @@ def label_stores(cfg, model, processor, splits: dict[str, list[Sample]], compute
         ids = hashlib.sha256("\n".join(s.id for s in samples).encode()).hexdigest()
         key = {**identity, "dtype": cfg.model.dtype, "quantization": cfg.model.quantization,
                "withdraw": cfg.model.withdraw, "split": name, "sample_ids_sha256": ids, "labels": asdict(config)}
+        if cfg.model.quantization == "8bit":  # LLM.int8's outlier threshold changes the labels
+            key["llm_int8_threshold"] = float(cfg.model.llm_int8_threshold)
         store = LabelStore(cfg.cache_dir, key)
         if compute and store.complete:
             log.info("labels for %s: reusing the complete cache %s", name, store.dir)
@@ -198,6 +200,8 @@ def _stage(name: str):
 def run(cfg, output_dir: Path, model, processor) -> dict:
     """The configured stages in order; returns the validation report (empty without the validate stage)."""
     stages = list(cfg.stages)
+    if "validate" in stages and "heads" not in stages:  # heads of another model stop the run before any labelling
+        heads = load_trained_heads(cfg, model)
     splits = load_splits(cfg.data)
     with _stage("labels" if "labels" in stages else "label cache check"):
         stores = label_stores(cfg, model, processor, splits, compute="labels" in stages)
@@ -212,8 +216,6 @@ def run(cfg, output_dir: Path, model, processor) -> dict:
         heads.save_pretrained(output_dir / "heads")
         if cfg.trainer.fast_dev_run:
             return {}
-    elif "validate" in stages:
-        heads = load_trained_heads(cfg, model)
     if "validate" in stages:
         with _stage("validate"):
             return validate_heads(cfg, model, heads, stores, output_dir)
