@@ -7,7 +7,8 @@ Runs, one after the other, each in its own process:
    peak resident memory (`wait4`), the label cache's bytes per sample and their projection to 6,650 samples
    (1% of LLaVA-665k);
 2. `python infer.py model=llava7b image=... heads=...` on one image (its JSON: prefill and decode times, the exit);
-3. in this process, the model once more: the prefill of one sample with exit at `k = L/2` and the full model,
+3. `--steps margins`: the full model's teacher-forced argmax against its own greedy answer, with the logit gaps;
+4. in this process, the model once more: the prefill of one sample with exit at `k = L/2` and the full model,
    interleaved (`--repeats` rounds after a warm-up), vision features precomputed, beside what the engine predicts
    (the LM FLOPs ratio and the KV-cache bytes, `dyvte.flops`), and the KV bytes the cache really holds.
 Results go to `--out` (benchmarks/results/llava7b.json; a `--quantization` run adds its own entry), rewritten after
@@ -159,6 +160,35 @@ def exit_ratio(folder: Path, image: Path, question: str, args) -> dict:
     }
 
 
+def greedy_vs_teacher_forced(folder: Path, records: list[dict], image_dir: Path, args) -> list[list[dict]]:
+    """Per answer position of the first 3 samples' greedy answers A (cached decoding, `labels.max_new_tokens`
+    tokens): the full model's teacher-forced argmax over prompt + A, and the logit gaps (max - A's token, top 1 -
+    top 2). The label pass counts A as reproduced only where they agree."""
+    from dyvte.engine import generation_eos_ids, greedy_answers
+
+    model, processor = load_mllm(str(folder), dtype=getattr(torch, args.dtype), quantization=args.quantization)
+    engine = VisualExit(model)
+    positions = []
+    for record in records[:3]:
+        question = record["conversations"][0]["value"].replace("<image>", "").strip()
+        inputs = processor(images=[Image.open(image_dir / record["image"]).convert("RGB")],
+                           text=[chat_prompt(processor, question, images=1)], return_tensors="pt")
+        answer = greedy_answers(engine, inputs, args.max_new_tokens, generation_eos_ids(model, processor.tokenizer))[0]
+        ids = torch.cat([inputs["input_ids"], torch.tensor([answer])], dim=1)
+        logits = engine(input_ids=ids, attention_mask=torch.ones_like(ids),
+                        pixel_values=inputs["pixel_values"]).logits[0].float()
+        start = inputs["input_ids"].shape[1] - 1
+        rows = []
+        for offset, token in enumerate(answer):
+            row = logits[start + offset]
+            top = row.topk(2)
+            rows.append({"target": token, "argmax": int(top.indices[0]),
+                         "target_logit_gap": float(top.values[0] - row[token]),
+                         "top1_top2_gap": float(top.values[0] - top.values[1]), "max_abs_logit": float(row.abs().max())})
+        positions.append(rows)
+    return positions
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=8)
@@ -169,7 +199,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", default="train,infer,ratio")
+    parser.add_argument("--steps", default="train,infer,ratio", help="any of train, infer, ratio, margins")
     parser.add_argument("--folder", type=Path, default=None,
                         help="the model folder (default: the LLaVA-1.5-7B one, built if missing)")
     parser.add_argument("--work", type=Path, default=Path(".cache/llava7b-benchmark"))
@@ -200,6 +230,10 @@ def main() -> None:
     if "infer" in steps:
         heads = str(work / f"train-{tag}" / "heads")
         entry["infer"] = {"benchmark_command": command, **infer(folder, work, image, question, heads, args, tag)}
+        save()
+    if "margins" in steps:
+        entry["greedy_vs_teacher_forced"] = {"benchmark_command": command,
+                                             "positions": greedy_vs_teacher_forced(folder, records, image_dir, args)}
         save()
     if "ratio" in steps:
         entry["exit_ratio"] = {"benchmark_command": command, **exit_ratio(folder, image, question, args)}
