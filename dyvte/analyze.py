@@ -56,7 +56,8 @@ def main(cfg: DictConfig) -> None:
     samples = splits[cfg.analysis.split][: cfg.analysis.n]
     model, processor = load_mllm(cfg.model.name_or_path, dtype=cfg.model.dtype,
                                  attn_implementation=cfg.model.attn_implementation, revision=cfg.model.revision,
-                                 quantization=cfg.model.quantization)
+                                 quantization=cfg.model.quantization,
+                                 llm_int8_threshold=cfg.model.llm_int8_threshold)
     engine = VisualExit(model, withdraw=cfg.model.withdraw)
     layers = cfg.analysis.withdrawal_layers
     settings = AnalysisSettings(

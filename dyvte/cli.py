@@ -36,6 +36,8 @@ def quiet_libraries(verbose: bool) -> None:
     transformers' weight-loading bar only when `verbose`."""
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    # bitsandbytes warns on every 8-bit matmul of a CPU run that it casts the input to fp16
+    logging.getLogger("bitsandbytes").setLevel(logging.INFO if verbose else logging.ERROR)
     if verbose:
         return
     transformers.utils.logging.disable_progress_bar()

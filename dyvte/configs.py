@@ -16,7 +16,7 @@ from .heads import ARCHITECTURES, INPUT_PARTS, LABEL_SHAPES, LABEL_TARGETS
 STAGES = ("labels", "heads", "validate")
 DTYPES = ("float32", "float16", "bfloat16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
-QUANTIZATION = (None, "4bit", "8bit")
+QUANTIZATION = (None, "4bit", "nf4", "fp4", "8bit")
 DATA_SOURCES = ("llava_json", "hf")
 GROUP_KEYS = ("family",)  # sample fields `validate.groups` can certify within
 
@@ -63,6 +63,7 @@ def check_model(cfg: DictConfig) -> None:
     _choice(cfg, "model.dtype", DTYPES)
     _choice(cfg, "model.attn_implementation", ATTENTION)
     _choice(cfg, "model.quantization", QUANTIZATION)
+    _number(cfg, "model.llm_int8_threshold", 0.0, float("inf"))
     _choice(cfg, "model.withdraw", WITHDRAW_CHOICES)
 
 

@@ -219,4 +219,5 @@ class ExitHeads(nn.Module, PyTorchModelHubMixin, library_name="dyvte", tags=["vi
         if revision and config.revision and config.revision != revision:
             problems.append(f"trained on revision {config.revision!r}, not {revision!r}")
         if problems:
-            raise ValueError("these exit heads do not fit the model: " + "; ".join(problems) + ".")
+            raise ValueError("these exit heads do not fit the model: " + "; ".join(problems)
+                             + ". Train exit heads on this model (train.py with its model.name_or_path).")

@@ -133,7 +133,8 @@ def main(cfg: DictConfig) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the searches log their result; not every trial
     model, processor = load_mllm(cfg.model.name_or_path, dtype=cfg.model.dtype,
                                  attn_implementation=cfg.model.attn_implementation, revision=cfg.model.revision,
-                                 quantization=cfg.model.quantization)
+                                 quantization=cfg.model.quantization,
+                                 llm_int8_threshold=cfg.model.llm_int8_threshold)
     engine = VisualExit(model, withdraw=cfg.model.withdraw)
     if cfg.task == "sample":
         one_sample(cfg, engine, processor)

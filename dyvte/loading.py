@@ -1,5 +1,6 @@
 """One entry point for the models dyvte runs on: the shipped testbed, a local checkpoint or a Hub id."""
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+from . import memory
 from .prompts import check_chat_template
 from .testbed import MODEL_DIR as TESTBED_MODEL_DIR
 
@@ -30,48 +32,135 @@ def model_identity(name_or_path: str, revision: str | None) -> dict:
     identity = {"model": name_or_path, "revision": revision}
     path = Path(resolve_model_path(name_or_path))
     if path.is_dir():
-        digest = hashlib.sha256()
-        for weights in sorted(path.glob("*.safetensors")):
-            digest.update(weights.read_bytes())
-        identity["weights_sha256"] = digest.hexdigest()
+        files = sorted(path.glob("*.safetensors"))
+        identity["weights_sha256"] = _weights_sha256(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                                                           for f in files))
     return identity
 
 
-QUANTIZATION_CHOICES = (None, "4bit", "8bit")
+@functools.lru_cache(maxsize=8)
+def _weights_sha256(files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 over the weight files' bytes in order, read in 1 MiB blocks (a 7B checkpoint's 5 GB shard is never
+    in memory at once); computed once per process for the same files, sizes and modification times."""
+    digest = hashlib.sha256()
+    for name, _, _ in files:
+        with open(name, "rb") as weights:
+            while block := weights.read(2**20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
-def quantization_config(quantization: str | None, dtype=torch.float16):
-    """A bitsandbytes `BitsAndBytesConfig` for `"4bit"` / `"8bit"` (None for no quantization).
+#: `4bit` is NF4 (an alias kept from before `nf4` existed), `fp4` is bitsandbytes' plain 4-bit, `8bit` LLM.int8.
+QUANTIZATION_CHOICES = (None, "4bit", "nf4", "fp4", "8bit")
+#: bitsandbytes' LLM.int8 default: input columns with an entry above it run unquantized.
+DEFAULT_INT8_THRESHOLD = 6.0
 
-    Checked before anything is downloaded: bitsandbytes kernels need a CUDA GPU, and the package is the optional
-    `quant` extra, imported only here.
+
+def quantization_config(quantization: str | None, dtype=torch.float16, llm_int8_threshold: float = DEFAULT_INT8_THRESHOLD):
+    """A bitsandbytes `BitsAndBytesConfig` for `"4bit"` / `"nf4"` / `"fp4"` / `"8bit"` (None for no quantization).
+
+    4-bit modes compute in `dtype` (the model's dtype) and quantize the quantization constants too (double quant).
+    `llm_int8_threshold` (8-bit only): LLM.int8 picks the outlier input columns it runs unquantized from every row
+    of a matmul, so above 0 a token's output depends on the other tokens in the batch and sequence, and withdrawing
+    the visual tokens changes the text tokens' numbers (docs/precision.md); at 0 nothing is an outlier and exit at
+    `k` equals the full model with visual keys masked from layer `k` on. Checked before anything is downloaded;
+    bitsandbytes and accelerate are the optional `quant` extra, imported only here.
     """
     if quantization in (None, "null", "none"):
         return None
     if quantization not in QUANTIZATION_CHOICES:
-        raise ValueError(f"quantization must be null, '4bit' or '8bit'; got {quantization!r}.")
-    if not torch.cuda.is_available():
-        raise ValueError(
-            f"quantization={quantization!r} loads the model through bitsandbytes, which needs a CUDA GPU, and no CUDA "
-            "device is available here; use quantization=null (full precision) on this machine."
-        )
-    try:
-        import bitsandbytes  # noqa: F401  (optional extra; transformers needs it at load time)
-    except ImportError as error:
+        raise ValueError(f"quantization must be null, '4bit', 'nf4', 'fp4' or '8bit'; got {quantization!r}.")
+    missing = [name for name in ("bitsandbytes", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
         raise ImportError(
-            f"quantization={quantization!r} needs bitsandbytes: pip install -e '.[quant]'"
-        ) from error
+            f"quantization={quantization!r} loads the model through bitsandbytes and accelerate, and "
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
+            'pip install "dyvte[quant]" (or use quantization=null).'
+        )
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(llm_int8_threshold))
     compute_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
+        bnb_4bit_quant_type="fp4" if quantization == "fp4" else "nf4",
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=True,
     )
+
+
+def prepare_quantized_layers(model, quantization: str) -> None:
+    """Run every bitsandbytes linear of `model` once on a zero row where it lives, so that a mode the installed
+    bitsandbytes cannot run on this device fails here, naming the layer and the fix, instead of inside the first
+    label batch.
+
+    On a CPU with AVX512-BF16, bitsandbytes' fused 4-bit kernel computes in bf16 whatever the compute dtype, and
+    refuses layers whose widths do not fit its blocks (the testbed's 96-wide ones). There a layer runs bitsandbytes'
+    generic 4-bit path instead (the weight dequantized to the compute dtype, then a matmul): always for a
+    compute dtype other than bf16, so that fp32 means fp32 on every CPU, and for any layer the fused kernel refuses.
+    """
+    import bitsandbytes
+
+    for name, module in model.named_modules():
+        if not isinstance(module, (bitsandbytes.nn.Linear4bit, bitsandbytes.nn.Linear8bitLt)):
+            continue
+        fused_cpu = getattr(module, "support_avx512bf16_for_cpu", False) and module.weight.device.type == "cpu"
+        if fused_cpu and module.compute_dtype != torch.bfloat16:
+            module.support_avx512bf16_for_cpu = fused_cpu = False
+        try:
+            _run_once(module, model.dtype)
+        except Exception as error:  # bitsandbytes raises RuntimeError, AssertionError, NotImplementedError, ...
+            if fused_cpu:  # the fused kernel refused this layer's shape; the generic path may not
+                module.support_avx512bf16_for_cpu = False
+                try:
+                    _run_once(module, model.dtype)
+                    continue
+                except Exception as generic_error:
+                    error = generic_error
+            raise ValueError(
+                f"quantization={quantization!r}: the installed bitsandbytes {bitsandbytes.__version__} cannot run "
+                f"{name} ({type(module).__name__}, {module.in_features} -> {module.out_features}) on "
+                f"{module.weight.device}: {type(error).__name__}: {error}. Use another mode (quantization=8bit, nf4, "
+                "fp4 or null), or a bitsandbytes that supports it on this device."
+            ) from error
+
+
+def _run_once(module, dtype: torch.dtype) -> None:
+    with torch.no_grad():
+        module(torch.zeros(1, module.in_features, dtype=dtype, device=module.weight.device))
+
+
+def load_frozen_model(
+    name_or_path: str = "testbed",
+    dtype=torch.float32,
+    attn_implementation: str = "sdpa",
+    quantization: str | None = None,
+    llm_int8_threshold: float = DEFAULT_INT8_THRESHOLD,
+    check_memory: bool = True,
+    **kwargs,
+):
+    """The model of `load_mllm` alone, in eval mode (a checkpoint without a processor works too).
+
+    `check_memory`: before any weight is read, the bytes the weights need are counted from the config
+    (`dyvte.memory`) and a model that does not fit in the free memory is refused (`MemoryError`)."""
+    bnb_config = quantization_config(quantization, dtype, llm_int8_threshold)  # fails before any download
+    if bnb_config is not None:
+        kwargs["quantization_config"] = bnb_config
+        kwargs.setdefault("device_map", "auto" if torch.cuda.is_available() else "cpu")
+    path = resolve_model_path(name_or_path)
+    if check_memory:
+        device_map = kwargs.get("device_map")
+        on_gpu = torch.cuda.is_available() and device_map is not None and "cpu" not in str(device_map)
+        memory.check_fits(AutoConfig.from_pretrained(path, revision=kwargs.get("revision")), name_or_path, dtype,
+                          quantization, "cuda" if on_gpu else "cpu")
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+    )
+    model.eval()
+    if bnb_config is not None:
+        prepare_quantized_layers(model, quantization)
+    return model
 
 
 def load_mllm(
@@ -79,22 +168,20 @@ def load_mllm(
     dtype=torch.float32,
     attn_implementation: str = "sdpa",
     quantization: str | None = None,
+    llm_int8_threshold: float = DEFAULT_INT8_THRESHOLD,
+    check_memory: bool = True,
     **kwargs,
 ):
     """`(model, processor)` through the stock Auto classes; extra kwargs (e.g. `device_map`) go to the model.
 
-    `quantization` ("4bit" | "8bit", GPU only) loads the frozen model through bitsandbytes; the engine runs its
-    (quantized) layers unchanged.
+    `quantization` ("4bit" = "nf4" | "fp4" | "8bit", on a CUDA GPU or the CPU) loads the frozen model through
+    bitsandbytes, every layer checked to run (`prepare_quantized_layers`); the engine runs its quantized layers
+    unchanged. `llm_int8_threshold` is LLM.int8's outlier threshold (`quantization_config`). `check_memory`: refuse a
+    model that will not fit before reading any weight (`load_frozen_model`).
     """
-    bnb_config = quantization_config(quantization, dtype)  # fails before any download
-    if bnb_config is not None:
-        kwargs["quantization_config"] = bnb_config
-        kwargs.setdefault("device_map", "auto")
+    model = load_frozen_model(name_or_path, dtype, attn_implementation, quantization, llm_int8_threshold,
+                              check_memory, **kwargs)
     path = resolve_model_path(name_or_path)
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
-    )
-    model.eval()
     processor = load_processor(path)
     check_processor(processor, model.config, name_or_path)
     return model, processor

@@ -37,6 +37,7 @@ def main(cfg: DictConfig) -> None:
     model, processor = load_mllm(
         cfg.model.name_or_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
         revision=cfg.model.revision, quantization=cfg.model.quantization,
+        llm_int8_threshold=cfg.model.llm_int8_threshold,
     )
     report = run(cfg, output_dir, model, processor)
     if report:

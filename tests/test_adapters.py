@@ -1,5 +1,7 @@
 """Adapter features beyond exactness: text spans from token ids, which visual tokens withdraw, quantized loading."""
 
+import importlib.util
+
 import pytest
 import torch
 from tiny_models import (
@@ -105,17 +107,19 @@ def test_every_registered_family_has_a_tiny_model():
     assert sorted(ADAPTERS) == sorted(FAMILIES)
 
 
-def test_quantization_needs_a_gpu_and_fails_before_download(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
+def test_quantization_without_the_extra_names_it_and_fails_before_download(monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("from_pretrained must not be reached")
 
     monkeypatch.setattr("dyvte.loading.AutoModelForImageTextToText.from_pretrained", no_download)
-    for quantization in ("4bit", "8bit"):
-        with pytest.raises(ValueError, match=f"quantization='{quantization}'.*needs a CUDA GPU"):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "bitsandbytes" else find_spec(name, *args))
+    for quantization in ("4bit", "nf4", "fp4", "8bit"):
+        with pytest.raises(ImportError, match=f"quantization='{quantization}'.*bitsandbytes is not installed: "
+                                              r'pip install "dyvte\[quant\]"'):
             load_mllm("llava-hf/llava-1.5-7b-hf", quantization=quantization)
-    with pytest.raises(ValueError, match="quantization must be null, '4bit' or '8bit'; got '3bit'"):
+    with pytest.raises(ValueError, match="quantization must be null, '4bit', 'nf4', 'fp4' or '8bit'; got '3bit'"):
         load_mllm("llava-hf/llava-1.5-7b-hf", quantization="3bit")
 
 
@@ -148,13 +152,14 @@ def test_model_configs_share_one_schema():
 
     from omegaconf import OmegaConf
 
-    keys = ["name_or_path", "revision", "dtype", "attn_implementation", "quantization", "withdraw", "head_schedule"]
+    keys = ["name_or_path", "revision", "dtype", "attn_implementation", "quantization", "llm_int8_threshold", "withdraw",
+            "head_schedule"]
     schedule = ["hidden", "lr", "weight_decay", "epochs", "batch_size"]
     for path in sorted((Path(__file__).parent.parent / "conf" / "model").glob("*.yaml")):
         config = OmegaConf.load(path)
         assert list(config.keys()) == keys, path.name
         assert list(config.head_schedule.keys()) == schedule, path.name
-        assert config.withdraw in ("both", "images", "videos") and config.quantization in (None, "4bit", "8bit")
+        assert config.withdraw in ("both", "images", "videos") and config.quantization in (None, "4bit", "nf4", "fp4", "8bit")
         assert config.dtype in ("float32", "float16", "bfloat16")
 
 

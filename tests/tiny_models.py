@@ -42,11 +42,13 @@ QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 2, 2, 2
 INTERNVL_TILE, INTERNVL_TOKENS_PER_TILE = 16, 4
 
 
-def text_kwargs(num_layers: int) -> dict:
+def text_kwargs(num_layers: int, width: int = 1) -> dict:
+    """`width` multiplies every hidden size: bitsandbytes' 4-bit CPU kernel needs linears with multiples of 32
+    outputs and of its 64-wide quantization blocks as inputs, so quantized tests build `width=4` models."""
     return dict(
         vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=32 * width,
+        intermediate_size=64 * width,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -57,18 +59,21 @@ def text_kwargs(num_layers: int) -> dict:
     )
 
 
-def text_config(num_layers: int = 4) -> LlamaConfig:
-    return LlamaConfig(**text_kwargs(num_layers))
+def text_config(num_layers: int = 4, width: int = 1) -> LlamaConfig:
+    return LlamaConfig(**text_kwargs(num_layers, width))
 
 
-def build_model(family: str, attn_implementation: str = "sdpa", num_layers: int = 4, seed: int = 0):
+def build_model(family: str, attn_implementation: str = "sdpa", num_layers: int = 4, seed: int = 0, width: int = 1):
+    """A random-weight model of `family`; `width` multiplies the hidden sizes of LLaVA-1.5 and Qwen2-VL."""
     torch.manual_seed(seed)
+    if width != 1 and family not in ("llava", "qwen2_vl"):
+        raise ValueError(f"width={width} is built for llava and qwen2_vl only")
     if family == "llava":
         vision = CLIPVisionConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
+            hidden_size=16 * width, intermediate_size=32 * width, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
         )
         config = LlavaConfig(
-            vision_config=vision, text_config=text_config(num_layers), image_token_id=IMAGE_TOKEN,
+            vision_config=vision, text_config=text_config(num_layers, width), image_token_id=IMAGE_TOKEN,
             vision_feature_layer=-1, vision_feature_select_strategy="default",
         )
         model_class = LlavaForConditionalGeneration
@@ -83,12 +88,13 @@ def build_model(family: str, attn_implementation: str = "sdpa", num_layers: int 
         )
         model_class = LlavaNextForConditionalGeneration
     elif family in ("qwen2_vl", "qwen2_5_vl"):
-        text = {**text_kwargs(num_layers), "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1],
-                                                               "rope_theta": 10000.0}}
+        text = {**text_kwargs(num_layers, width),
+                "rope_parameters": {"rope_type": "default", "mrope_section": [2 * width, width, width],
+                                    "rope_theta": 10000.0}}
         vision = dict(depth=2, num_heads=2, patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE,
                       temporal_patch_size=QWEN_TEMPORAL, in_channels=3)
         if family == "qwen2_vl":
-            vision.update(embed_dim=16, hidden_size=32)
+            vision.update(embed_dim=16 * width, hidden_size=32 * width)
             config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
         else:
             vision.update(hidden_size=16, intermediate_size=32, out_hidden_size=32, window_size=8,

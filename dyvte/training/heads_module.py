@@ -4,24 +4,55 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from torchmetrics.classification import MultilabelStatScores
 
 from ..heads import ExitHeads, ExitHeadsConfig
 from .label_store import GROUP_COLUMNS
 
+#: rows per batch where heads only score cached rows (validation, p(exit)): 512 rows of a 7B model's inputs are
+#: 512 x 32 x 8192 fp32 values, 0.5 GiB
+EVAL_BATCH = 512
 
-def head_inputs(dataset: Dataset, config: ExitHeadsConfig) -> torch.Tensor:
-    """The heads' inputs [N, L, n_in] (fp32), assembled from the cached feature groups the heads read."""
+
+def _check_groups(dataset: Dataset, config: ExitHeadsConfig) -> list[str]:
+    """The cache columns of the feature groups the heads read (refused if the cache lacks one)."""
     missing = [g for g in config.feature_groups if GROUP_COLUMNS[g] not in dataset.column_names]
     if missing:
         raise ValueError(
             f"the heads read the feature groups {missing}, which this label cache does not hold: label with "
             f"features.groups including {missing} (a new cache), or choose inputs from the stored groups."
         )
-    table = torch_columns(dataset, [GROUP_COLUMNS[g] for g in config.feature_groups])
+    return [GROUP_COLUMNS[g] for g in config.feature_groups]
+
+
+def head_inputs(dataset: Dataset, config: ExitHeadsConfig, rows: list[int] | slice = slice(None)) -> torch.Tensor:
+    """The heads' inputs [n, L, n_in] (fp32) of `rows` (all by default), assembled from the cached feature groups
+    the heads read. Only these rows are read from the memory-mapped cache."""
+    table = dataset.with_format("torch", columns=_check_groups(dataset, config))[rows]
     groups = {g: table[GROUP_COLUMNS[g]].float() for g in config.feature_groups}
     return ExitHeads.assemble_inputs(config, groups)
+
+
+class HeadInputs(torch.utils.data.Dataset):
+    """(inputs [L, n_in], labels [L]) per cached row, the inputs read from the memory-mapped Arrow cache one batch
+    at a time (`__getitems__`): memory holds one batch of fp32 inputs, not the whole cache (6,650 LLaVA-1.5-7B rows
+    hold 32 x 8192 fp16 text features each, 3.5 GB; as one fp32 tensor, 7 GB beside the model)."""
+
+    def __init__(self, dataset: Dataset, config: ExitHeadsConfig):
+        _check_groups(dataset, config)
+        self.dataset, self.config = dataset, config
+        self.labels = head_labels(dataset, config.label_shape, config.label_target)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        inputs = head_inputs(self.dataset, self.config, indices)
+        return list(zip(inputs, self.labels[indices]))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([index])[0]
 
 
 def head_labels(dataset: Dataset, shape: str = "per_layer", target: str = "safe") -> torch.Tensor:
@@ -75,20 +106,16 @@ class HeadsDataModule(L.LightningDataModule):
         super().__init__()
         self.train, self.val, self.config, self.batch_size, self.seed = train, val, config, batch_size, seed
 
-    def tensors(self, dataset: Dataset) -> TensorDataset:
-        labels = head_labels(dataset, self.config.label_shape, self.config.label_target)
-        return TensorDataset(head_inputs(dataset, self.config), labels)
-
     def setup(self, stage: str | None = None) -> None:
-        self.train_set = self.tensors(self.train)
-        self.val_set = self.tensors(self.val) if self.val is not None else None
+        self.train_set = HeadInputs(self.train, self.config)
+        self.val_set = HeadInputs(self.val, self.config) if self.val is not None else None
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
 
     def val_dataloader(self) -> DataLoader | list:
-        return DataLoader(self.val_set, batch_size=4096) if self.val_set is not None else []
+        return DataLoader(self.val_set, batch_size=EVAL_BATCH) if self.val_set is not None else []
 
 
 class HeadsModule(L.LightningModule):

@@ -1,7 +1,5 @@
 """The label pass as a Lightning `predict` run: batches of prompts in, label-cache shards out."""
 
-import os
-
 import lightning as L
 import torch
 from datasets import Features
@@ -120,30 +118,31 @@ def run_labels(
     shard_size: int = 256, on_bad_sample: str = "skip", max_length: int | None = None, trainer_kwargs: dict | None = None,
     withdraw: str = "both",
 ) -> LabelStore:
-    """Label every sample not yet in `store`; a finished store is returned untouched. Another process labelling
-    the same store (same rank) is waited for."""
-    with store.lock(int(os.environ.get("LOCAL_RANK", 0))):
-        return _run_labels(model, processor, samples, config, store, batch_size, shard_size, on_bad_sample,
-                           max_length, trainer_kwargs, withdraw)
+    """Label every sample not yet in `store`; a finished store is returned untouched.
 
-
-def _run_labels(model, processor, samples, config, store, batch_size, shard_size, on_bad_sample, max_length,
-                trainer_kwargs, withdraw) -> LabelStore:
+    Under DDP (one node or several sharing `store`'s folder) each rank labels its part of the pending samples into
+    its own shards. Another process labelling the same store as the same global rank is waited for; the lock is
+    per global rank (a node's LOCAL_RANK repeats on every node, and two nodes must not wait for each other)."""
     if store.complete:
         return store
-    done = store.done_ids() | {s["id"] for s in store.skipped()}
-    pending = [s for s in samples if s.id not in done]
     text = model.config.get_text_config(decoder=True)
-    if pending:
+    schema = row_features(text.num_hidden_layers, text.hidden_size, text.num_attention_heads, config.feature_groups)
+    writer = ShardWriter(store, schema, shard_size)
+    trainer = L.Trainer(
+        **{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
+           "enable_model_summary": False, **(trainer_kwargs or {})},
+        callbacks=[writer],
+    )
+    with store.lock(trainer.global_rank):
+        if store.complete:
+            return store
+        # read before any rank writes: no rank writes before every rank has joined the process group in predict
+        done = store.done_ids() | {s["id"] for s in store.skipped()}
+        pending = [s for s in samples if s.id not in done]
+        if not pending:
+            store.mark_complete(len(samples))
+            return store
         collator = PromptCollator(processor, max_length=max_length, on_bad_sample=on_bad_sample)
-        schema = row_features(text.num_hidden_layers, text.hidden_size, text.num_attention_heads,
-                              config.feature_groups)
-        writer = ShardWriter(store, schema, shard_size)
-        trainer = L.Trainer(
-            **{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
-               "enable_model_summary": False, **(trainer_kwargs or {})},
-            callbacks=[writer],
-        )
         trainer.predict(
             LabelModule(model, collator, config, withdraw),
             datamodule=PromptDataModule(pending, collator, batch_size=batch_size),
@@ -153,5 +152,3 @@ def _run_labels(model, processor, samples, config, store, batch_size, shard_size
             store.mark_complete(len(samples))
         trainer.strategy.barrier("label store complete")  # DDP: no rank reads the store before rank 0 marks it
         return store
-    store.mark_complete(len(samples))
-    return store

@@ -3,6 +3,9 @@
 import hashlib
 import json
 import logging
+import resource
+import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -47,6 +50,8 @@ def label_stores(cfg, model, processor, splits: dict[str, list[Sample]], compute
         ids = hashlib.sha256("\n".join(s.id for s in samples).encode()).hexdigest()
         key = {**identity, "dtype": cfg.model.dtype, "quantization": cfg.model.quantization,
                "withdraw": cfg.model.withdraw, "split": name, "sample_ids_sha256": ids, "labels": asdict(config)}
+        if cfg.model.quantization == "8bit":  # LLM.int8's outlier threshold changes the labels
+            key["llm_int8_threshold"] = float(cfg.model.llm_int8_threshold)
         store = LabelStore(cfg.cache_dir, key)
         if compute and store.complete:
             log.info("labels for %s: reusing the complete cache %s", name, store.dir)
@@ -201,23 +206,36 @@ def load_trained_heads(cfg, model) -> ExitHeads:
     return heads
 
 
+@contextmanager
+def _stage(name: str):
+    """Logs the stage's wall time and the process's peak resident memory so far."""
+    start = time.perf_counter()
+    yield
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    log.info("stage %s: %.1f s, peak resident memory so far %.2f GiB", name, time.perf_counter() - start,
+             peak / 2**30)
+
+
 def run(cfg, output_dir: Path, model, processor) -> dict:
     """The configured stages in order; returns the validation report (empty without the validate stage)."""
     stages = list(cfg.stages)
+    if "validate" in stages and "heads" not in stages:  # heads of another model stop the run before any labelling
+        heads = load_trained_heads(cfg, model)
     splits = load_splits(cfg.data)
-    stores = label_stores(cfg, model, processor, splits, compute="labels" in stages)
+    with _stage("labels" if "labels" in stages else "label cache check"):
+        stores = label_stores(cfg, model, processor, splits, compute="labels" in stages)
     for name, store in stores.items():
         if not store.complete:
             raise FileNotFoundError(f"the {name} label cache {store.dir} is incomplete: run the labels stage.")
     if "heads" in stages:
-        heads = train_heads(cfg, model, stores, output_dir)
+        with _stage("heads"):
+            heads = train_heads(cfg, model, stores, output_dir)
         if rank_zero_only.rank != 0:  # under DDP every rank ends with the same heads; rank 0 writes them
             return {}
         heads.save_pretrained(output_dir / "heads")
         if cfg.trainer.fast_dev_run:
             return {}
-    elif "validate" in stages:
-        heads = load_trained_heads(cfg, model)
     if "validate" in stages:
-        return validate_heads(cfg, model, heads, stores, output_dir)
+        with _stage("validate"):
+            return validate_heads(cfg, model, heads, stores, output_dir)
     return {}

@@ -9,13 +9,15 @@ from datasets import Dataset
 
 from .. import flops
 from ..heads import ExitHeads
-from .heads_module import head_inputs, head_labels, head_stat_scores, layer_metrics, torch_columns
+from .heads_module import EVAL_BATCH, head_inputs, head_labels, head_stat_scores, layer_metrics, torch_columns
 
 
 @torch.no_grad()
 def exit_probabilities(heads: ExitHeads, dataset: Dataset) -> torch.Tensor:
-    """p(exit) [N, L] of every head for every sample of `dataset`."""
-    return heads(head_inputs(dataset, heads.config)).softmax(dim=-1)[..., 1]
+    """p(exit) [N, L] of every head for every sample of `dataset` (read `EVAL_BATCH` rows at a time)."""
+    chunks = [heads(head_inputs(dataset, heads.config, slice(start, start + EVAL_BATCH))).softmax(dim=-1)[..., 1]
+              for start in range(0, len(dataset), EVAL_BATCH)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, heads.num_layers)
 
 
 def first_exit(p_exit: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
