@@ -9,6 +9,7 @@
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 from dyvte import cli
 from dyvte.configs import check_train_config
 from dyvte.loading import load_mllm
+from dyvte.preflight import check_train_inputs
 from dyvte.training.pipeline import run
 
 cli.register_resolvers()
@@ -29,13 +31,19 @@ log = logging.getLogger("train")
 def main(cfg: DictConfig) -> None:
     check_train_config(cfg)
     cli.quiet_libraries(cfg.verbose)
+    splits = check_train_inputs(cfg)  # paths, data, layers, label caches: before any model time
     L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    model, processor = load_mllm(
-        cfg.model.name_or_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
-        revision=cfg.model.revision, quantization=cfg.model.quantization,
-    )
-    report = run(cfg, output_dir, model, processor)
+    try:
+        model, processor = load_mllm(
+            cfg.model.name_or_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+            revision=cfg.model.revision, quantization=cfg.model.quantization,
+        )
+        report = run(cfg, output_dir, model, processor, splits)
+    except KeyboardInterrupt:  # outside a Lightning loop (those say what they saved themselves)
+        log.error("interrupted (Ctrl-C): every finished label shard is kept in %s; rerun the same command to resume",
+                  cfg.cache_dir)
+        sys.exit(130)
     if report:
         summary = {k: report[k] for k in ("agreement", "accuracy", "full_accuracy", "flops_saved", "mean_exit_layer",
                                           "threshold")}

@@ -1,5 +1,7 @@
 """The label pass as a Lightning `predict` run: batches of prompts in, label-cache shards out."""
 
+import logging
+import math
 import os
 
 import lightning as L
@@ -8,10 +10,12 @@ from datasets import Features
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from .. import flops
-from ..data import PromptCollator, PromptDataModule, Sample, normalize_answer
+from ..data import DEFAULT_MAX_IMAGE_PIXELS, PromptCollator, PromptDataModule, Sample, normalize_answer
 from ..engine import VisualExit, generation_eos_ids, greedy_answers
 from .dense_labels import LabelConfig, answer_tokens, candidate_exits, dense_labels
 from .label_store import GROUP_COLUMNS, LabelStore, row_features
+
+log = logging.getLogger(__name__)
 
 
 class LabelModule(L.LightningModule):
@@ -89,7 +93,8 @@ class LabelModule(L.LightningModule):
 
 
 class ShardWriter(BasePredictionWriter):
-    """Buffers rows and writes a label-cache shard every `shard_size` samples (and at the end)."""
+    """Buffers rows and writes a label-cache shard every `shard_size` samples, at the end, and when the run stops
+    on an exception (a bad sample under `on_bad_sample=raise`, Ctrl-C): rows already labelled are never lost."""
 
     def __init__(self, store: LabelStore, features: Features, shard_size: int = 256):
         super().__init__(write_interval="batch")
@@ -109,6 +114,18 @@ class ShardWriter(BasePredictionWriter):
     def on_predict_epoch_end(self, trainer, pl_module):
         self.flush(trainer.global_rank)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        saved = len(self.buffer.get("id", []))
+        self.flush(trainer.global_rank)
+        done = len(self.store.done_ids())
+        if isinstance(exception, KeyboardInterrupt):
+            log.error("interrupted (Ctrl-C): %d labelled samples are saved in %s; rerun the same command to resume",
+                      done, self.store.dir)
+        else:
+            log.error("the label pass stopped (%s: %s) after saving its %d labelled samples to %s (%d just "
+                      "flushed); a rerun resumes from them", type(exception).__name__, exception, done,
+                      self.store.dir, saved)
+
     def flush(self, rank: int) -> None:
         if self.buffer.get("id"):
             self.store.write_shard(self.buffer, self.features, rank)
@@ -118,40 +135,52 @@ class ShardWriter(BasePredictionWriter):
 def run_labels(
     model, processor, samples: list[Sample], config: LabelConfig, store: LabelStore, *, batch_size: int = 8,
     shard_size: int = 256, on_bad_sample: str = "skip", max_length: int | None = None, trainer_kwargs: dict | None = None,
-    withdraw: str = "both",
+    withdraw: str = "both", name: str = "labels", max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> LabelStore:
-    """Label every sample not yet in `store`; a finished store is returned untouched. Another process labelling
-    the same store (same rank) is waited for."""
-    with store.lock(int(os.environ.get("LOCAL_RANK", 0))):
+    """Label every sample not yet in `store`; a finished store that verifies is returned untouched. Another process
+    labelling the same store (same rank) is waited for. A damaged store is repaired first (`LabelStore.repair`), so
+    only the samples of what was damaged are labelled again; `name` prefixes the log lines."""
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    with store.locked(rank):
         return _run_labels(model, processor, samples, config, store, batch_size, shard_size, on_bad_sample,
-                           max_length, trainer_kwargs, withdraw)
+                           max_length, trainer_kwargs, withdraw, name, rank, max_image_pixels)
 
 
 def _run_labels(model, processor, samples, config, store, batch_size, shard_size, on_bad_sample, max_length,
-                trainer_kwargs, withdraw) -> LabelStore:
+                trainer_kwargs, withdraw, name, rank, max_image_pixels) -> LabelStore:
+    for path, problem in store.repair(rank):
+        log.warning("%s: %s %s; removed, its samples are labelled again", name, path, problem)
     if store.complete:
+        log.info("%s: reusing the complete cache %s", name, store.dir)
         return store
     done = store.done_ids() | {s["id"] for s in store.skipped()}
     pending = [s for s in samples if s.id not in done]
-    text = model.config.get_text_config(decoder=True)
-    if pending:
-        collator = PromptCollator(processor, max_length=max_length, on_bad_sample=on_bad_sample)
-        schema = row_features(text.num_hidden_layers, text.hidden_size, text.num_attention_heads,
-                              config.feature_groups)
-        writer = ShardWriter(store, schema, shard_size)
-        trainer = L.Trainer(
-            **{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
-               "enable_model_summary": False, **(trainer_kwargs or {})},
-            callbacks=[writer],
-        )
-        trainer.predict(
-            LabelModule(model, collator, config, withdraw),
-            datamodule=PromptDataModule(pending, collator, batch_size=batch_size),
-            return_predictions=False,
-        )
-        if trainer.is_global_zero:
-            store.mark_complete(len(samples))
-        trainer.strategy.barrier("label store complete")  # DDP: no rank reads the store before rank 0 marks it
+    if not pending:
+        store.mark_complete(len(samples))
         return store
-    store.mark_complete(len(samples))
+    batches = math.ceil(len(pending) / batch_size)
+    if len(pending) < len(samples):
+        log.info("%s: resuming %s: %d of %d samples done, %d of %d batches left", name, store.dir,
+                 len(samples) - len(pending), len(samples), batches, math.ceil(len(samples) / batch_size))
+    else:
+        log.info("%s: labelling %d samples into %s", name, len(samples), store.dir)
+    text = model.config.get_text_config(decoder=True)
+    collator = PromptCollator(processor, max_length=max_length, on_bad_sample=on_bad_sample,
+                              max_image_pixels=max_image_pixels)
+    schema = row_features(text.num_hidden_layers, text.hidden_size, text.num_attention_heads, config.feature_groups)
+    writer = ShardWriter(store, schema, shard_size)
+    trainer = L.Trainer(
+        **{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
+           "enable_model_summary": False, **(trainer_kwargs or {})},
+        callbacks=[writer],
+    )
+    trainer.predict(
+        LabelModule(model, collator, config, withdraw),
+        datamodule=PromptDataModule(pending, collator, batch_size=batch_size),
+        return_predictions=False,
+    )
+    trainer.strategy.barrier("label shards written")  # DDP: every rank's last shard is in place
+    if trainer.is_global_zero:
+        store.mark_complete(len(samples))
+    trainer.strategy.barrier("label store complete")  # DDP: no rank reads the store before rank 0 marks it
     return store
