@@ -56,7 +56,8 @@ def model_num_layers(cfg, model_path: Path | str) -> int:
     try:
         config = AutoConfig.from_pretrained(str(model_path), revision=cfg.model.revision)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: its config cannot be read ({error})") from None
+        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: its config cannot be read "
+                          f"({error})") from None
     return config.get_text_config(decoder=True).num_hidden_layers
 
 

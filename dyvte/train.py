@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> None:
         )
         report = run(cfg, output_dir, model, processor, splits)
     except KeyboardInterrupt:  # outside a Lightning loop (those say what they saved themselves)
-        log.error("interrupted (Ctrl-C): every finished label shard is kept in %s; rerun the same command to resume",
+        log.error("interrupted (Ctrl-C): every finished label shard is saved in %s; rerun the same command to resume",
                   cfg.cache_dir)
         sys.exit(130)
     if report:

@@ -85,7 +85,8 @@ def test_identity_covers_sharded_checkpoints_and_is_streamed_once(tiny_model, tm
     with mock.patch("builtins.open", side_effect=real_open) as opened:
         first = model_identity(str(tmp_path), None)["weights_sha256"]
         second = model_identity(str(tmp_path), None)["weights_sha256"]
-    weight_reads = [c for c in opened.call_args_list if isinstance(c.args[0], (str, Path)) and Path(c.args[0]) in shards]
+    weight_reads = [c for c in opened.call_args_list
+                    if isinstance(c.args[0], (str, Path)) and Path(c.args[0]) in shards]
     assert first == second == concatenated_sha256(shards)
     assert len(weight_reads) == len(shards)  # each file read once, by the first call; the second is remembered
     shards[-1].unlink()

@@ -9,6 +9,7 @@ labelling subprocess with SIGKILL at random times. The `slow` variants inject ma
 """
 
 import json
+import logging
 import os
 import random
 import re
@@ -26,7 +27,8 @@ import datasets
 import pytest
 import torch
 
-from dyvte.data import Sample, read_llava_json
+from dyvte.cache import main as cache_main
+from dyvte.data import BadSample, Sample, read_llava_json
 from dyvte.testbed import DATA_DIR as TESTBED_DATA_DIR
 from dyvte.testbed.model import ModelConfig, build_model, build_processor
 from dyvte.training import label_store
@@ -131,7 +133,8 @@ def run_with_kill(model, processor, samples, root: Path, switch: KillSwitch) -> 
             mock.patch.object(label_store, "file_sha256", file_sha256), \
             mock.patch.object(LabelModule, "predict_step", predict_step):
         try:
-            label(model, processor, samples, root)
+            run_labels(model, processor, samples, CONFIG, LabelStore(root, KEY), batch_size=2, shard_size=2,
+                       trainer_kwargs=TRAINER)
         except Killed:
             pass
 
@@ -228,9 +231,8 @@ def report(name: str, n: int, outcome: Counter) -> None:
 def test_kills_at_random_points(tiny, tmp_path):
     outcome = inject_kills(tiny, tmp_path, n=4, seed=0)
     report("kills", 4, outcome)
-    # the labels stage always resumes to the same rows (the read before it sees the rows only if the kill came
-    # after the manifest was written, in the read that follows the labelling)
-    assert outcome["resumed, identical"] == 4
+    # a killed label pass never leaves a store that reads as complete; the labels stage resumes it to the same rows
+    assert outcome == {"stopped, naming the file": 4, "resumed, identical": 4}
 
 
 def test_random_damage_to_a_finished_cache(tiny, tmp_path):
@@ -243,7 +245,7 @@ def test_random_damage_to_a_finished_cache(tiny, tmp_path):
 def test_kills_at_random_points_long(tiny, tmp_path):
     outcome = inject_kills(tiny, tmp_path, n=30, seed=1)
     report("kills (long)", 30, outcome)
-    assert outcome["resumed, identical"] == 30
+    assert outcome == {"stopped, naming the file": 30, "resumed, identical": 30}
 
 
 @pytest.mark.slow
@@ -310,3 +312,77 @@ def test_manifest_counts_every_shard(tiny, tmp_path):
     repair = f"python -m dyvte.cache repair {store.dir}"
     with pytest.raises(CacheError, match=rf"{re.escape(str(shard))} is missing.*{re.escape(repair)}"):
         LabelStore(tmp_path, KEY).load()
+
+
+def test_raise_on_a_bad_sample_keeps_the_rows_labelled_before_it(tiny, tmp_path, caplog):
+    """on_bad_sample=raise: the run stops at the bad sample, after flushing the rows of the batches before it (a
+    shard of 8 was still filling); the rerun in skip mode labels only the rest."""
+    model, processor, samples, _, reference = tiny
+    store = LabelStore(tmp_path, KEY)
+    with pytest.raises(BadSample, match="sample 'bad': image not found"):
+        run_labels(model, processor, samples, CONFIG, store, batch_size=2, shard_size=8, on_bad_sample="raise",
+                   trainer_kwargs=TRAINER)
+    assert store.done_ids() == {s.id for s in samples[:2]}  # the batch before the bad sample's
+    assert "after saving its 2 labelled samples" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        label(model, processor, samples, tmp_path)
+    assert f"resuming {store.dir}: 2 of 8 samples done, 3 of 4 batches left" in caplog.text
+    assert same_rows(store.load(), reference)
+
+
+def test_cache_command_verifies_and_repairs_one_shard(tiny, tmp_path, caplog, capsys):
+    model, processor, samples, _, reference = tiny
+    label(model, processor, samples, tmp_path)
+    store = LabelStore(tmp_path, KEY)
+    assert cache_main(["verify", str(tmp_path)]) == 0
+    assert f"{store.dir}: complete, verified (8 samples)" in capsys.readouterr().out
+    shard = sorted(store.dir.glob("shard-*"))[1]
+    rows_in_shard = json.loads((shard / "shard.json").read_text())["rows"]
+    arrow = next(shard.glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:-100])
+    assert cache_main(["verify", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{shard} has {arrow.name} of" in out and f"repair: python -m dyvte.cache repair {store.dir}" in out
+    assert cache_main(["repair", str(store.dir)]) == 0
+    assert f"removed {shard}" in capsys.readouterr().out and not shard.exists()
+    with caplog.at_level(logging.INFO):
+        rows = label(model, processor, samples, tmp_path)
+    left = f"{8 - rows_in_shard} of 8 samples done, {-(-rows_in_shard // 2)} of 4 batches left"
+    assert f"labels: resuming {store.dir}: {left}" in caplog.text
+    assert same_rows(rows, reference)
+
+
+def test_labels_stage_relabels_only_a_damaged_shard_and_says_so(tiny, tmp_path, caplog):
+    model, processor, samples, _, reference = tiny
+    label(model, processor, samples, tmp_path)
+    store = LabelStore(tmp_path, KEY)
+    shards = sorted(store.dir.glob("shard-*"))
+    rows_in_shard = json.loads((shards[0] / "shard.json").read_text())["rows"]
+    shutil.rmtree(shards[0])
+    with caplog.at_level(logging.INFO):
+        rows = label(model, processor, samples, tmp_path)
+    assert f"{shards[0]} is missing; removed, its samples are labelled again" in caplog.text
+    assert f"{8 - rows_in_shard} of 8 samples done, {-(-rows_in_shard // 2)} of 4 batches left" in caplog.text
+    assert same_rows(rows, reference)
+    assert set(p.name for p in shards[1:]) <= {p.name for p in store.dir.glob("shard-*")}  # the others kept
+
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from dyvte.training.label_store import LabelStore
+    with LabelStore(sys.argv[1], {"model": "tiny", "split": "train"}).locked():
+        print("held", flush=True)
+        time.sleep(float(sys.argv[2]))
+""")
+
+
+def test_a_run_waiting_for_the_lock_names_its_holder(tmp_path, caplog):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path), "3"], env=env, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with caplog.at_level(logging.INFO), LabelStore(tmp_path, KEY).locked():
+        pass
+    holder.wait()
+    assert f"held by PID {holder.pid}" in caplog.text and "waiting for the cache lock" in caplog.text
