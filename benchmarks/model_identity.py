@@ -55,6 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.build:
         build(args.folder, args.gib)
+    load_at_start = os.getloadavg()
     size = sum(p.stat().st_size for p in args.folder.glob("*.safetensors"))
     # after first: it starts with the colder page cache, so the comparison does not flatter it
     after = [timed(model_identity, str(args.folder), None) for _ in range(CALLS_PER_RUN)]
@@ -71,9 +72,11 @@ def main() -> None:
         "after_peak_rss_gib": round(peak_after, 2),
         "after_seconds_per_run": round(sum(t for _, t in after), 2),
         "run_speedup": round(sum(t for _, t in before) / sum(t for _, t in after), 2),
+        "loadavg_at_start": load_at_start,
         "loadavg_at_end": os.getloadavg(),
         "order": "after's three calls first (colder page cache), then before's three",
-        "command": f"python -m benchmarks.model_identity {args.folder}" + (" --build" if args.build else ""),
+        "command": f"python -m benchmarks.model_identity {args.folder}"
+                   + (f" --build --gib {args.gib:g}" if args.build else ""),
     }
     RESULT.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

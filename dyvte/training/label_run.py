@@ -116,7 +116,11 @@ class ShardWriter(BasePredictionWriter):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         saved = len(self.buffer.get("id", []))
-        self.flush(trainer.global_rank)
+        try:
+            self.flush(trainer.global_rank)
+        except Exception as error:  # noqa: BLE001 (the run's own exception is the one to raise)
+            log.error("could not save the %d buffered labelled samples to %s: %s", saved, self.store.dir, error)
+            return
         done = len(self.store.done_ids())
         if isinstance(exception, KeyboardInterrupt):
             log.error("interrupted (Ctrl-C): %d labelled samples are saved in %s; rerun the same command to resume",

@@ -45,6 +45,10 @@ class CacheError(RuntimeError):
     """A label cache that cannot be used as it is: names the damaged file and the command that repairs it."""
 
 
+#: Per store folder, the signature (every file's path, size and mtime) it last verified with in this process.
+_VERIFIED: dict[str, tuple] = {}
+
+
 def repair_command(store_dir: Path) -> str:
     return f"python -m dyvte.cache repair {store_dir}"
 
@@ -99,14 +103,13 @@ class LabelStore:
         key_fields = {**key_fields, "schema": SCHEMA_VERSION}
         self.key_fields = json.loads(json.dumps(key_fields, sort_keys=True, default=str))  # as the manifest holds it
         self.dir = Path(root) / store_key(key_fields)
-        self._verified: tuple | None = None  # the files' signature when they last verified
 
     @classmethod
     def open(cls, store_dir: str | Path) -> "LabelStore":
         """The store in an existing folder, keyed by its `meta.json` (for `python -m dyvte.cache`)."""
         store_dir = Path(store_dir)
         store = cls.__new__(cls)
-        store.dir, store._verified = store_dir, None
+        store.dir = store_dir
         try:
             store.key_fields = json.loads((store_dir / META_NAME).read_text())
         except (OSError, ValueError):
@@ -305,11 +308,11 @@ class LabelStore:
 
     def verify(self) -> None:
         """CacheError unless the store is complete and every file is as the manifest says (hashed once per
-        process: again only when a file's size or mtime changes)."""
+        process and store: again only when a file's size or mtime changes)."""
         if not self.complete:
             raise CacheError(f"the label cache {self.dir} is incomplete (no {COMPLETE_NAME}): run the labels stage")
         signature = self._signature()
-        if signature == self._verified:
+        if _VERIFIED.get(str(self.dir.resolve())) == signature:
             return
         found = self.problems()
         if found:
@@ -317,7 +320,7 @@ class LabelStore:
             raise CacheError(f"the label cache {self.dir} is damaged: {listed}. Repair it with "
                              f"`{repair_command(self.dir)}` and rerun with the labels stage, which relabels only "
                              "the samples of what the repair removed")
-        self._verified = signature
+        _VERIFIED[str(self.dir.resolve())] = signature
 
     def repair(self, rank: int | None = None) -> list[tuple[Path, str]]:
         """Remove what is damaged, so that the labels stage relabels exactly those samples: unusable shards, an
@@ -338,7 +341,7 @@ class LabelStore:
             (self.dir / COMPLETE_NAME).unlink(missing_ok=True)
         if self.dir.exists() and not self._meta_ok() and self.key_fields is not None:
             atomic_write_text(self.dir / META_NAME, json.dumps(self.key_fields, indent=2, sort_keys=True))
-        self._verified = None
+        _VERIFIED.pop(str(self.dir.resolve()), None)
         return found
 
     def load(self) -> Dataset:
