@@ -304,6 +304,8 @@ def test_manifest_counts_every_shard(tiny, tmp_path):
     model, processor, samples, _, reference = tiny
     label(model, processor, samples, tmp_path)
     store = LabelStore(tmp_path, KEY)
+    store.load()
+    assert not list(store.dir.rglob("cache-*")), "a read wrote a sort index next to the shards (read unverified)"
     manifest = json.loads((store.dir / "complete.json").read_text())
     rows = sum(record["rows"] for record in manifest["shards"].values())
     assert manifest["samples"] == len(samples) and rows == len(reference) == len(samples) - 1
