@@ -80,6 +80,7 @@ def check_data(cfg: DictConfig) -> None:
     _integer(cfg, "data.eval_limit", 1, optional=True)
     _integer(cfg, "data.max_length", 1, optional=True)
     _choice(cfg, "data.on_bad_sample", ("skip", "raise"))
+    _integer(cfg, "data.max_image_pixels", 1, optional=True)
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -136,6 +137,7 @@ def check_train_config(cfg: DictConfig) -> None:
     if not thresholds or not all(isinstance(t, Real) and 0.0 <= t <= 1.0 for t in thresholds):
         _fail("validate.thresholds", OmegaConf.to_object(thresholds), "must be a non-empty list of numbers in [0, 1]")
     _certification(cfg)
+    check_logger(cfg)
     if "validate" in stages and "heads" not in stages and not cfg.heads:
         raise ConfigError(
             "stages without heads validate heads trained before: set heads=DIR (a train.py run's heads/ folder or "
@@ -190,6 +192,36 @@ def check_certification(cfg: DictConfig, splits: dict) -> None:
     if key is not None and not all(getattr(s, key, "") for s in samples):
         raise ConfigError(f"validate.groups={key}: the calibration samples do not all carry a {key} (set "
                           f"data.family_column for a datasets source), or use validate.groups=null")
+
+
+#: Where the `_target_` of `cfg.logger` may point unless `allow_any_logger=true`: Lightning's own loggers.
+LOGGER_MODULES = ("lightning.pytorch.loggers.", "pytorch_lightning.loggers.")
+
+
+def check_logger(cfg: DictConfig) -> None:
+    """`instantiate(cfg.logger)` runs whatever `_target_` the config names, nested ones included. Only Lightning's
+    loggers are allowed unless the user opts in with `allow_any_logger=true` (their own logger class)."""
+    if cfg.get("allow_any_logger", False) or cfg.get("logger") is None:
+        return
+    targets = []
+
+    def collect(node, key):  # unresolved: `${hydra:...}` values need no Hydra run to be checked
+        if isinstance(node, dict):
+            if "_target_" in node:
+                targets.append((key, node["_target_"]))
+            for child, value in node.items():
+                collect(value, f"{key}.{child}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                collect(value, f"{key}[{index}]")
+
+    collect(OmegaConf.to_container(cfg.logger, resolve=False), "logger")
+    for key, target in targets:
+        allowed = isinstance(target, str) and any(
+            target.startswith(module) and "." not in target[len(module):] for module in LOGGER_MODULES)
+        if not allowed:
+            _fail(f"{key}._target_", target, "must be one of Lightning's loggers (lightning.pytorch.loggers.*); set "
+                  "allow_any_logger=true to instantiate your own class (it runs the code the config names)")
 
 
 def _layers(cfg, key: str) -> None:

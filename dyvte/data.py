@@ -7,6 +7,7 @@ them, and either skipped (counted, their ids written next to the label cache) or
 
 import json
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,16 +57,64 @@ def conversation_problem(turns: list[dict]) -> str:
     return ""
 
 
+class DataFileError(ValueError):
+    """A data file that cannot be read at all (invalid JSON, not a list of records): names the file and where."""
+
+
+def read_json_records(json_path: str | Path) -> list:
+    """The records of a LLaVA instruction JSON; DataFileError naming the file (and line and column of invalid
+    JSON) if it is missing, not a file, not JSON or not a list."""
+    path = Path(json_path)
+    if not path.is_file():
+        raise DataFileError(f"{path}: {'is a folder, not a JSON file' if path.is_dir() else 'no such file'}")
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataFileError(f"{path}: invalid JSON at line {error.lineno} column {error.colno} (character "
+                            f"{error.pos}): {error.msg}") from None
+    except UnicodeDecodeError as error:
+        raise DataFileError(f"{path}: not UTF-8 text at byte {error.start}: {error.reason}") from None
+    if not isinstance(records, list):
+        raise DataFileError(f"{path}: the top level is a JSON {type(records).__name__}, not a list of records")
+    return records
+
+
+def record_problem(record) -> str:
+    """What makes a LLaVA record's shape unusable ("" if nothing): a JSON object whose `conversations` is a list of
+    turns with string `from` and `value`, and whose `image`, if given, is a string path."""
+    if not isinstance(record, dict):
+        return f"the record is a JSON {type(record).__name__}, not an object"
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        return f"conversations is {'missing' if turns is None else 'a ' + type(turns).__name__}, not a list of turns"
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return f"turn {index} of the conversation is a {type(turn).__name__}, not an object"
+        for key in ("from", "value"):
+            if not isinstance(turn.get(key), str):
+                return f"turn {index} of the conversation has no string {key!r}"
+    if record.get("image") is not None and not isinstance(record["image"], str):
+        return f"image must be a path, got the {type(record['image']).__name__} {record['image']!r}"
+    return ""
+
+
 def read_llava_json(json_path: str | Path, image_dir: str | Path, multi_turn: bool = False) -> list[Sample]:
     """LLaVA instruction records -> samples; each human/gpt pair is a sample when `multi_turn`, else only the first.
 
-    A record that cannot be a sample (see `conversation_problem`) becomes a sample with its `problem` set, so that
-    the label run skips and lists it (or stops on it) with the other bad samples."""
-    records = json.loads(Path(json_path).read_text())
+    A record that cannot be a sample (`record_problem`, `conversation_problem`) becomes a sample with its `problem`
+    set, so that the label run skips and lists it (or stops on it) with the other bad samples; a file that cannot be
+    read at all raises `DataFileError` naming it."""
+    records = read_json_records(json_path)
     samples = []
     for record_index, record in enumerate(records):
-        record_id = str(record.get("id", f"record {record_index}"))
-        turns = record.get("conversations") or []
+        record_id = str(record.get("id", f"record {record_index}")) if isinstance(record, dict) else \
+            f"record {record_index}"
+        problem = record_problem(record)
+        if problem:
+            samples.append(Sample(id=record_id, image=None, question="", answer="",
+                                  problem=f"{problem} (record {record_index} of {json_path})"))
+            continue
+        turns = record["conversations"]
         image = str(Path(image_dir) / record["image"]) if record.get("image") else None
         problem = conversation_problem(turns)
         if problem:
@@ -122,31 +171,62 @@ def subsample(samples: list[Sample], fraction: float = 1.0, limit: int | None = 
     return [samples[i] for i in chosen]
 
 
-def load_image(sample: Sample) -> Image.Image:
+#: The default of `data.max_image_pixels`: PIL's own limit (`Image.MAX_IMAGE_PIXELS`, about 89 megapixels).
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+def load_image(sample: Sample, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """The sample's image as RGB; BadSample if it is missing, unreadable or larger than `max_image_pixels` (None: no
+    limit). The limit is checked on the header, before decoding: it replaces PIL's decompression-bomb check."""
     if isinstance(sample.image, Image.Image):
-        return sample.image.convert("RGB")
-    if not sample.image:
+        image = sample.image
+    elif not sample.image:
         raise BadSample(sample.id, "has no image")
+    elif Path(sample.image).is_dir():
+        raise BadSample(sample.id, f"image is a folder, not an image file: {sample.image}")
+    else:
+        try:
+            with _pil_pixel_limit(None), Image.open(sample.image) as opened:
+                _check_pixels(sample, opened, max_image_pixels)
+                return opened.convert("RGB")
+        except FileNotFoundError:
+            raise BadSample(sample.id, f"image not found: {sample.image}") from None
+        except OSError as error:
+            raise BadSample(sample.id, f"image cannot be read ({error}): {sample.image}") from None
+    _check_pixels(sample, image, max_image_pixels)
+    return image.convert("RGB")
+
+
+def _check_pixels(sample: Sample, image: Image.Image, max_image_pixels: int | None) -> None:
+    width, height = image.size
+    if max_image_pixels is not None and width * height > max_image_pixels:
+        raise BadSample(sample.id, f"image is {width}x{height} = {width * height} pixels, over "
+                                   f"data.max_image_pixels={max_image_pixels} (raise it if the image is genuine): "
+                                   f"{sample.image if isinstance(sample.image, str) else 'an in-memory image'}")
+
+
+@contextmanager
+def _pil_pixel_limit(limit: int | None):
+    """PIL's process-wide decompression-bomb limit, set for the block (`load_image` checks its own)."""
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
     try:
-        with Image.open(sample.image) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise BadSample(sample.id, f"image not found: {sample.image}") from None
-    except OSError as error:
-        raise BadSample(sample.id, f"image cannot be read ({error}): {sample.image}") from None
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 class PromptCollator:
     """Turns samples into a left-padded processor batch; bad samples are dropped and reported in the batch."""
 
     def __init__(self, processor, max_length: int | None = None, on_bad_sample: str = "skip",
-                 require_answer: bool = True):
+                 require_answer: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         if on_bad_sample not in ("skip", "raise"):
             raise ValueError(f"data.on_bad_sample must be 'skip' or 'raise', got {on_bad_sample!r}.")
         self.processor = processor
         self.max_length = max_length
         self.on_bad_sample = on_bad_sample
         self.require_answer = require_answer
+        self.max_image_pixels = max_image_pixels
         processor.tokenizer.padding_side = "left"
 
     def prompt(self, sample: Sample) -> str:
@@ -164,13 +244,23 @@ class PromptCollator:
             raise BadSample(sample.id, f"the prompt has no {IMAGE_PLACEHOLDER} placeholder")
         if self.require_answer and not sample.answer.strip():
             raise BadSample(sample.id, "the answer is empty")
-        return self.prompt(sample), load_image(sample)
+        return self.prompt(sample), load_image(sample, self.max_image_pixels)
+
+    def checked(self, sample: Sample) -> tuple[str, Image.Image]:
+        """`check`, with any other exception from reading, decoding or shaping this one sample (a malformed
+        field, a decoder's error) turned into a BadSample that names it: one bad record never stops a batch."""
+        try:
+            return self.check(sample)
+        except BadSample:
+            raise
+        except Exception as error:  # noqa: BLE001 (whatever one record raises, it is that record's problem)
+            raise BadSample(sample.id, f"cannot be read ({type(error).__name__}: {error})") from error
 
     def __call__(self, samples: list[Sample]) -> dict:
         prompts, images, kept, skipped = [], [], [], []
         for sample in samples:
             try:
-                prompt, image = self.check(sample)
+                prompt, image = self.checked(sample)
             except BadSample as bad:
                 if self.on_bad_sample == "raise":
                     raise

@@ -1,5 +1,6 @@
 """Writing files so that a crash never leaves half of one: write a temporary sibling, then rename it into place."""
 
+import hashlib
 import os
 import uuid
 from collections.abc import Callable
@@ -19,3 +20,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in chunks (`hashlib.file_digest`), never whole into memory."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()

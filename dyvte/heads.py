@@ -50,7 +50,8 @@ class ExitHeadsConfig:
     threshold: float = 0.5  # default exit threshold, calibrated by `train.py`
     model: str | None = None  # the MLLM the heads were trained on: name or path
     revision: str | None = None
-    weights_sha256: str | None = None  # that MLLM's weights, for a local checkpoint
+    weights_sha256: str | None = None  # that MLLM's weight files, for a local checkpoint (`loading.model_identity`)
+    commit: str | None = None  # the Hub commit `revision` resolved to, for a Hub id
     withdraw: str = "both"  # which visual tokens exit (images, videos or both)
     labels: dict | None = None  # the label settings of the training data
     inputs: tuple[str, ...] = PAPER_INPUTS  # the parts of the features a head reads (`INPUT_PARTS`)
@@ -198,8 +199,8 @@ class ExitHeads(nn.Module, PyTorchModelHubMixin, library_name="dyvte", tags=["vi
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def check_fits(self, model, name_or_path: str | None = None, revision: str | None = None) -> None:
-        """Refuse heads trained on another model: sizes must match; the weights of a local checkpoint (else the
-        name) and the revision too when both are known."""
+        """Refuse heads trained on another model: sizes must match; the weights of a local checkpoint (every weight
+        file, `loading.model_identity`), else the Hub commit, else the name, and the revision too when known."""
         text = model.config.get_text_config(decoder=True)
         config = self.config
         problems = []
@@ -207,13 +208,17 @@ class ExitHeads(nn.Module, PyTorchModelHubMixin, library_name="dyvte", tags=["vi
             problems.append(f"hidden size {config.hidden_size} vs the model's {text.hidden_size}")
         if text.num_hidden_layers != config.num_layers:
             problems.append(f"{config.num_layers} layers vs the model's {text.num_hidden_layers}")
-        weights = model_identity(name_or_path, revision).get("weights_sha256") if name_or_path else None
+        identity = model_identity(name_or_path, revision) if name_or_path else {}
+        weights, commit = identity.get("weights_sha256"), identity.get("commit")
         if weights and config.weights_sha256:  # a local checkpoint: its weights decide, whatever its path is called
             if weights != config.weights_sha256:
                 problems.append(
                     f"trained on weights with sha256 {config.weights_sha256[:12]}…, but {name_or_path!r} has "
                     f"{weights[:12]}… (a retrained or other checkpoint: train the heads again)"
                 )
+        elif commit and config.commit and commit != config.commit:  # a Hub id: the commit its revision resolved to
+            problems.append(f"trained on commit {config.commit[:12]} of {config.model!r}, but {name_or_path!r} "
+                            f"resolves to commit {commit[:12]} (the repository changed: train the heads again)")
         elif name_or_path and config.model and config.model != name_or_path:
             problems.append(f"trained on {config.model!r}, not {name_or_path!r}")
         if revision and config.revision and config.revision != revision:

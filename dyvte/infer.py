@@ -23,6 +23,7 @@ from dyvte.evaluation import BASELINES, MODEL_BASELINES, PolicySettings, build_p
 from dyvte.heads import ExitHeads
 from dyvte.loading import load_mllm
 from dyvte.policies import KeepRateSchedule
+from dyvte.preflight import check_infer_inputs
 from dyvte.policies.search import GSearch, PSigmoidSearch, g_search, p_sigmoid_search, vtw_search
 from dyvte.prompts import chat_prompt
 
@@ -62,7 +63,7 @@ def searched_schedule(cfg, method: str, engine: VisualExit, processor) -> KeepRa
 
 def policy_settings(cfg, engine: VisualExit, processor, names: list[str]) -> PolicySettings:
     settings = PolicySettings(threshold=cfg.threshold, vtw_layer=cfg.vtw.layer, fastv_layer=cfg.fastv.layer,
-                              fastv_keep_ratio=cfg.fastv.keep_ratio, model=engine.model,
+                              fastv_keep_ratio=cfg.fastv.keep_ratio, model=engine.model, force=cfg.force,
                               baselines={name: OmegaConf.to_object(cfg[name])
                                          for name in (*BASELINES, *MODEL_BASELINES)})
     if any("dynamic" in name for name in names):
@@ -129,6 +130,7 @@ def one_sample(cfg, engine: VisualExit, processor) -> dict:
 def main(cfg: DictConfig) -> None:
     check_infer_config(cfg)
     cli.quiet_libraries(cfg.verbose)
+    splits = check_infer_inputs(cfg)  # paths, data, policy names and layers: before any model time
     torch.manual_seed(cfg.seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the searches log their result; not every trial
     model, processor = load_mllm(cfg.model.name_or_path, dtype=cfg.model.dtype,
@@ -140,7 +142,7 @@ def main(cfg: DictConfig) -> None:
         one_sample(cfg, engine, processor)
         return
     names = list(cfg.policies)
-    samples = load_splits(cfg.data)[cfg.split]
+    samples = splits[cfg.split]
     samples = samples[: cfg.limit] if cfg.limit else samples
     sweep_dynamic = cfg.sweeps and Path(cfg.heads).exists()  # the threshold sweep needs heads
     settings = policy_settings(cfg, engine, processor, names + (["dynamic"] if sweep_dynamic else []))

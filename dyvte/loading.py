@@ -1,13 +1,16 @@
 """One entry point for the models dyvte runs on: the shipped testbed, a local checkpoint or a Hub id."""
 
-import functools
 import hashlib
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers.utils import CONFIG_NAME
 
 from . import memory
 from .prompts import check_chat_template
@@ -27,27 +30,74 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(name_or_path)
 
 
+#: The files `from_pretrained` reads weights from: safetensors and PyTorch pickles, single or sharded.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_WEIGHTS_DIGESTS: dict[tuple, str] = {}
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """Every weight file of a local checkpoint, sorted by name: the folder's `*.safetensors` / `*.bin` / `*.pt` /
+    `*.pth` files and every shard a `*.index.json` names. A shard an index names but the folder lacks is an error
+    (the model could not load either)."""
+    files = {p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES}
+    for index in folder.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{index} is not a weight index (JSON with a weight_map): {error}") from None
+        missing = sorted(name for name in shards if not (folder / name).is_file())
+        if missing:
+            raise FileNotFoundError(f"{index} names weight shards that are not in {folder}: {', '.join(missing)}")
+        files |= {folder / name for name in shards}
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 of the bytes of `weight_files(folder)`, one after the other in name order (for a folder of
+    safetensors files the digest dyvte has always recorded). Streamed in chunks, never a whole file in memory, and
+    computed once per process: remembered by each file's path, size and mtime."""
+    files = weight_files(folder)
+    if not files:
+        raise FileNotFoundError(
+            f"{folder} holds no weight files ({', '.join('*' + s for s in WEIGHT_SUFFIXES)} or a *.index.json), so "
+            "it is not a checkpoint: give model.name_or_path a checkpoint folder, a Hub id or `testbed`"
+        )
+    signature = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if signature not in _WEIGHTS_DIGESTS:
+        digest = hashlib.sha256()
+        for path in files:
+            with open(path, "rb") as file:
+                while chunk := file.read(1 << 24):
+                    digest.update(chunk)
+        _WEIGHTS_DIGESTS[signature] = digest.hexdigest()
+    return _WEIGHTS_DIGESTS[signature]
+
+
+def hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit of `repo_id` at `revision` in the local Hub cache (None where it is not cached): a branch such as
+    `main` moves, the commit it resolves to names the weights exactly. Reads the cache only, no network."""
+    try:
+        cached = try_to_load_from_cache(repo_id, CONFIG_NAME, revision=revision)
+    except (HFValidationError, ValueError):
+        return None
+    if not isinstance(cached, str):
+        return None
+    return Path(cached).parent.name
+
+
 def model_identity(name_or_path: str, revision: str | None) -> dict:
-    """What makes labels from this model reusable: its name and revision, and for a local checkpoint its weights."""
+    """What makes labels and heads from this model reusable: its name and revision, and the weights themselves:
+    for a local checkpoint `weights_sha256` over every weight file it loads from (`weights_sha256`), for a Hub id
+    the commit its revision resolves to in the local Hub cache (`commit`, where cached)."""
     identity = {"model": name_or_path, "revision": revision}
     path = Path(resolve_model_path(name_or_path))
     if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        identity["weights_sha256"] = _weights_sha256(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                                                           for f in files))
+        identity["weights_sha256"] = weights_sha256(path)
+    else:
+        commit = hub_commit(name_or_path, revision)
+        if commit is not None:
+            identity["commit"] = commit
     return identity
-
-
-@functools.lru_cache(maxsize=8)
-def _weights_sha256(files: tuple[tuple[str, int, int], ...]) -> str:
-    """sha256 over the weight files' bytes in order, read in 1 MiB blocks (a 7B checkpoint's 5 GB shard is never
-    in memory at once); computed once per process for the same files, sizes and modification times."""
-    digest = hashlib.sha256()
-    for name, _, _ in files:
-        with open(name, "rb") as weights:
-            while block := weights.read(2**20):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 #: `4bit` is NF4 (an alias kept from before `nf4` existed), `fp4` is bitsandbytes' plain 4-bit, `8bit` LLM.int8.

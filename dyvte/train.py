@@ -9,6 +9,7 @@
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -18,8 +19,8 @@ from omegaconf import DictConfig
 
 from dyvte import cli
 from dyvte.configs import check_certification, check_train_config
-from dyvte.data import load_splits
 from dyvte.loading import load_mllm
+from dyvte.preflight import check_train_inputs
 from dyvte.training.pipeline import run
 
 cli.register_resolvers()
@@ -29,17 +30,22 @@ log = logging.getLogger("train")
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     check_train_config(cfg)
-    if cfg.validate.target_agreement is not None:  # calibration sizes and group keys, before model time
-        check_certification(cfg, load_splits(cfg.data))
     cli.quiet_libraries(cfg.verbose)
+    splits = check_train_inputs(cfg)  # paths, data, layers, label caches: before any model time
+    check_certification(cfg, splits)  # calibration sizes and group keys
     L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    model, processor = load_mllm(
-        cfg.model.name_or_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
-        revision=cfg.model.revision, quantization=cfg.model.quantization,
-        llm_int8_threshold=cfg.model.llm_int8_threshold,
-    )
-    report = run(cfg, output_dir, model, processor)
+    try:
+        model, processor = load_mllm(
+            cfg.model.name_or_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+            revision=cfg.model.revision, quantization=cfg.model.quantization,
+            llm_int8_threshold=cfg.model.llm_int8_threshold,
+        )
+        report = run(cfg, output_dir, model, processor, splits)
+    except KeyboardInterrupt:  # outside a Lightning loop (those say what they saved themselves)
+        log.error("interrupted (Ctrl-C): every finished label shard is saved in %s; rerun the same command to resume",
+                  cfg.cache_dir)
+        sys.exit(130)
     if report:
         summary = {k: report[k] for k in ("agreement", "accuracy", "full_accuracy", "flops_saved", "mean_exit_layer",
                                           "threshold")}

@@ -135,6 +135,25 @@ def test_interrupted_label_run_resumes_without_loss(checkpoint, tmp_path):
         assert resumed["labels"] == fresh["labels"]
 
 
+def test_ctrl_c_says_what_was_saved(checkpoint, tmp_path):
+    """Ctrl-C mid-labelling: one line says how many labelled samples are saved where; nothing is lost."""
+    args = [f"model.name_or_path={checkpoint}", "stages=[labels]", "data.limit=12", "data.eval_limit=2",
+            "labels.batch_size=2", "labels.shard_size=4", f"hydra.run.dir={tmp_path / 'run'}",
+            f"cache_dir={tmp_path / 'cache'}"]
+    process = train(*args, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "cache").glob("*/shard-*")):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    assert process.wait() != 0
+    log = (tmp_path / "run" / "train.log").read_text()
+    (line,) = [line for line in log.splitlines() if "interrupted (Ctrl-C)" in line]
+    assert "saved in" in line and "rerun the same command to resume" in line
+    train(*args[:-2], f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'rerun'}")
+    rerun = (tmp_path / "rerun" / "train.log").read_text()
+    assert "labels for train: resuming" in rerun or "labels for train: reusing the complete cache" in rerun
+
+
 def test_ddp_label_run_writes_per_rank_shards_equal_to_one_process(checkpoint, tmp_path):
     """Two CPU ranks (gloo) label disjoint halves into their own shards; together they equal a one-process run,
     and only rank 0 writes the heads and validate.json."""
@@ -284,6 +303,24 @@ def test_validate_stage_alone_validates_given_heads_quietly(checkpoint, tmp_path
     for noise in ("Saving the dataset", "Tip:", "Total FLOPs", "GPU available", "Loading weights", "Seed set"):
         assert noise not in output, noise
     assert "Loading weights" not in alone.stdout + alone.stderr
+
+    # a finished cache that lost one test shard is refused by name before model time, never used short (it was:
+    # exit 0 and a validate.json over half the test set); the labels stage relabels that shard alone
+    (test_cache,) = [p.parent for p in (tmp_path / "cache").glob("*/meta.json")
+                     if json.loads(p.read_text())["split"] == "test"]
+    shard = sorted(test_cache.glob("shard-*"))[0]
+    shutil.rmtree(shard)
+    refused = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, "stages=[validate]",
+                              f"heads={tmp_path / 'full' / 'heads'}", f"hydra.run.dir={tmp_path / 'refused'}"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert f"{shard} is missing" in refused.stderr and f"python -m dyvte.cache repair {test_cache}" in refused.stderr
+    train(*common, "stages=[labels,validate]", f"heads={tmp_path / 'full' / 'heads'}",
+          f"hydra.run.dir={tmp_path / 'relabelled'}")
+    log = (tmp_path / "relabelled" / "train.log").read_text()
+    assert f"{shard} is missing; removed, its samples are labelled again" in log
+    assert "labels for train: reusing the complete cache" in log
+    assert (tmp_path / "relabelled" / "validate.json").read_text() == (tmp_path / "full" / "validate.json").read_text()
 
 
 def test_head_metrics_by_hand():

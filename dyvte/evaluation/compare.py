@@ -47,10 +47,13 @@ class PolicySettings:
     psigmoid: KeepRateSchedule | None = None  # from `calibrate.p_sigmoid_search` (or its saved JSON)
     baselines: dict = field(default_factory=dict)  # per baseline name, its constructor's keyword arguments
     model: object = None  # the MLLM: VisionZip reads its vision tower, PyramidDrop its depth
+    force: bool = False  # allow a `threshold` outside [0, 1] (`DynamicExit`)
 
 
 BASELINES = {"random": RandomPrune, "downsample": Downsample, "tome": ToMe, "dart": DART}
 MODEL_BASELINES = ("visionzip", "pdrop")  # built from the model itself
+#: Every name `build_policy` knows (a `+` composition joins them); start-up checks compare against these.
+POLICY_NAMES = ("none", "vtw", "fastv", "dynamic", "gsearch", "psigmoid", *BASELINES, *MODEL_BASELINES)
 
 
 def build_policy(name: str, settings: PolicySettings) -> ExitPolicy:
@@ -73,7 +76,7 @@ def build_policy(name: str, settings: PolicySettings) -> ExitPolicy:
     if name == "dynamic":
         if settings.heads is None:
             raise ValueError("policy 'dynamic' needs trained exit heads (heads=DIR).")
-        return DynamicExit(settings.heads, settings.threshold)
+        return DynamicExit(settings.heads, settings.threshold, force=settings.force)
     if name in ("gsearch", "psigmoid"):
         schedule = getattr(settings, name)
         if schedule is None:
@@ -88,10 +91,7 @@ def build_policy(name: str, settings: PolicySettings) -> ExitPolicy:
         if name == "visionzip":
             return VisionZip(settings.model, **options)
         return PyramidDrop(settings.model.config.get_text_config(decoder=True).num_hidden_layers, **options)
-    raise ValueError(
-        f"unknown policy {name!r}; policies: none, vtw, fastv, dynamic, gsearch, psigmoid, random, downsample, tome, "
-        "visionzip, pdrop, dart and '+' compositions."
-    )
+    raise ValueError(f"unknown policy {name!r}; policies: {', '.join(POLICY_NAMES)} and '+' compositions.")
 
 
 @dataclass

@@ -52,6 +52,9 @@ class FastV(ExitPolicy):
         self._scores: torch.Tensor | None = None  # [B, T] layer `layer - 1`'s attention of this prefill
 
     def reset(self, state: PrefillState) -> None:
+        if self.layer >= state.engine.num_layers:  # it would never prune: refused, as an out-of-range exit layer is
+            raise ValueError(f"FastV prunes before decoder layer `layer`; the model has layers 0..."
+                             f"{state.engine.num_layers - 1}, got layer={self.layer} (fastv.layer).")
         self._scores = None
 
     def before_layer(self, layer_idx, sub, state) -> Decision:

@@ -1,15 +1,20 @@
 """The label pass as a Lightning `predict` run: batches of prompts in, label-cache shards out."""
 
+import logging
+import math
+
 import lightning as L
 import torch
 from datasets import Features
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from .. import flops
-from ..data import PromptCollator, PromptDataModule, Sample, normalize_answer
+from ..data import DEFAULT_MAX_IMAGE_PIXELS, PromptCollator, PromptDataModule, Sample, normalize_answer
 from ..engine import VisualExit, generation_eos_ids, greedy_answers
 from .dense_labels import LabelConfig, answer_tokens, candidate_exits, dense_labels
 from .label_store import GROUP_COLUMNS, LabelStore, row_features
+
+log = logging.getLogger(__name__)
 
 
 class LabelModule(L.LightningModule):
@@ -87,7 +92,8 @@ class LabelModule(L.LightningModule):
 
 
 class ShardWriter(BasePredictionWriter):
-    """Buffers rows and writes a label-cache shard every `shard_size` samples (and at the end)."""
+    """Buffers rows and writes a label-cache shard every `shard_size` samples, at the end, and when the run stops
+    on an exception (a bad sample under `on_bad_sample=raise`, Ctrl-C): rows already labelled are never lost."""
 
     def __init__(self, store: LabelStore, features: Features, shard_size: int = 256):
         super().__init__(write_interval="batch")
@@ -107,6 +113,22 @@ class ShardWriter(BasePredictionWriter):
     def on_predict_epoch_end(self, trainer, pl_module):
         self.flush(trainer.global_rank)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        saved = len(self.buffer.get("id", []))
+        try:
+            self.flush(trainer.global_rank)
+        except Exception as error:  # noqa: BLE001 (the run's own exception is the one to raise)
+            log.error("could not save the %d buffered labelled samples to %s: %s", saved, self.store.dir, error)
+            return
+        done = len(self.store.done_ids())
+        if isinstance(exception, KeyboardInterrupt):
+            log.error("interrupted (Ctrl-C): %d labelled samples are saved in %s; rerun the same command to resume",
+                      done, self.store.dir)
+        else:
+            log.error("the label pass stopped (%s: %s) after saving its %d labelled samples to %s (%d just "
+                      "flushed); a rerun resumes from them", type(exception).__name__, exception, done,
+                      self.store.dir, saved)
+
     def flush(self, rank: int) -> None:
         if self.buffer.get("id"):
             self.store.write_shard(self.buffer, self.features, rank)
@@ -116,15 +138,15 @@ class ShardWriter(BasePredictionWriter):
 def run_labels(
     model, processor, samples: list[Sample], config: LabelConfig, store: LabelStore, *, batch_size: int = 8,
     shard_size: int = 256, on_bad_sample: str = "skip", max_length: int | None = None, trainer_kwargs: dict | None = None,
-    withdraw: str = "both",
+    withdraw: str = "both", name: str = "labels", max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> LabelStore:
-    """Label every sample not yet in `store`; a finished store is returned untouched.
+    """Label every sample not yet in `store`; a finished store that verifies is returned untouched. A damaged store
+    is repaired first (`LabelStore.repair`), so only the samples of what was damaged are labelled again; `name`
+    prefixes the log lines.
 
     Under DDP (one node or several sharing `store`'s folder) each rank labels its part of the pending samples into
     its own shards. Another process labelling the same store as the same global rank is waited for; the lock is
     per global rank (a node's LOCAL_RANK repeats on every node, and two nodes must not wait for each other)."""
-    if store.complete:
-        return store
     text = model.config.get_text_config(decoder=True)
     schema = row_features(text.num_hidden_layers, text.hidden_size, text.num_attention_heads, config.feature_groups)
     writer = ShardWriter(store, schema, shard_size)
@@ -133,8 +155,12 @@ def run_labels(
            "enable_model_summary": False, **(trainer_kwargs or {})},
         callbacks=[writer],
     )
-    with store.lock(trainer.global_rank):
+    rank = trainer.global_rank
+    with store.locked(rank):
+        for path, problem in store.repair(rank):
+            log.warning("%s: %s %s; removed, its samples are labelled again", name, path, problem)
         if store.complete:
+            log.info("%s: reusing the complete cache %s", name, store.dir)
             return store
         # read before any rank writes: no rank writes before every rank has joined the process group in predict
         done = store.done_ids() | {s["id"] for s in store.skipped()}
@@ -142,12 +168,20 @@ def run_labels(
         if not pending:
             store.mark_complete(len(samples))
             return store
-        collator = PromptCollator(processor, max_length=max_length, on_bad_sample=on_bad_sample)
+        batches = math.ceil(len(pending) / batch_size)
+        if len(pending) < len(samples):
+            log.info("%s: resuming %s: %d of %d samples done, %d of %d batches left", name, store.dir,
+                     len(samples) - len(pending), len(samples), batches, math.ceil(len(samples) / batch_size))
+        else:
+            log.info("%s: labelling %d samples into %s", name, len(samples), store.dir)
+        collator = PromptCollator(processor, max_length=max_length, on_bad_sample=on_bad_sample,
+                                  max_image_pixels=max_image_pixels)
         trainer.predict(
             LabelModule(model, collator, config, withdraw),
             datamodule=PromptDataModule(pending, collator, batch_size=batch_size),
             return_predictions=False,
         )
+        trainer.strategy.barrier("label shards written")  # DDP: every rank's last shard is in place
         if trainer.is_global_zero:
             store.mark_complete(len(samples))
         trainer.strategy.barrier("label store complete")  # DDP: no rank reads the store before rank 0 marks it

@@ -13,10 +13,10 @@ import lightning as L
 import torch
 from datasets import Dataset, concatenate_datasets
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..data import Sample, load_splits
+from ..data import DEFAULT_MAX_IMAGE_PIXELS, Sample, load_splits
 from ..heads import ExitHeads, ExitHeadsConfig
 from ..loading import model_identity
 from .dense_labels import LabelConfig
@@ -39,8 +39,8 @@ def label_config(cfg) -> LabelConfig:
 
 
 def label_stores(cfg, model, processor, splits: dict[str, list[Sample]], compute: bool = True) -> dict[str, LabelStore]:
-    """One label cache per split, keyed by model, split contents and label/feature settings; filled unless
-    complete."""
+    """One label cache per split, keyed by model, split contents and label/feature settings; filled (after a
+    repair of whatever is damaged) unless complete. `compute=False`: the stores only, nothing read or written."""
     config = label_config(cfg)
     identity = model_identity(cfg.model.name_or_path, cfg.model.revision)
     stores = {}
@@ -53,14 +53,12 @@ def label_stores(cfg, model, processor, splits: dict[str, list[Sample]], compute
         if cfg.model.quantization == "8bit":  # LLM.int8's outlier threshold changes the labels
             key["llm_int8_threshold"] = float(cfg.model.llm_int8_threshold)
         store = LabelStore(cfg.cache_dir, key)
-        if compute and store.complete:
-            log.info("labels for %s: reusing the complete cache %s", name, store.dir)
-        elif compute:
-            log.info("labels for %s: labelling %d samples into %s", name, len(samples), store.dir)
+        if compute:
             run_labels(
                 model, processor, samples, config, store, batch_size=cfg.labels.batch_size,
                 shard_size=cfg.labels.shard_size, on_bad_sample=cfg.data.on_bad_sample,
                 max_length=cfg.data.max_length, trainer_kwargs=_label_trainer_kwargs(cfg), withdraw=cfg.model.withdraw,
+                name=f"labels for {name}", max_image_pixels=cfg.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
             )
             skipped = store.skipped()
             if skipped:
@@ -95,6 +93,17 @@ def train_heads(cfg, model, stores: dict[str, LabelStore], output_dir: Path) -> 
     return fit_heads(cfg, heads_config(cfg, model), stores["train"].load(), val, output_dir, seed=cfg.seed)
 
 
+class ReportInterrupt(Callback):
+    """Says in one line what Ctrl-C left behind (Lightning then exits with status 1)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            log.error(self.message)
+
+
 def fit_heads(cfg, config: ExitHeadsConfig, train: Dataset, val: Dataset | None, output_dir: Path, seed: int,
               fold: bool = False) -> ExitHeads:
     """New heads of `config` trained with `cfg.head_training`'s schedule on the cached rows of `train`. `fold`:
@@ -109,9 +118,12 @@ def fit_heads(cfg, config: ExitHeadsConfig, train: Dataset, val: Dataset | None,
     if fold:
         distributed = ("strategy", "devices", "num_nodes")
         trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if k not in distributed} | {"devices": 1}
+    interrupted = ReportInterrupt(f"interrupted (Ctrl-C) while training heads: no heads were written; the label "
+                                  f"caches in {cfg.cache_dir} are complete and a rerun reuses them")
     trainer = L.Trainer(
         **trainer_kwargs, max_epochs=training.epochs,
-        logger=False if fold else instantiate(cfg.logger), callbacks=[] if fold else [RichProgressBar()],
+        logger=False if fold else instantiate(cfg.logger),
+        callbacks=[interrupted] if fold else [RichProgressBar(), interrupted],
         enable_progress_bar=not fold, enable_checkpointing=False, enable_model_summary=cfg.verbose and not fold,
         default_root_dir=str(output_dir),
     )
@@ -216,17 +228,17 @@ def _stage(name: str):
              peak / 2**30)
 
 
-def run(cfg, output_dir: Path, model, processor) -> dict:
-    """The configured stages in order; returns the validation report (empty without the validate stage)."""
+def run(cfg, output_dir: Path, model, processor, splits: dict[str, list[Sample]] | None = None) -> dict:
+    """The configured stages in order; returns the validation report (empty without the validate stage). `splits`:
+    the data, if already read (`dyvte.preflight.check_train_inputs`)."""
     stages = list(cfg.stages)
     if "validate" in stages and "heads" not in stages:  # heads of another model stop the run before any labelling
         heads = load_trained_heads(cfg, model)
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data) if splits is None else splits
     with _stage("labels" if "labels" in stages else "label cache check"):
         stores = label_stores(cfg, model, processor, splits, compute="labels" in stages)
-    for name, store in stores.items():
-        if not store.complete:
-            raise FileNotFoundError(f"the {name} label cache {store.dir} is incomplete: run the labels stage.")
+    for store in stores.values():
+        store.verify()  # complete and undamaged, or a CacheError naming the file and the repair
     if "heads" in stages:
         with _stage("heads"):
             heads = train_heads(cfg, model, stores, output_dir)

@@ -1,0 +1,165 @@
+"""Checks that read the filesystem, run at start-up before any model time (`dyvte.configs` checks the values).
+
+Everything a run will need and that can be looked at without loading weights is looked at here: the model folder
+and its config's depth (`AutoConfig`, no weights), the data files (parsed), the image, the heads folder, the policy
+names and layers, and the label caches a run without the labels stage reads. Each problem is a `ConfigError` that
+names the key, the value and the fix; a damaged label cache is a `CacheError` that names the file and the repair.
+"""
+
+from pathlib import Path
+
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from omegaconf import ListConfig
+from transformers import AutoConfig
+
+from .configs import ConfigError
+from .data import DataFileError, Sample, load_splits
+from .evaluation.compare import POLICY_NAMES
+from .loading import resolve_model_path
+
+
+def _is_hub_id(value: str) -> bool:
+    if value.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_model_path(cfg) -> Path | str:
+    """`model.name_or_path` is `testbed`, a checkpoint folder with a config.json, or a well-formed Hub id; returns
+    what `from_pretrained` will be given."""
+    name = str(cfg.model.name_or_path)
+    try:
+        resolved = resolve_model_path(name)
+    except FileNotFoundError as error:
+        raise ConfigError(f"model.name_or_path={name!r}: {error}") from None
+    path = Path(resolved).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path={name!r}: the folder has no config.json, so it is not a checkpoint; "
+                              "give a folder written by save_pretrained, a Hub id or `testbed`")
+        return path
+    if path.exists():
+        raise ConfigError(f"model.name_or_path={name!r} is a file; give the checkpoint's folder")
+    if not _is_hub_id(name):
+        raise ConfigError(f"model.name_or_path={name!r}: no such folder, and not a Hub id (org/name); give an "
+                          "existing checkpoint folder, a Hub id or `testbed`")
+    return name
+
+
+def model_num_layers(cfg, model_path: Path | str) -> int:
+    """The decoder's `num_hidden_layers`, read from the model's config alone (no weights)."""
+    try:
+        config = AutoConfig.from_pretrained(str(model_path), revision=cfg.model.revision)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: its config cannot be read "
+                          f"({error})") from None
+    return config.get_text_config(decoder=True).num_hidden_layers
+
+
+def check_heads_path(cfg) -> None:
+    """`heads` is a folder of exit heads (config.json + model.safetensors) or a well-formed Hub id."""
+    heads = str(cfg.heads)
+    path = Path(heads).expanduser()
+    if path.is_dir():
+        missing = [name for name in ("config.json", "model.safetensors") if not (path / name).is_file()]
+        if missing:
+            raise ConfigError(f"heads={heads!r}: the folder lacks {' and '.join(missing)}, so it holds no exit heads; "
+                              "give a train.py run's heads/ folder")
+    elif path.exists():
+        raise ConfigError(f"heads={heads!r} is a file; give the heads folder (a train.py run's heads/)")
+    elif not _is_hub_id(heads):
+        raise ConfigError(f"heads={heads!r}: no such folder, and not a Hub id (org/name); give a train.py run's "
+                          "heads/ folder or a Hub id")
+
+
+def check_data_paths(cfg) -> None:
+    """The data files exist and are files, the image folder a folder (llava_json sources)."""
+    data = cfg.data
+    if data.source != "llava_json":
+        return
+    for key in ("json_path", "val_json_path", "test_json_path"):
+        value = data.get(key)
+        if value and not Path(value).is_file():
+            state = "is a folder" if Path(value).is_dir() else "does not exist"
+            raise ConfigError(f"data.{key}={value!r} {state}; give the LLaVA instruction JSON file")
+    if not Path(data.image_dir).is_dir():
+        raise ConfigError(f"data.image_dir={data.image_dir!r} is not a folder; give the folder the records' image "
+                          "paths are relative to")
+
+
+def read_splits(cfg) -> dict[str, list[Sample]]:
+    """`load_splits(cfg.data)`, with a file that cannot be parsed named (file, line, column) as a ConfigError."""
+    check_data_paths(cfg)
+    try:
+        return load_splits(cfg.data)
+    except DataFileError as error:
+        raise ConfigError(f"data: {error}; fix the file or point data.* at another") from None
+
+
+def check_train_inputs(cfg) -> dict[str, list[Sample]]:
+    """Everything `train.py` reads before it loads the model; returns the data splits (parsed once)."""
+    model_path = check_model_path(cfg)
+    num_layers = model_num_layers(cfg, model_path)
+    layers = cfg.labels.layers
+    if isinstance(layers, (list, ListConfig)):
+        outside = [k for k in layers if not 0 <= k <= num_layers]
+        if outside:
+            raise ConfigError(f"labels.layers={list(layers)}: exit layers {outside} are outside [0, {num_layers}] "
+                              f"(the model has num_hidden_layers={num_layers})")
+    stages = list(cfg.stages)
+    if "validate" in stages and "heads" not in stages:
+        check_heads_path(cfg)
+    splits = read_splits(cfg)
+    if "labels" not in stages:
+        check_label_caches(cfg, splits)
+    return splits
+
+
+def check_label_caches(cfg, splits: dict[str, list[Sample]]) -> None:
+    """A run without the labels stage reads every split's label cache: each must exist, be complete and verify."""
+    from .training.pipeline import label_stores  # the training stack, only for train.py
+
+    for name, store in label_stores(cfg, None, None, splits, compute=False).items():
+        if not store.complete:
+            state = "is incomplete" if store.dir.exists() else "does not exist"
+            raise ConfigError(f"stages={list(cfg.stages)} reads the {name} label cache {store.dir}, which {state}: "
+                              "add the labels stage (e.g. stages=[labels,heads,validate])")
+        store.verify()
+
+
+def policy_names(cfg) -> list[str]:
+    return [cfg.policy] if cfg.task == "sample" else list(cfg.policies)
+
+
+def check_infer_inputs(cfg) -> dict[str, list[Sample]] | None:
+    """Everything `infer.py` reads before it loads the model; returns the data splits for task=eval."""
+    names = policy_names(cfg)
+    key = "policy" if cfg.task == "sample" else "policies"
+    unknown = sorted({part for name in names for part in str(name).split("+")} - set(POLICY_NAMES))
+    if unknown:
+        raise ConfigError(f"{key}={names if key == 'policies' else names[0]!r}: unknown policy {', '.join(unknown)}; "
+                          f"policies: {', '.join(POLICY_NAMES)} and '+' compositions")
+    parts = {part for name in names for part in str(name).split("+")}
+    model_path = check_model_path(cfg)
+    num_layers = model_num_layers(cfg, model_path)
+    if "fastv" in parts and not 1 <= cfg.fastv.layer < num_layers:
+        raise ConfigError(f"fastv.layer={cfg.fastv.layer}: FastV prunes before a decoder layer in [1, "
+                          f"{num_layers - 1}] (the model has num_hidden_layers={num_layers})")
+    if "vtw" in parts and cfg.vtw.layer is not None and not 0 <= cfg.vtw.layer <= num_layers:
+        raise ConfigError(f"vtw.layer={cfg.vtw.layer}: the exit layer must be in [0, {num_layers}] (the model has "
+                          f"num_hidden_layers={num_layers})")
+    if "dynamic" in parts:
+        check_heads_path(cfg)
+    if cfg.task == "sample":
+        if cfg.image is not None:
+            image = Path(cfg.image)
+            if not image.is_file():
+                state = "is a folder" if image.is_dir() else "does not exist"
+                raise ConfigError(f"image={cfg.image!r} {state}; give an image file")
+        return None
+    return read_splits(cfg)
