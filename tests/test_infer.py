@@ -114,8 +114,7 @@ def compose_infer(*overrides: str):
 
 
 def test_bad_input_is_named(trained, tmp_path, caplog):
-    sys.path.insert(0, str(ROOT))
-    import infer
+    from dyvte import infer
 
     checkpoint, heads = trained
     model, processor = load_mllm(str(checkpoint))
