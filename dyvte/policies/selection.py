@@ -107,16 +107,18 @@ class VisPruner(ExitPolicy):
         return Decision(keep=keep)
 
 
-def conditional_kernel(features: torch.Tensor, instruction: torch.Tensor) -> torch.Tensor:
+def conditional_kernel(features: torch.Tensor, instruction: torch.Tensor, negate: bool = False) -> torch.Tensor:
     """CDPruner's conditional DPP kernel [n, n] of `n` visual tokens `features` [n, d] given the instruction's
     tokens `instruction` [m, d]: `L = diag(q) S diag(q)`, `S` the cosine similarity of the visual tokens, `q` each
-    token's relevance: minus its mean cosine similarity to the instruction tokens, min-max normalised as the
-    official code, `(q - min q + 1e-6) / (max q - min q)` (1 for every token without instruction tokens)."""
+    token's relevance: its mean cosine similarity to the instruction tokens (negated with `negate`, as the official
+    code does for CLIP's embeddings), min-max normalised as the official code, `(q - min q + 1e-6) / (max q -
+    min q)` (1 for every token without instruction tokens)."""
     unit = F.normalize(features.float(), dim=-1)
     similarity = unit @ unit.T
     if not len(instruction):
         return similarity
-    relevance = -(unit @ F.normalize(instruction.float(), dim=-1).T).mean(dim=1)
+    relevance = (unit @ F.normalize(instruction.float(), dim=-1).T).mean(dim=1)
+    relevance = -relevance if negate else relevance
     spread = (relevance.max() - relevance.min()).clamp(min=1e-12)
     relevance = (relevance - relevance.min() + 1e-6) / spread
     return relevance[:, None] * similarity * relevance[None, :]
@@ -155,21 +157,23 @@ class CDPruner(ExitPolicy):
     kernel weighing visual similarity by relevance to the instruction; greedy MAP inference.
 
     Follows Theia-4869/CDPruner@9541616, `llava/model/llava_arch.py` lines 140-187 (`encode_images`): the
-    similarity is the cosine of the projected visual tokens (the LLM's input), the relevance the negated mean
-    cosine to the instruction, min-max normalised (`conditional_kernel`), the kernel `q_i S_ij q_j`, and the fast
-    greedy MAP loop (`greedy_map`). A sample with `n` visual tokens keeps `round(keep_ratio * n)` (paper: 64, 128
+    similarity is the cosine of the projected visual tokens (the LLM's input), the relevance the mean cosine to
+    the instruction, min-max normalised (`conditional_kernel`), the kernel `q_i S_ij q_j`, and the fast greedy MAP
+    loop (`greedy_map`). A sample with `n` visual tokens keeps `round(keep_ratio * n)` (paper: 64, 128
     or 192 of 576). The instruction: the official code embeds the question with CLIP's text tower and the image
     tokens with the tower's projection; Hugging Face LLaVA checkpoints carry no CLIP text tower, so here both sides
     are the LLM's input embeddings (the projected visual tokens and the text tokens after the first visual token),
-    which every family has. Kept tokens keep their slots and positions. The official code's optional `theta`
-    (commented out there) is not used.
+    which every family has. The official code negates the relevance (line 159), a property its authors have
+    "only observed in CLIP" (Theia-4869/CDPruner issue #14); these are not CLIP embeddings, so the relevance is not
+    negated unless `negate_relevance=True`. Kept tokens keep their slots and positions. The official code's
+    optional `theta` (commented out there) is not used.
     """
 
     name = "cdpruner"
 
-    def __init__(self, keep_ratio: float = 64 / 576):
+    def __init__(self, keep_ratio: float = 64 / 576, negate_relevance: bool = False):
         _check_share("CDPruner", "keep_ratio", keep_ratio, low_open=True)
-        self.keep_ratio = keep_ratio
+        self.keep_ratio, self.negate_relevance = keep_ratio, negate_relevance
         self._text: torch.Tensor | None = None  # [B, T] the instruction tokens, this prefill
 
     def reset(self, state: PrefillState) -> None:
@@ -186,7 +190,7 @@ class CDPruner(ExitPolicy):
             slots = visual[row].nonzero().squeeze(1)
             if not len(slots):
                 continue
-            kernel = conditional_kernel(sub.hidden[row, slots], sub.hidden[row, text[row]])
+            kernel = conditional_kernel(sub.hidden[row, slots], sub.hidden[row, text[row]], self.negate_relevance)
             keep[row, slots[greedy_map(kernel, _kept(self.keep_ratio, len(slots)))]] = True
         return Decision(keep=keep)
 
@@ -278,9 +282,17 @@ PAPER_LAYERS = (2, 6, 15)  # SparseVLM's pruning layers in LLaVA-1.5-7B's 32
 PAPER_KEEP = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}  # tokens kept after each, of 576
 
 
-def sparsevlm_layers(num_layers: int) -> list[int]:
-    """The paper's pruning layers 2, 6, 15 of 32 scaled to `num_layers` (`round(L * l / 32)`, half up)."""
-    return [min(_round_half_up(num_layers * layer / 32), num_layers - 2) for layer in PAPER_LAYERS]
+def sparsevlm_layers(num_layers: int, keep_ratios: list[float]) -> tuple[list[int], list[float]]:
+    """The paper's pruning layers 2, 6, 15 of 32 scaled to `num_layers` (`round(L * l / 32)`, half up, at most
+    `L - 2`) with their keep ratios; stages that land on one layer keep the later (smaller) ratio."""
+    if len(keep_ratios) != len(PAPER_LAYERS):
+        raise ValueError(
+            f"SparseVLM: {len(keep_ratios)} keep_ratios for the paper's {len(PAPER_LAYERS)} pruning layers; give "
+            "layers explicitly for another number of stages."
+        )
+    stages = {min(_round_half_up(num_layers * layer / 32), num_layers - 2): ratio
+              for layer, ratio in zip(PAPER_LAYERS, keep_ratios)}
+    return sorted(stages), [stages[layer] for layer in sorted(stages)]
 
 
 class SparseVLM(ExitPolicy):
@@ -293,7 +305,7 @@ class SparseVLM(ExitPolicy):
     topk`, the per-layer counts) and `utils.py` lines 179-239 (`cluster_and_merge`, here `cluster_and_merge`).
     Raters (once, on the LLM's input): the text tokens after the first visual token whose mean over the visual
     tokens of `softmax_text(v t^T)` (input embeddings) exceeds its mean. After each layer `layers[s]` (paper: 2, 6,
-    15 of 32, scaled to the depth by default), each sample ranks its remaining visual tokens by that layer's
+    15 of 32, scaled to the depth by default, `sparsevlm_layers`), each sample ranks its remaining visual tokens by that layer's
     attention from the raters (mean over heads and raters, recomputed for those queries, so SDPA stays on) and
     keeps the top `min(round(keep_ratios[s] * N), remaining - 1)` (`N`: its prompt's visual tokens; paper at 192:
     300, 200, 110 of 576). Recycling: of the pruned tokens, the `int(0.3 * pruned) + 1` best rated are clustered
@@ -308,7 +320,9 @@ class SparseVLM(ExitPolicy):
     def __init__(self, num_layers: int, keep_ratios=tuple(k / 576 for k in PAPER_KEEP[192]),
                  layers: list[int] | None = None, recycle: float = 0.3, cluster: float = 0.1):
         keep_ratios = [float(r) for r in keep_ratios]
-        layers = sparsevlm_layers(num_layers) if layers is None else [int(layer) for layer in layers]
+        if layers is None:
+            layers, keep_ratios = sparsevlm_layers(num_layers, keep_ratios)
+        layers = [int(layer) for layer in layers]
         if len(layers) != len(keep_ratios):
             raise ValueError(
                 f"SparseVLM: {len(layers)} pruning layers {layers} but {len(keep_ratios)} keep_ratios; give one keep "
