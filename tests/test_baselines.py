@@ -595,7 +595,9 @@ def test_pyramid_drop_default_stages_scale_with_depth():
         (lambda: DART(2, image_pivots=0, text_pivots=0), "DART needs pivots"),
         (lambda: CDPruner(keep_ratio=0.0), r"CDPruner: keep_ratio = 0.0 is outside \(0, 1\]"),
         (lambda: DivPrune(keep_ratio=1.5), r"DivPrune: keep_ratio = 1.5 is outside \(0, 1\]"),
-        (lambda: SparseVLM(L, (0.5, 0.3)), r"SparseVLM: 3 pruning layers \[0, 1, 2\] but 2 keep_ratios"),
+        (lambda: SparseVLM(L, (0.5, 0.3)), r"SparseVLM: 2 keep_ratios for the paper's 3 pruning layers; give layers"),
+        (lambda: SparseVLM(L, (0.5, 0.3), layers=[0, 1, 2]), r"SparseVLM: 3 pruning layers \[0, 1, 2\] but 2 "
+                                                             "keep_ratios"),
         (lambda: SparseVLM(L, (0.5, 0.3, 0.2), layers=[1, 2, 3]), r"SparseVLM: layers \[1, 2, 3\] must be increasing "
                                                                    r"in \[0, 2\]"),
         (lambda: SparseVLM(L, (0.5, 0.3, 1.2), layers=[0, 1, 2]), r"SparseVLM: keep_ratios = 1.2 is outside"),

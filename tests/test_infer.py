@@ -75,7 +75,10 @@ def test_eval_writes_results_table_and_plots(trained, tmp_path):
                     "decode_ms_per_token", "kv_bytes"):
             assert key in metrics
         assert metrics["vision_tflops"] * 1e12 == pytest.approx(VISION_FLOPS, rel=1e-12)  # one image per sample
-        assert metrics["total_tflops"] == pytest.approx(metrics["lm_tflops"] + metrics["vision_tflops"], rel=1e-12)
+        assert metrics["total_tflops"] == pytest.approx(metrics["lm_tflops"] + metrics["vision_tflops"]
+                                                        + metrics["selection_tflops"], rel=1e-12)
+    assert results["policies"]["none"]["selection_tflops"] == 0 and results["policies"]["vtw"]["selection_tflops"] == 0
+    assert results["policies"]["dynamic"]["selection_tflops"] > 0  # the heads
     assert results["policies"]["none"]["flops_saved"] == 0 and results["policies"]["none"]["agreement"] == 1
     assert results["policies"]["fastv"]["flops_saved"] > 0
     assert [p["k"] for p in results["static_sweep"]] == [0, 1, 2, 3]
@@ -195,9 +198,9 @@ def test_eval_matches_methods_on_flops_with_their_own_selection_cost(trained, tm
           "budget_methods=[cdpruner,fastv,vtw,dynamic,cdpruner+dynamic]", f"hydra.run.dir={tmp_path}")
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["budget_by"] == "flops" and (tmp_path / "budget_flops.md").exists()
-    for row in results["budget"]:
-        assert "FLOPs" in row["setting"], row
+    rows = {row["method"]: row for row in results["budget"] if row["budget"] is not None}
+    assert rows["fastv"]["setting"].startswith("out of reach: its cheapest setting costs more than the target")
+    for row in (rows[m] for m in ("cdpruner", "vtw", "dynamic", "cdpruner+dynamic")):
         reached, target = (float(v) for v in row["setting"].rsplit("FLOPs ", 1)[1].split(" of "))
         assert row["total_tflops"] * 1e12 == pytest.approx(reached, rel=1e-3) and reached <= target  # 4 digits
-    cdpruner = next(row for row in results["budget"] if row["method"] == "cdpruner")
-    assert cdpruner["selection_tflops"] > 0 and cdpruner["total_tflops"] * 1e12 > 0.9 * target
+    assert rows["cdpruner"]["selection_tflops"] > 0 and rows["cdpruner"]["total_tflops"] * 1e12 > 0.9 * target
