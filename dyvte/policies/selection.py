@@ -21,7 +21,7 @@ from ..engine import Decision, ExitPolicy, PrefillState, SubBatch
 from .baselines import TowerFeatures, _check_share, _images_of, _round_half_up
 
 
-def _kept(keep_ratio: float, n: int) -> int:
+def _kept_count(keep_ratio: float, n: int) -> int:
     """`round(keep_ratio * n)` (half up), at least 1 and at most `n`."""
     return min(n, max(1, _round_half_up(keep_ratio * n)))
 
@@ -77,7 +77,7 @@ class VisPruner(ExitPolicy):
         importance = probabilities[:, :, 0, 1:].mean(dim=1)  # [images, P]
         features = F.normalize(outputs[:, 1:], dim=-1)  # [images, P, d]
         self._patches = features.shape[1]
-        count = _kept(self.keep_ratio, self._patches)
+        count = _kept_count(self.keep_ratio, self._patches)
         self._kept = torch.stack([self.select(importance[i], features[i], count) for i in range(len(features))])
 
     def select(self, importance: torch.Tensor, unit_features: torch.Tensor, count: int) -> torch.Tensor:
@@ -191,7 +191,7 @@ class CDPruner(ExitPolicy):
             if not len(slots):
                 continue
             kernel = conditional_kernel(sub.hidden[row, slots], sub.hidden[row, text[row]], self.negate_relevance)
-            keep[row, slots[greedy_map(kernel, _kept(self.keep_ratio, len(slots)))]] = True
+            keep[row, slots[greedy_map(kernel, _kept_count(self.keep_ratio, len(slots)))]] = True
         return Decision(keep=keep)
 
 
