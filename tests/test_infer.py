@@ -195,12 +195,12 @@ def test_eval_matches_methods_on_flops_with_their_own_selection_cost(trained, tm
     checkpoint, heads = trained
     infer(checkpoint, heads, "task=eval", "limit=4", "data.eval_limit=4", "batch_size=2", "max_new_tokens=3",
           "policies=[none]", "sweeps=false", "budget=[256]", "budget_by=flops", "budget_calibration=2",
-          "budget_methods=[cdpruner,fastv,vtw,dynamic,cdpruner+dynamic]", f"hydra.run.dir={tmp_path}")
+          "budget_methods=[cdpruner,fastv,vtw,dynamic,cdpruner+dynamic,pdrop]", f"hydra.run.dir={tmp_path}")
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["budget_by"] == "flops" and (tmp_path / "budget_flops.md").exists()
     rows = {row["method"]: row for row in results["budget"] if row["budget"] is not None}
     assert rows["fastv"]["setting"].startswith("out of reach: its cheapest setting costs more than the target")
-    for row in (rows[m] for m in ("cdpruner", "vtw", "dynamic", "cdpruner+dynamic")):
+    for row in (rows[m] for m in ("cdpruner", "vtw", "dynamic", "cdpruner+dynamic", "pdrop")):
         reached, target = (float(v) for v in row["setting"].rsplit("FLOPs ", 1)[1].split(" of "))
         assert row["total_tflops"] * 1e12 == pytest.approx(reached, rel=1e-3) and reached <= target  # 4 digits
     assert rows["cdpruner"]["selection_tflops"] > 0 and rows["cdpruner"]["total_tflops"] * 1e12 > 0.9 * target

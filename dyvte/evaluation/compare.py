@@ -291,7 +291,7 @@ def matched_policy(engine: VisualExit, method: str, budget: float, unit: int, se
         if by == "tokens":
             policy, setting = budget_policy(base, share, engine.num_layers, settings)
             return (make(share) if policy is not None else None), setting + (" + dynamic exit" if rest else "")
-        cost_by, low = by, 1e-3
+        cost_by, low = by, _lowest_setting(base, engine.num_layers, settings)
     solved = solve_setting(make, lambda p: prefill_cost(engine, calibration, p, cost_by, unit), target, low, 1.0)
     what = {"tokens": "equivalent tokens", "flops": "FLOPs", "prefill_ms": "prefill ms"}[cost_by]
     if solved is None:
@@ -300,6 +300,21 @@ def matched_policy(engine: VisualExit, method: str, budget: float, unit: int, se
     setting = (f"threshold {x:.3f}" if base == "dynamic" else budget_policy(base, x, engine.num_layers, settings)[1]
                + (" + dynamic exit" if rest else ""))
     return make(x), f"{setting}; {what} {cost:.4g} of {target:.4g}"
+
+
+def _lowest_setting(method: str, num_layers: int, settings: PolicySettings, steps: int = 20) -> float:
+    """The smallest token share `method` can be set to (pruning inside the LLM cannot go below the layers it keeps
+    whole), by bisection on whether `budget_policy` takes it; 1e-3 when every share can be taken."""
+    low, high = 1e-3, 1.0
+    if budget_policy(method, low, num_layers, settings)[0] is not None:
+        return low
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if budget_policy(method, middle, num_layers, settings)[0] is None:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 def _budget_rows(engine, processor, batches, samples, full: PolicyRun, settings: PolicySettings, max_new_tokens,
