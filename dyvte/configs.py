@@ -10,7 +10,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .adapters.base import TEXT_SPANS, WITHDRAW_CHOICES
 from .engine.features import FEATURE_GROUPS
-from .evaluation.budget import BUDGET_METHODS
+from .evaluation.budget import BUDGET_BY, BUDGET_METHODS
 from .heads import ARCHITECTURES, INPUT_PARTS, LABEL_SHAPES, LABEL_TARGETS
 
 STAGES = ("labels", "heads", "validate")
@@ -252,7 +252,28 @@ def check_baselines(cfg: DictConfig) -> None:
     _number(cfg, "dart.keep_ratio", 0.0, 1.0)
     _integer(cfg, "dart.image_pivots", 0)
     _integer(cfg, "dart.text_pivots", 0)
+    _number(cfg, "vispruner.keep_ratio", 0.0, 1.0, low_open=True)
+    _number(cfg, "vispruner.important_ratio", 0.0, 1.0)
+    _integer(cfg, "vispruner.step", 1)
+    _number(cfg, "cdpruner.keep_ratio", 0.0, 1.0, low_open=True)
+    _choice(cfg, "cdpruner.negate_relevance", (True, False))
+    _number(cfg, "divprune.keep_ratio", 0.0, 1.0, low_open=True)
+    _integer(cfg, "divprune.layer", 0)
+    ratios = cfg.sparsevlm.keep_ratios
+    values = OmegaConf.to_object(ratios) if isinstance(ratios, ListConfig) else ratios
+    if not isinstance(values, list) or not values or not all(
+            isinstance(r, Real) and not isinstance(r, bool) and 0 <= r <= 1 for r in values):
+        _fail("sparsevlm.keep_ratios", values, "must be a non-empty list of shares in [0, 1], one per pruning layer")
+    sparse_layers = cfg.sparsevlm.layers
+    if sparse_layers is not None:
+        given = OmegaConf.to_object(sparse_layers) if isinstance(sparse_layers, ListConfig) else sparse_layers
+        if not isinstance(given, list) or len(given) != len(values) or given != sorted(set(given)) or not all(
+                isinstance(k, Integral) and not isinstance(k, bool) and k >= 0 for k in given):
+            _fail("sparsevlm.layers", given, f"must be null or {len(values)} increasing layers >= 0, one per "
+                                             "sparsevlm.keep_ratios entry")
     _integer(cfg, "budget_unit", 1)
+    _choice(cfg, "budget_by", BUDGET_BY)
+    _integer(cfg, "budget_calibration", 1)
     budgets = cfg.budget
     if budgets is not None and (not isinstance(budgets, ListConfig) or not budgets or not all(
             isinstance(b, Real) and not isinstance(b, bool) and 0 < b <= cfg.budget_unit for b in budgets)):
@@ -260,8 +281,10 @@ def check_baselines(cfg: DictConfig) -> None:
               f"must be null or a list of budgets in (0, budget_unit={cfg.budget_unit}]: no method keeps more "
               "visual tokens than the image has")
     methods = list(cfg.budget_methods)
-    if not methods or set(methods) - set(BUDGET_METHODS):
-        _fail("budget_methods", methods, f"must be a non-empty list of {', '.join(BUDGET_METHODS)}")
+    known = set(BUDGET_METHODS) | {f"{m}+dynamic" for m in BUDGET_METHODS if m not in ("vtw", "dynamic")}
+    if not methods or set(methods) - known:
+        _fail("budget_methods", methods, f"must be a non-empty list of {', '.join(BUDGET_METHODS)} (or one of them "
+                                         "but vtw and dynamic composed with dynamic exit, e.g. cdpruner+dynamic)")
 
 
 def check_infer_config(cfg: DictConfig) -> None:

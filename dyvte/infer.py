@@ -3,6 +3,7 @@
     python infer.py image=dyvte/testbed/data/images/test_00000.png question="what digit is on the purple diamond ?"
     python infer.py task=eval policies=[none,vtw,fastv,dynamic,fastv+dynamic,gsearch,psigmoid,gsearch+dynamic]
     python infer.py task=eval policies=[none,dynamic,random,downsample,tome,visionzip,pdrop,dart] budget=[64,128,192]
+    python infer.py task=eval policies=[none,dynamic] budget=[64,128,192] budget_by=flops sweeps=false
 """
 
 import json
@@ -145,10 +146,11 @@ def main(cfg: DictConfig) -> None:
     samples = splits[cfg.split]
     samples = samples[: cfg.limit] if cfg.limit else samples
     sweep_dynamic = cfg.sweeps and Path(cfg.heads).exists()  # the threshold sweep needs heads
-    settings = policy_settings(cfg, engine, processor, names + (["dynamic"] if sweep_dynamic else []))
+    budget_names = [m for m in cfg.budget_methods if "dynamic" in m] if cfg.budget else []
+    settings = policy_settings(cfg, engine, processor, names + budget_names + (["dynamic"] if sweep_dynamic else []))
     results = evaluate(engine, processor, samples, names, settings, cfg.batch_size, cfg.max_new_tokens, cfg.sweeps,
                        list(cfg.sweep_thresholds), cfg.data.on_bad_sample, list(cfg.budget or []), cfg.budget_unit,
-                       list(cfg.budget_methods))
+                       list(cfg.budget_methods), cfg.budget_by, cfg.budget_calibration)
     results["settings"] = {"vtw_layer": settings.vtw_layer, "threshold": settings.threshold
                            if settings.threshold is not None else (settings.heads.threshold if settings.heads else None),
                            "fastv": dict(cfg.fastv), "split": cfg.split, "model": cfg.model.name_or_path,

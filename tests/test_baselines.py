@@ -20,7 +20,21 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisio
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from dyvte import VisualExit
-from dyvte.policies import DART, Decision, Downsample, ExitPolicy, PyramidDrop, RandomPrune, StaticExit, ToMe, VisionZip
+from dyvte.policies import (
+    DART,
+    CDPruner,
+    Decision,
+    DivPrune,
+    Downsample,
+    ExitPolicy,
+    PyramidDrop,
+    RandomPrune,
+    SparseVLM,
+    StaticExit,
+    ToMe,
+    VisionZip,
+    VisPruner,
+)
 
 L = 4
 NEW = 6
@@ -239,6 +253,163 @@ def visionzip_reference(model, batch, keep_ratio):
     return edit
 
 
+def tower_outputs(model, pixel_values):
+    """The eager tower's own attention weights and hidden states (`output_attentions`), and the index of the
+    feature layer's output in `hidden_states`."""
+    tower = model.model.vision_tower
+    feature = model.config.vision_feature_layer % (len(tower.encoder.layers) + 1)
+    with torch.no_grad():
+        out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
+    return out, feature
+
+
+def vispruner_reference(model, batch, keep_ratio, important_ratio, step):
+    """VisPruner from the paper: the CLS row of the feature layer's eager attention (mean over heads) picks the
+    important patches; near-duplicates leave the rest `step` at a time by bipartite matching, in Python loops."""
+    ids = batch["input_ids"][0]
+    out, feature = tower_outputs(model, batch["pixel_values"])
+    importance = out.attentions[feature - 1][:, :, 0, 1:].mean(dim=1)
+    features = out.hidden_states[feature][:, 1:]
+    images, patches, _ = features.shape
+    count = min(patches, max(1, half_up(keep_ratio * patches)))
+    important, diverse = int(count * important_ratio), count - int(count * important_ratio)
+    kept_per_image = []
+    for image in range(images):
+        order = sorted(range(patches), key=lambda p: -float(importance[image, p]))
+        residual = order[important:]
+        while diverse > 0 and min(step, len(residual) - diverse) > 0:
+            removed = min(step, len(residual) - diverse)
+            a_set, b_set = residual[0::2], residual[1::2]
+            score = [max(float(F.cosine_similarity(features[image, a], features[image, b], dim=0)) for b in b_set)
+                     for a in a_set]
+            distinct = sorted(range(len(a_set)), key=lambda i: -score[i])[removed:]
+            residual = [a_set[i] for i in distinct] + b_set
+        kept_per_image.append(set(order[:important]) | (set(residual) if diverse > 0 else set()))
+
+    def edit(layer_idx, hidden, removed):
+        if layer_idx == 0:
+            visual = visual_positions(ids, removed[0])
+            for j, p in enumerate(visual):
+                removed[0, p] = j % patches not in kept_per_image[j // patches]
+        return hidden, removed
+
+    return edit
+
+
+def cdpruner_reference(model, batch, keep_ratio, sign=1):
+    """CDPruner from the paper: the DPP kernel L = diag(q) S diag(q) over the visual input embeddings, q each
+    token's min-max normalised mean cosine to the instruction tokens (the text after the image; `sign=-1`: negated,
+    as the official code for CLIP); greedy MAP by determinants: each step adds the token that makes det(L_S)
+    largest (float64)."""
+    ids = batch["input_ids"][0]
+    first_visual = int((ids == IMAGE_TOKEN).nonzero()[0])
+    text = [p for p in range(first_visual, len(ids)) if ids[p] != IMAGE_TOKEN]
+
+    def edit(layer_idx, hidden, removed):
+        if layer_idx != 0:
+            return hidden, removed
+        visual = visual_positions(ids, removed[0])
+        cosine = {(i, j): float(F.cosine_similarity(hidden[0, i], hidden[0, j], dim=0)) for i in visual
+                  for j in visual + text}
+        relevance = {i: sign * sum(cosine[i, t] for t in text) / len(text) for i in visual}
+        low, high = min(relevance.values()), max(relevance.values())
+        q = {i: (relevance[i] - low + 1e-6) / (high - low) for i in visual}
+        chosen = []
+        for _ in range(half_up(keep_ratio * len(visual))):
+            def volume(candidate):
+                subset = chosen + [candidate]
+                kernel = torch.tensor([[q[i] * cosine[i, j] * q[j] for j in subset] for i in subset],
+                                      dtype=torch.float64)
+                return float(torch.linalg.det(kernel))
+            chosen.append(max((i for i in visual if i not in chosen), key=volume))
+        for p in visual:
+            removed[0, p] = p not in chosen
+        return hidden, removed
+
+    return edit
+
+
+def divprune_reference(model, batch, keep_ratio):
+    """DivPrune from the paper: max-min diversity of the visual input embeddings under 1 - cosine, greedily: first
+    the token whose nearest other token is farthest, then each time the token farthest from the chosen set."""
+    ids = batch["input_ids"][0]
+
+    def edit(layer_idx, hidden, removed):
+        if layer_idx != 0:
+            return hidden, removed
+        visual = visual_positions(ids, removed[0])
+        distance = {(i, j): 1 - float(F.cosine_similarity(hidden[0, i], hidden[0, j], dim=0)) for i in visual
+                    for j in visual}
+        chosen = [max(visual, key=lambda i: min(distance[i, j] for j in visual if j != i))]
+        while len(chosen) < round(keep_ratio * len(visual)):
+            chosen.append(max((i for i in visual if i not in chosen),
+                              key=lambda i: min(distance[s, i] for s in chosen)))
+        for p in visual:
+            removed[0, p] = p not in chosen
+        return hidden, removed
+
+    return edit
+
+
+def density_peak_merge(tokens, clusters):
+    """DPC-KNN by loops: density from each token's `clusters` nearest (itself included), parent distance to the
+    nearest denser token (ties by index), centres by density x parent distance; members join the nearest centre;
+    a merged token is the members' sum over (count + 1e-6). Returns {centre: merged token}."""
+    n, width = tokens.shape
+    distance = [[float((tokens[i] - tokens[j]).norm()) / width**0.5 for j in range(n)] for i in range(n)]
+    density = [math.exp(-sum(d * d for d in sorted(distance[i])[:clusters]) / clusters) for i in range(n)]
+    largest = max(max(row) for row in distance)
+    parent = [min([distance[i][j] for j in range(n) if density[j] > density[i] or
+                   (density[j] == density[i] and j < i)], default=largest) for i in range(n)]
+    centres = sorted(range(n), key=lambda i: -parent[i] * density[i])[:clusters]
+    members = {c: [] for c in centres}
+    for i in range(n):
+        members[i if i in members else min(centres, key=lambda c: distance[c][i])].append(i)
+    return {c: sum(tokens[i] for i in group) / (len(group) + 1e-6) for c, group in members.items()}
+
+
+def sparsevlm_reference(model, batch, layers, keep_ratios):
+    """SparseVLM from the paper: raters are the text tokens after the image whose mean (over visual tokens) of the
+    softmax over text of v t^T exceeds the mean; after each pruning layer, the visual tokens are ranked by that
+    layer's eager attention from the raters; the best `round(r N)` stay, the best 30% (+1) of the others are
+    clustered into a tenth (+1) of merged tokens in their centres' positions."""
+    ids = batch["input_ids"][0]
+    n_prompt = int((ids == IMAGE_TOKEN).sum())
+    first_visual = int((ids == IMAGE_TOKEN).nonzero()[0])
+    text = [p for p in range(first_visual, len(ids)) if ids[p] != IMAGE_TOKEN]
+    raters, scores = [], {}
+
+    def edit(layer_idx, hidden, removed):
+        if layer_idx == 0:
+            visual = visual_positions(ids, removed[0])
+            relation = (hidden[0, visual] @ hidden[0, text].T).softmax(dim=1).mean(dim=0)
+            raters.extend(t for t, value in zip(text, relation.tolist()) if value > float(relation.mean()))
+        if layer_idx - 1 in layers:
+            visual = visual_positions(ids, removed[0])
+            count = min(half_up(keep_ratios[layers.index(layer_idx - 1)] * n_prompt), len(visual) - 1)
+            ranked = sorted(visual, key=lambda p: -scores[p])
+            pruned = sorted(ranked[count:])
+            recycled = sorted(pruned, key=lambda p: -scores[p])[: int(len(pruned) * 0.3) + 1]
+            merged = density_peak_merge(hidden[0, recycled], len(recycled) // 10 + 1) if pruned else {}
+            hidden = hidden.clone()
+            for p in pruned:
+                removed[0, p] = True
+            for centre, token in merged.items():
+                hidden[0, recycled[centre]] = token
+                removed[0, recycled[centre]] = False
+        if layer_idx in layers:
+            layer = layers_of(model)[layer_idx]
+            _, weights = layer.self_attn(
+                hidden_states=layer.input_layernorm(hidden), position_embeddings=rotary(model, hidden),
+                attention_mask=additive_mask(torch.ones_like(removed, dtype=torch.long), removed),
+            )
+            scores.clear()
+            scores.update(enumerate(weights[0].mean(dim=0)[raters].mean(dim=0).tolist()))
+        return hidden, removed
+
+    return edit
+
+
 CASES = {
     "random": (lambda m: RandomPrune(2, 0.5, seed=3), lambda m, b: random_reference(m, b, 2, 0.5, 3)),
     "downsample": (lambda m: Downsample(factor=2), lambda m, b: downsample_reference(m, b, 2, 2)),
@@ -248,6 +419,14 @@ CASES = {
     "dart": (lambda m: DART(2, 0.5, image_pivots=2, text_pivots=3),
              lambda m, b: dart_reference(m, b, 2, 0.5, 2, 3)),
     "visionzip": (lambda m: VisionZip(m, keep_ratio=0.75), lambda m, b: visionzip_reference(m, b, 0.75)),
+    "vispruner": (lambda m: VisPruner(m, keep_ratio=0.5, important_ratio=0.25, step=2),
+                  lambda m, b: vispruner_reference(m, b, 0.5, 0.25, 2)),
+    "cdpruner": (lambda m: CDPruner(keep_ratio=0.4), lambda m, b: cdpruner_reference(m, b, 0.4)),
+    "cdpruner_negated": (lambda m: CDPruner(keep_ratio=0.4, negate_relevance=True),
+                         lambda m, b: cdpruner_reference(m, b, 0.4, sign=-1)),
+    "divprune": (lambda m: DivPrune(keep_ratio=0.3), lambda m, b: divprune_reference(m, b, 0.3)),
+    "sparsevlm": (lambda m: SparseVLM(L, (0.5, 0.3, 0.2), layers=[0, 1, 2]),
+                  lambda m, b: sparsevlm_reference(m, b, [0, 1, 2], (0.5, 0.3, 0.2))),
 }
 
 
@@ -283,10 +462,9 @@ def reference_run(model, policy_edit, alone):
     return edited_forward(model, embeds, alone["attention_mask"], torch.arange(length)[None], policy_edit)
 
 
-@pytest.mark.parametrize("method", list(CASES))
-def test_baseline_keeps_and_merges_the_reference_tokens(method, engine, reference_model, batch):
-    make_policy, make_reference = CASES[method]
-    out = engine.prefill(**batch, policy=make_policy(engine.model))
+def assert_keeps_the_reference_tokens(out, reference_model, make_reference):
+    """Each sample of the engine's batched prefill `out` against the reference alone: the last logits within 1e-4,
+    and every layer's KV cache the reference's keys at the positions it kept (same tokens, same merged states)."""
     cache = out.past_key_values
     for i in range(len(SAMPLES)):
         alone = sample_alone(reference_model, SAMPLES, i)
@@ -296,6 +474,14 @@ def test_baseline_keeps_and_merges_the_reference_tokens(method, engine, referenc
             engine_keys = cache.layers[layer].keys[i][:, cache.key_valid[layer][i]]
             assert engine_keys.shape == keys[0][:, kept[0]].shape, f"layer {layer}: another number of tokens kept"
             assert (engine_keys - keys[0][:, kept[0]]).abs().max() <= 1e-4, f"layer {layer}: other tokens kept"
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_baseline_keeps_and_merges_the_reference_tokens(method, engine, reference_model, batch):
+    make_policy, make_reference = CASES[method]
+    out = engine.prefill(**batch, policy=make_policy(engine.model))
+    assert_keeps_the_reference_tokens(out, reference_model, make_reference)
+    cache = out.past_key_values
     assert (cache.num_keys(L - 1) < batch["attention_mask"].sum(dim=1)).all(), "the policy should reduce tokens"
 
 
@@ -352,13 +538,35 @@ def test_a_tower_without_cls_ranks_by_mean_attention(method, attn_implementation
         assert (engine_keys - layer_keys[0][0][0][:, kept]).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("method", ["cdpruner", "divprune", "sparsevlm"])
+def test_methods_without_tower_attention_run_on_a_tower_without_cls(method, attn_implementation):
+    """CDPruner, DivPrune and SparseVLM read only the LLM's own states: on SigLIP they select as their references."""
+    reference_model, model = siglip_llava("eager"), siglip_llava(attn_implementation)
+    make_policy, make_reference = CASES[method]
+    out = VisualExit(model).prefill(**build_batch(model, SAMPLES), policy=make_policy(model))
+    assert_keeps_the_reference_tokens(out, reference_model, make_reference)
+
+
+def test_vispruner_refuses_a_tower_without_cls_and_a_tiling_family():
+    with pytest.raises(ValueError, match=r"VisPruner ranks important tokens by the \[CLS\] token's attention.*"
+                                         "SiglipVisionModel.*use CDPruner or DivPrune"):
+        VisPruner(siglip_llava("sdpa"))
+    with pytest.raises(ValueError, match="VisPruner needs each image's visual tokens to be the vision tower's "
+                                         "patches.*'qwen2_vl'"):
+        VisPruner(build_model("qwen2_vl", num_layers=2))
+
+
 @pytest.mark.parametrize("make_policy", [
     lambda m: VisionZip(m, keep_ratio=1.0), lambda m: Downsample(factor=1), lambda m: RandomPrune(1, keep_ratio=1.0),
     lambda m: ToMe(r=0.0), lambda m: DART(1, keep_ratio=1.0), lambda m: PyramidDrop(L, ratio=1.0),
+    lambda m: VisPruner(m, keep_ratio=1.0), lambda m: CDPruner(keep_ratio=1.0), lambda m: DivPrune(keep_ratio=1.0),
+    lambda m: SparseVLM(L, (1.0, 1.0, 1.0), layers=[0, 1, 2]),
 ])
 def test_keeping_everything_is_the_stock_model(make_policy, engine, batch):
     """Each baseline at its keep-all setting equals the stock model: VisionZip with every patch dominant or a target
-    with nothing merged into it hands the projector the tower's own features; 1 x 1 pooling windows are the tokens."""
+    with nothing merged into it hands the projector the tower's own features; 1 x 1 pooling windows are the tokens;
+    SparseVLM keeps all but one token per stage and recycles that one into a merged token of itself."""
     expected = engine.model(**batch).logits
     out = engine(**batch, policy=make_policy(engine.model))
     real = batch["attention_mask"].bool()
@@ -385,6 +593,14 @@ def test_pyramid_drop_default_stages_scale_with_depth():
         (lambda: PyramidDrop(4, ratio=3), r"PyramidDrop: ratio = 3 is outside \[0, 1\]"),
         (lambda: DART(0), "DART: layer must be >= 1"),
         (lambda: DART(2, image_pivots=0, text_pivots=0), "DART needs pivots"),
+        (lambda: CDPruner(keep_ratio=0.0), r"CDPruner: keep_ratio = 0.0 is outside \(0, 1\]"),
+        (lambda: DivPrune(keep_ratio=1.5), r"DivPrune: keep_ratio = 1.5 is outside \(0, 1\]"),
+        (lambda: SparseVLM(L, (0.5, 0.3)), r"SparseVLM: 2 keep_ratios for the paper's 3 pruning layers; give layers"),
+        (lambda: SparseVLM(L, (0.5, 0.3), layers=[0, 1, 2]), r"SparseVLM: 3 pruning layers \[0, 1, 2\] but 2 "
+                                                             "keep_ratios"),
+        (lambda: SparseVLM(L, (0.5, 0.3, 0.2), layers=[1, 2, 3]), r"SparseVLM: layers \[1, 2, 3\] must be increasing "
+                                                                   r"in \[0, 2\]"),
+        (lambda: SparseVLM(L, (0.5, 0.3, 1.2), layers=[0, 1, 2]), r"SparseVLM: keep_ratios = 1.2 is outside"),
     ],
 )
 def test_bad_settings_name_the_method(make, message):
@@ -457,3 +673,14 @@ def test_hidden_states_of_another_shape_are_refused(engine, batch):
     with pytest.raises(ValueError, match=r"policy 'truncating' returned hidden states of shape \[3, 29, 32\] for a "
                                          r"sub-batch of shape \[3, 30, 32\]"):
         engine(**batch, policy=Truncating())
+
+
+def test_greedy_map_fills_by_relevance_once_the_chosen_tokens_span_the_rest():
+    """Duplicated tokens: after the two distinct directions, no token adds volume; the rest come by relevance (the
+    kernel's diagonal), never a chosen one again and never NaN."""
+    from dyvte.policies.selection import greedy_map
+
+    unit = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    relevance = torch.tensor([0.5, 0.9, 0.7, 0.2])
+    kernel = relevance[:, None] * (unit @ unit.T) * relevance[None, :]
+    assert greedy_map(kernel, 4).tolist() == [1, 2, 0, 3]

@@ -10,6 +10,7 @@ import torch
 from reference import llava_image_flops
 
 from dyvte import VisualExit
+from dyvte.evaluation import BUDGET_METHODS
 from dyvte.heads import ExitHeads, ExitHeadsConfig
 from dyvte.loading import load_mllm
 from dyvte.policies.search import vtw_search
@@ -74,7 +75,10 @@ def test_eval_writes_results_table_and_plots(trained, tmp_path):
                     "decode_ms_per_token", "kv_bytes"):
             assert key in metrics
         assert metrics["vision_tflops"] * 1e12 == pytest.approx(VISION_FLOPS, rel=1e-12)  # one image per sample
-        assert metrics["total_tflops"] == pytest.approx(metrics["lm_tflops"] + metrics["vision_tflops"], rel=1e-12)
+        assert metrics["total_tflops"] == pytest.approx(metrics["lm_tflops"] + metrics["vision_tflops"]
+                                                        + metrics["selection_tflops"], rel=1e-12)
+    assert results["policies"]["none"]["selection_tflops"] == 0 and results["policies"]["vtw"]["selection_tflops"] == 0
+    assert results["policies"]["dynamic"]["selection_tflops"] > 0  # the heads
     assert results["policies"]["none"]["flops_saved"] == 0 and results["policies"]["none"]["agreement"] == 1
     assert results["policies"]["fastv"]["flops_saved"] > 0
     assert [p["k"] for p in results["static_sweep"]] == [0, 1, 2, 3]
@@ -176,5 +180,26 @@ def test_eval_runs_the_baselines_and_the_equal_budget_table(trained, tmp_path):
     assert rows[64, "tome"]["setting"].startswith("out of reach")  # halving per layer: (1/2 + 1/4 + 1/8) / 3 > 1/9
     assert rows[448, "tome"]["equivalent_tokens"] == pytest.approx(576 * (57 + 50 + 43) / (3 * 64))  # 7 merged/layer
     assert next(row["method"] for row in results["budget"] if row["budget"] is None) == "dynamic"
-    assert (tmp_path / "budget.md").read_text().count("| 448 |") == 8
+    assert (tmp_path / "budget.md").read_text().count("| 448 |") == len(BUDGET_METHODS)
+    for method in ("vispruner", "cdpruner", "divprune"):  # before the LLM: round(448 / 576 * 64) = 50 tokens kept
+        assert rows[448, method]["equivalent_tokens"] == pytest.approx(576 * 50 / 64), method
+    assert rows[448, "cdpruner"]["selection_tflops"] > 0 and rows[448, "vtw"]["selection_tflops"] == 0
+    assert rows[64, "sparsevlm"]["setting"].startswith("out of reach")  # its first pruning comes after layer 0
     assert "Equal visual-token budgets" in result.stdout and "| tome+dynamic |" in result.stdout
+
+
+def test_eval_matches_methods_on_flops_with_their_own_selection_cost(trained, tmp_path):
+    """budget_by=flops: each method's whole-model FLOPs (decoder, vision, its own selection) at most the target,
+    uniform pruning to the budget before the LLM measured on the same (here: all) samples."""
+    checkpoint, heads = trained
+    infer(checkpoint, heads, "task=eval", "limit=4", "data.eval_limit=4", "batch_size=2", "max_new_tokens=3",
+          "policies=[none]", "sweeps=false", "budget=[256]", "budget_by=flops", "budget_calibration=2",
+          "budget_methods=[cdpruner,fastv,vtw,dynamic,cdpruner+dynamic,pdrop]", f"hydra.run.dir={tmp_path}")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["budget_by"] == "flops" and (tmp_path / "budget_flops.md").exists()
+    rows = {row["method"]: row for row in results["budget"] if row["budget"] is not None}
+    assert rows["fastv"]["setting"].startswith("out of reach: its cheapest setting costs more than the target")
+    for row in (rows[m] for m in ("cdpruner", "vtw", "dynamic", "cdpruner+dynamic", "pdrop")):
+        reached, target = (float(v) for v in row["setting"].rsplit("FLOPs ", 1)[1].split(" of "))
+        assert row["total_tflops"] * 1e12 == pytest.approx(reached, rel=1e-3) and reached <= target  # 4 digits
+    assert rows["cdpruner"]["selection_tflops"] > 0 and rows["cdpruner"]["total_tflops"] * 1e12 > 0.9 * target

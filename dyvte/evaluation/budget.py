@@ -17,10 +17,26 @@ reached, measured from its KV cache.
 import math
 
 from ..engine import ExitPolicy
-from ..policies import DART, Downsample, FastV, PyramidDrop, RandomPrune, StaticExit, ToMe, VisionZip
+from ..policies import (
+    DART,
+    CDPruner,
+    DivPrune,
+    Downsample,
+    FastV,
+    PyramidDrop,
+    RandomPrune,
+    SparseVLM,
+    StaticExit,
+    ToMe,
+    VisionZip,
+    VisPruner,
+)
+from ..policies.selection import sparsevlm_share
 from .tables import markdown_table, number
 
-BUDGET_METHODS = ("random", "fastv", "dart", "tome", "pdrop", "downsample", "visionzip", "vtw")
+BUDGET_BY = ("tokens", "flops", "prefill_ms")  # what methods are matched on (`cost.py` for FLOPs and time)
+BUDGET_METHODS = ("random", "fastv", "dart", "tome", "pdrop", "downsample", "visionzip", "vispruner", "cdpruner",
+                  "divprune", "sparsevlm", "vtw", "dynamic")
 
 
 def visual_share(tokens_per_layer: list[int], n_text: int, n_visual: int) -> float | None:
@@ -78,6 +94,23 @@ def tome_rate(share: float, first_layer: int, num_layers: int) -> float | None:
     return _solve(lambda r: tome_share(r, first_layer, num_layers), share, 0.0, 0.5)
 
 
+def sparsevlm_ratios(share: float, base: list[float], layers: list[int], num_layers: int, n_visual: int
+                     ) -> list[float] | None:
+    """SparseVLM's keep ratios `min(1, x * base)` (the paper's per-layer proportions scaled by one `x`) whose share
+    on a prompt of `n_visual` visual tokens is `share`; None when keeping nothing after the first pruning layer
+    still costs more."""
+
+    def ratios(x: float) -> list[float]:
+        return [min(1.0, x * r) for r in base]
+
+    def cost(x: float) -> float:
+        return sparsevlm_share(ratios(x), layers, num_layers, n_visual)
+
+    if cost(0.0) > share:
+        return None
+    return ratios(_solve(cost, share, 0.0, 1.0 / min(base)))
+
+
 def budget_policy(method: str, share: float, num_layers: int, settings) -> tuple[ExitPolicy | None, str]:
     """`method` set to the budget `share` (its other settings from `settings`, a `PolicySettings`): the policy and
     its setting in words, or None and why the budget is out of its reach."""
@@ -109,6 +142,26 @@ def budget_policy(method: str, share: float, num_layers: int, settings) -> tuple
         return Downsample(keep_ratio=share), f"keep {share:.3f} (pooled grid)"
     if method == "visionzip":
         return VisionZip(settings.model, keep_ratio=share), f"keep {share:.3f}"
+    if method == "vispruner":
+        options = {k: v for k, v in options.items() if k != "keep_ratio"}
+        return VisPruner(settings.model, keep_ratio=share, **options), f"keep {share:.3f}"
+    if method == "cdpruner":
+        return CDPruner(share, options.get("negate_relevance", False)), f"keep {share:.3f}"
+    if method == "divprune":
+        layer = options.get("layer", 0)
+        ratio = share if layer == 0 else keep_ratio_after(share, layer, num_layers)
+        if ratio is None or ratio <= 0:
+            return None, f"out of reach: pruning before layer {layer} costs {layer}/{num_layers} of the tokens alone"
+        return DivPrune(ratio, layer), f"layer {layer}, keep {ratio:.3f}"
+    if method == "sparsevlm":
+        base = SparseVLM(num_layers, **options)
+        n_visual = getattr(settings.model.config, "image_seq_length", None) or 576
+        ratios = sparsevlm_ratios(share, base.keep_ratios, base.layers, num_layers, n_visual)
+        if ratios is None:
+            return None, (f"out of reach: its first pruning comes after layer {base.layers[0]}, so "
+                          f"{base.layers[0] + 1}/{num_layers} of the tokens stay alone")
+        return (SparseVLM(num_layers, ratios, base.layers, base.recycle, base.cluster),
+                f"keep {', '.join(f'{r:.3f}' for r in ratios)} after layers {base.layers}")
     if method == "vtw":
         exit_layer = math.floor(share * num_layers + 0.5)
         return StaticExit(exit_layer), f"exit at layer {exit_layer}"
@@ -116,8 +169,11 @@ def budget_policy(method: str, share: float, num_layers: int, settings) -> tuple
 
 
 def format_budget_table(rows: list[dict]) -> str:
-    """One Markdown table: each budget's methods, then dynamic exit at the budget it reached itself."""
-    columns = ("equivalent_tokens", "accuracy", "agreement", "flops_saved")
+    """One Markdown table: each budget's methods, then dynamic exit at the budget it reached itself. `total_tflops`
+    per sample counts the decoder, the vision side and the method's own selection (`selection_tflops`);
+    `selection_ms` is the method's own time per sample, `selection_share` its share of the prefill time."""
+    columns = ("equivalent_tokens", "accuracy", "agreement", "flops_saved", "total_tflops", "selection_tflops",
+               "prefill_ms", "selection_ms", "selection_share")
     body = [[number(row["budget"]) if row["budget"] is not None else "own", row["method"], row["setting"],
              *(number(row.get(c)) for c in columns)] for row in rows]
     return markdown_table(["budget", "method", "setting", *columns], body)

@@ -20,6 +20,8 @@ from ..engine import ExitPolicy, VisualExit
 from ..heads import ExitHeads
 from ..policies import (
     DART,
+    CDPruner,
+    DivPrune,
     Downsample,
     DynamicExit,
     FastV,
@@ -27,11 +29,14 @@ from ..policies import (
     NoExit,
     PyramidDrop,
     RandomPrune,
+    SparseVLM,
     StaticExit,
     ToMe,
     VisionZip,
+    VisPruner,
 )
 from .budget import budget_policy, format_budget_table, visual_share
+from .cost import SelectionMeter, prefill_cost, solve_setting
 from .plots import plot_exit_histograms, plot_pareto
 from .tables import markdown_table, number
 
@@ -50,17 +55,45 @@ class PolicySettings:
     force: bool = False  # allow a `threshold` outside [0, 1] (`DynamicExit`)
 
 
-BASELINES = {"random": RandomPrune, "downsample": Downsample, "tome": ToMe, "dart": DART}
-MODEL_BASELINES = ("visionzip", "pdrop")  # built from the model itself
+BASELINES = {"random": RandomPrune, "downsample": Downsample, "tome": ToMe, "dart": DART, "cdpruner": CDPruner,
+             "divprune": DivPrune}
+MODEL_BASELINES = ("visionzip", "pdrop", "vispruner", "sparsevlm")  # built from the model itself
 #: Every name `build_policy` knows (a `+` composition joins them); start-up checks compare against these.
 POLICY_NAMES = ("none", "vtw", "fastv", "dynamic", "gsearch", "psigmoid", *BASELINES, *MODEL_BASELINES)
+# methods that choose which visual tokens enter the LLM, each to its own budget: two of them composed keep only
+# the tokens both choose, so neither budget holds
+INPUT_SELECTORS = ("downsample", "visionzip", "vispruner", "cdpruner", "divprune")
+
+
+def check_composition(parts: list[str]) -> None:
+    """Refuse a `+` composition whose parts contradict, naming them and the fix."""
+    repeated = sorted({part for part in parts if parts.count(part) > 1})
+    if repeated:
+        raise ValueError(
+            f"policy {'+'.join(parts)!r} names {repeated[0]!r} twice; each policy may appear once in a composition."
+        )
+    selectors = [part for part in parts if part in INPUT_SELECTORS]
+    if len(selectors) > 1:
+        raise ValueError(
+            f"policy {'+'.join(parts)!r}: {selectors[0]!r} and {selectors[1]!r} both choose the visual tokens that "
+            "enter the LLM, each to its own budget; composed, only the tokens both choose stay, so neither budget "
+            f"holds. Use one of them, e.g. {selectors[0]}+dynamic."
+        )
+    exits = [part for part in parts if part in ("vtw", "dynamic")]
+    if len(exits) > 1:
+        raise ValueError(
+            f"policy {'+'.join(parts)!r}: {exits[0]!r} and {exits[1]!r} both decide the exit layer; the earlier "
+            "exit always wins, so one of them does nothing. Use one exit policy."
+        )
 
 
 def build_policy(name: str, settings: PolicySettings) -> ExitPolicy:
     """`none`, `vtw`, `fastv`, `dynamic`, `gsearch`, `psigmoid`, the baselines `random`, `downsample`, `tome`,
-    `visionzip`, `pdrop`, `dart`, or a `+` composition such as `gsearch+dynamic`."""
+    `visionzip`, `pdrop`, `dart`, `vispruner`, `cdpruner`, `divprune`, `sparsevlm`, or a `+` composition such as
+    `cdpruner+dynamic` (`check_composition` refuses parts that contradict)."""
     parts = name.split("+")
     if len(parts) > 1:
+        check_composition(parts)
         policy = build_policy(parts[0], settings)
         for part in parts[1:]:
             policy = policy + build_policy(part, settings)
@@ -90,6 +123,10 @@ def build_policy(name: str, settings: PolicySettings) -> ExitPolicy:
         options = settings.baselines.get(name, {})
         if name == "visionzip":
             return VisionZip(settings.model, **options)
+        if name == "vispruner":
+            return VisPruner(settings.model, **options)
+        if name == "sparsevlm":
+            return SparseVLM(settings.model.config.get_text_config(decoder=True).num_hidden_layers, **options)
         return PyramidDrop(settings.model.config.get_text_config(decoder=True).num_hidden_layers, **options)
     raise ValueError(f"unknown policy {name!r}; policies: {', '.join(POLICY_NAMES)} and '+' compositions.")
 
@@ -105,13 +142,18 @@ class PolicyRun:
     decode_seconds: float
     decode_steps: int
     visual_share: list[float | None] = field(default_factory=list)  # per sample, `budget.visual_share`
+    selection_flops: list[float] = field(default_factory=list)  # per sample, the policy's own matmul FLOPs
+    selection_seconds: float = 0.0  # the policy's own time in the timed prefills
 
 
 @torch.no_grad()
 def run_policy(engine: VisualExit, processor, batches: list[dict], policy: ExitPolicy, max_new_tokens: int,
                timed: bool = True) -> PolicyRun:
-    """Generate with `policy` for every batch; with `timed`, also time the prefill alone."""
+    """Generate with `policy` for every batch; with `timed`, also time the prefill alone (and the policy's own
+    share of it). The policy's own FLOPs are counted during generation's prefill (`SelectionMeter`), each batch's
+    split evenly over its samples."""
     config = engine.model.config
+    meter = SelectionMeter(policy)
     shape = flops.DecoderShape.from_config(config)
     element = next(engine.model.parameters()).element_size()
     run = PolicyRun([], [], [], [], [], 0.0, 0.0, 0)
@@ -119,13 +161,18 @@ def run_policy(engine: VisualExit, processor, batches: list[dict], policy: ExitP
         inputs = {k: v for k, v in batch.items() if k not in ("samples", "skipped")}
         prefill_seconds = 0.0
         if timed:
+            meter.counting, meter.seconds = False, 0.0
             start = time.perf_counter()
-            engine.prefill(**inputs, policy=policy)
+            engine.prefill(**inputs, policy=meter)
             prefill_seconds = time.perf_counter() - start
+            run.selection_seconds += meter.seconds
+        meter.counting, meter.flops = True, 0
         start = time.perf_counter()
-        out = engine.generate(**inputs, policy=policy, max_new_tokens=max_new_tokens, do_sample=False,
+        out = engine.generate(**inputs, policy=meter, max_new_tokens=max_new_tokens, do_sample=False,
                               return_dict_in_generate=True)
         total = time.perf_counter() - start
+        batch_size = inputs["input_ids"].shape[0]
+        run.selection_flops += [meter.flops / batch_size] * batch_size
         new = out.sequences[:, inputs["input_ids"].shape[1]:]
         run.answers += processor.batch_decode(new, skip_special_tokens=True)
         run.exit_layer += out.exit_layer.tolist()
@@ -161,12 +208,15 @@ def summarize(run: PolicyRun, samples: list[Sample], reference: list[str], full_
         "agreement": sum(a == r for a, r in zip(run.answers, reference)) / n,
         "lm_tflops": sum(run.prefill_flops) / n / 1e12,
         "vision_tflops": sum(run.vision_flops) / n / 1e12,
-        "total_tflops": (sum(run.prefill_flops) + sum(run.vision_flops)) / n / 1e12,
+        "selection_tflops": sum(run.selection_flops) / n / 1e12,
+        "total_tflops": (sum(run.prefill_flops) + sum(run.vision_flops) + sum(run.selection_flops)) / n / 1e12,
         "flops_saved": 1.0 - sum(run.prefill_flops) / sum(full_flops),
-        "total_flops_saved": 1.0 - (sum(run.prefill_flops) + sum(run.vision_flops)) / (sum(full_flops)
-                                                                                       + sum(run.vision_flops)),
+        "total_flops_saved": 1.0 - (sum(run.prefill_flops) + sum(run.vision_flops) + sum(run.selection_flops))
+                             / (sum(full_flops) + sum(run.vision_flops)),
         "mean_exit_layer": sum(run.exit_layer) / n,
         "prefill_ms": 1000 * run.prefill_seconds / n,
+        "selection_ms": 1000 * run.selection_seconds / n if run.prefill_seconds else None,
+        "selection_share": run.selection_seconds / run.prefill_seconds if run.prefill_seconds else None,
         "decode_ms_per_token": 1000 * run.decode_seconds / run.decode_steps if run.decode_steps else None,
         "kv_bytes": sum(run.kv_bytes) / n,
         "visual_share": sum(shares) / len(shares) if shares else None,  # mean visual tokens per layer / prompt's
@@ -176,11 +226,13 @@ def summarize(run: PolicyRun, samples: list[Sample], reference: list[str], full_
 def evaluate(engine: VisualExit, processor, samples: list[Sample], policy_names: list[str],
              settings: PolicySettings, batch_size: int = 16, max_new_tokens: int = 16, sweeps: bool = True,
              sweep_thresholds: list[float] = (), on_bad_sample: str = "skip", budgets: list[float] = (),
-             budget_unit: int = 576, budget_methods: list[str] = ()) -> dict:
+             budget_unit: int = 576, budget_methods: list[str] = (), budget_by: str = "tokens",
+             budget_calibration: int = 4) -> dict:
     """Every policy on the same batches; the full model first, as the reference for agreement and FLOPs. With
     `sweeps`, also static exit at every `k` and dynamic exit at each of `sweep_thresholds` (for the Pareto plot).
-    With `budgets` (in tokens of a `budget_unit`-token image), each of `budget_methods` at each budget
-    (`budget.py`'s rule), beside dynamic exit at the budget it reaches itself."""
+    With `budgets` (in tokens of a `budget_unit`-token image), each of `budget_methods` at each budget, matched on
+    `budget_by` (`budget.py`'s token rule, or FLOPs or prefill time, `cost.py`, solved on the first
+    `budget_calibration` batches)."""
     collator = PromptCollator(processor, on_bad_sample=on_bad_sample, require_answer=False)
     batches = [collator(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
     batches = [b for b in batches if b["samples"]]
@@ -207,37 +259,85 @@ def evaluate(engine: VisualExit, processor, samples: list[Sample], policy_names:
             for t in sweep_thresholds
         ] if settings.heads is not None else []
     if budgets:
-        results["budget_unit"] = budget_unit
+        results["budget_unit"], results["budget_by"] = budget_unit, budget_by
         results["budget"] = _budget_rows(engine, processor, batches, kept, full, settings, max_new_tokens, budgets,
-                                         budget_unit, budget_methods, results)
+                                         budget_unit, budget_methods, results, budget_by,
+                                         batches[:budget_calibration])
     return results
 
 
+def matched_policy(engine: VisualExit, method: str, budget: float, unit: int, settings: PolicySettings, by: str,
+                   calibration: list[dict], target: float | None) -> tuple[ExitPolicy | None, str]:
+    """`method` (a budget method, or one composed with dynamic exit: `cdpruner+dynamic`) set to `budget`: by the
+    token rule's formula (`by="tokens"`), or solved on `calibration` so its measured cost is at most `target`.
+    Dynamic exit's free setting is its threshold; a composed pruner's is its own, with exit at the heads'
+    threshold on top. Returns the policy and its setting in words, or None and why the budget is out of reach."""
+    base, *rest = method.split("+")
+    if rest and rest != ["dynamic"]:
+        raise ValueError(f"budget method {method!r}: only a method composed with dynamic exit ('{base}+dynamic').")
+    if (base == "dynamic" or rest) and settings.heads is None:
+        raise ValueError(f"budget method {method!r} needs trained exit heads (heads=DIR).")
+    share = budget / unit
+    if base == "dynamic":
+        def make(threshold: float) -> ExitPolicy:
+            return DynamicExit(settings.heads, threshold)
+        cost_by, target, low = by, budget if by == "tokens" else target, 0.0
+    else:
+        def make(x: float) -> ExitPolicy | None:
+            policy, _ = budget_policy(base, x, engine.num_layers, settings)
+            if policy is not None and rest:
+                policy = policy + DynamicExit(settings.heads, settings.threshold)
+            return policy
+        if by == "tokens":
+            policy, setting = budget_policy(base, share, engine.num_layers, settings)
+            return (make(share) if policy is not None else None), setting + (" + dynamic exit" if rest else "")
+        cost_by, low = by, _lowest_setting(base, engine.num_layers, settings)
+    solved = solve_setting(make, lambda p: prefill_cost(engine, calibration, p, cost_by, unit), target, low, 1.0)
+    what = {"tokens": "equivalent tokens", "flops": "FLOPs", "prefill_ms": "prefill ms"}[cost_by]
+    if solved is None:
+        return None, f"out of reach: its cheapest setting costs more than the target {target:.4g} {what}"
+    x, cost = solved
+    setting = (f"threshold {x:.3f}" if base == "dynamic" else budget_policy(base, x, engine.num_layers, settings)[1]
+               + (" + dynamic exit" if rest else ""))
+    return make(x), f"{setting}; {what} {cost:.4g} of {target:.4g}"
+
+
+def _lowest_setting(method: str, num_layers: int, settings: PolicySettings, steps: int = 20) -> float:
+    """The smallest token share `method` can be set to (pruning inside the LLM cannot go below the layers it keeps
+    whole), by bisection on whether `budget_policy` takes it; 1e-3 when every share can be taken."""
+    low, high = 1e-3, 1.0
+    if budget_policy(method, low, num_layers, settings)[0] is not None:
+        return low
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if budget_policy(method, middle, num_layers, settings)[0] is None:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
 def _budget_rows(engine, processor, batches, samples, full: PolicyRun, settings: PolicySettings, max_new_tokens,
-                 budgets, unit, methods, results) -> list[dict]:
-    """The equal-budget table's rows: every method at every budget, then dynamic exit (at the heads' threshold
-    and, from the dynamic sweep, the threshold whose measured budget is nearest each budget)."""
+                 budgets, unit, methods, results, by: str, calibration: list[dict]) -> list[dict]:
+    """The matched-budget table's rows: every method at every budget (timed, with its own selection cost), then
+    dynamic exit at the heads' threshold (the budget it reaches itself). With `by` FLOPs or prefill time, a budget's
+    target is the cost of uniform `RandomPrune(layer=0)` to `budget / unit` on `calibration`."""
     rows = []
     for budget in budgets:
+        target = None if by == "tokens" else prefill_cost(engine, calibration, RandomPrune(0, budget / unit), by, unit)
         for method in methods:
-            policy, setting = budget_policy(method, budget / unit, engine.num_layers, settings)
+            policy, setting = matched_policy(engine, method, budget, unit, settings, by, calibration, target)
             row = {"budget": budget, "method": method, "setting": setting}
             if policy is not None:
-                row.update(_sweep_point(engine, processor, batches, policy, samples, full, max_new_tokens))
+                row.update(_sweep_point(engine, processor, batches, policy, samples, full, max_new_tokens, timed=True))
                 row["equivalent_tokens"] = _tokens(row["visual_share"], unit)
             rows.append(row)
-    dynamic = []
     if "dynamic" in results["policies"]:
         threshold = "heads' threshold" if settings.threshold is None else f"threshold {settings.threshold}"
-        dynamic.append((threshold, results["policies"]["dynamic"]))
-    sweep = [point for point in results.get("dynamic_sweep", []) if point["visual_share"] is not None]
-    nearest = {min(sweep, key=lambda point: abs(point["visual_share"] * unit - budget))["threshold"]
-               for budget in budgets} if sweep else set()
-    dynamic += [(f"threshold {point['threshold']}", point) for point in sweep if point["threshold"] in nearest]
-    for setting, metrics in dynamic:
-        rows.append({"budget": None, "method": "dynamic", "setting": setting,
+        metrics = results["policies"]["dynamic"]
+        rows.append({"budget": None, "method": "dynamic", "setting": threshold,
                      "equivalent_tokens": _tokens(metrics["visual_share"], unit),
-                     **{k: metrics[k] for k in ("accuracy", "agreement", "flops_saved", "lm_tflops", "visual_share")}})
+                     **{k: metrics[k] for k in POINT_METRICS + TIMED_METRICS}})
     return rows
 
 
@@ -245,11 +345,16 @@ def _tokens(share: float | None, unit: int) -> float | None:
     return None if share is None else share * unit
 
 
-def _sweep_point(engine, processor, batches, policy, samples, full: PolicyRun, max_new_tokens) -> dict:
-    run = run_policy(engine, processor, batches, policy, max_new_tokens, timed=False)
+POINT_METRICS = ("accuracy", "agreement", "flops_saved", "lm_tflops", "total_tflops", "selection_tflops",
+                 "mean_exit_layer", "visual_share")
+TIMED_METRICS = ("prefill_ms", "selection_ms", "selection_share")
+
+
+def _sweep_point(engine, processor, batches, policy, samples, full: PolicyRun, max_new_tokens, timed: bool = False
+                 ) -> dict:
+    run = run_policy(engine, processor, batches, policy, max_new_tokens, timed=timed)
     summary = summarize(run, samples, full.answers, full.prefill_flops)
-    return {k: summary[k] for k in ("accuracy", "agreement", "flops_saved", "lm_tflops", "total_tflops",
-                                    "mean_exit_layer", "visual_share")}
+    return {k: summary[k] for k in POINT_METRICS + (TIMED_METRICS if timed else ())}
 
 
 def write_report(results: dict, output_dir: Path) -> str:
@@ -262,9 +367,11 @@ def write_report(results: dict, output_dir: Path) -> str:
     plot_pareto(results, output_dir / "pareto.png")
     if "budget" in results:
         budget_table = format_budget_table(results["budget"])
-        (output_dir / "budget.md").write_text(budget_table + "\n")
-        table += (f"\n\nEqual visual-token budgets (equivalent tokens of a {results['budget_unit']}-token image, "
-                  f"docs/design.md):\n\n{budget_table}")
+        by = results.get("budget_by", "tokens")
+        (output_dir / ("budget.md" if by == "tokens" else f"budget_{by}.md")).write_text(budget_table + "\n")
+        matched = "" if by == "tokens" else f", matched on {by}"
+        table += (f"\n\nEqual visual-token budgets (equivalent tokens of a {results['budget_unit']}-token image"
+                  f"{matched}, docs/design.md):\n\n{budget_table}")
     return table
 
 

@@ -390,6 +390,68 @@ class _TowerCapture:
         self.outputs = output[0] if isinstance(output, tuple) else output
 
 
+class TowerFeatures:
+    """What the methods that select before the LLM read from the vision tower's feature layer (the one whose
+    output the projector reads, `config.vision_feature_layer`): its input and output at the tower's last run, by a
+    forward hook registered while the owner lives, and its attention recomputed for the needed queries from the
+    layer's own `layer_norm1`, `q_proj` and `k_proj` (so the tower keeps running with SDPA).
+
+    `method` names the policy in every error. Families: LLaVA-1.5 (`llava`, a CLIP or SigLIP tower, one grid per
+    image); others fail naming the reason."""
+
+    def __init__(self, method: str, model, owner):
+        config = model.config
+        self.method = method
+        _, self.has_cls = _patch_grid(method, model)
+        tower = model.model.vision_tower
+        layer = config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise TypeError(f"{method} needs one vision feature layer; this model concatenates layers {layer}.")
+        depth = len(tower.encoder.layers)
+        feature_layer = layer % (depth + 1) - 1  # hidden_states[h] is the output of encoder layer h - 1
+        if feature_layer < 0:
+            raise ValueError(f"{method} needs the features of an encoder layer; this model reads the patch embeddings.")
+        self.layer = tower.encoder.layers[feature_layer]
+        self._capture = _TowerCapture()
+        handle = self.layer.register_forward_hook(self._capture.record, with_kwargs=True)
+        weakref.finalize(owner, handle.remove)
+
+    def read(self, state: PrefillState) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The feature layer's (input, output), [images, length, d] each, of this prefill's images (None without
+        visual tokens); refuses a prefill whose images the tower did not just encode."""
+        inputs, outputs = self._capture.inputs, self._capture.outputs
+        self._capture.inputs = self._capture.outputs = None
+        n_visual = int(state.visual_mask.sum())
+        if not n_visual:
+            return None
+        if outputs is None:
+            raise ValueError(
+                f"{self.method}: the vision tower did not run for this prefill's images (its features are read by a "
+                "hook during the model's own image encoding); run it through engine(...), engine.prefill(...) or "
+                "engine.generate(...) with the pixel values, after creating the policy."
+            )
+        patches = outputs.shape[1] - int(self.has_cls)
+        if n_visual != outputs.shape[0] * patches:
+            raise ValueError(
+                f"{self.method}: the vision tower's last run encoded {outputs.shape[0]} images of {patches} patches, "
+                f"but this prefill has {n_visual} visual tokens (images encoded elsewhere, or repeated for "
+                f"num_return_sequences > 1, which {self.method} does not support)."
+            )
+        return inputs, outputs
+
+    def attention(self, inputs: torch.Tensor, cls_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The feature layer's attention probabilities [images, heads, queries, length] for the CLS query
+        (`cls_only`) or every query, and its keys [images, heads, length, head_dim], from its input `inputs`."""
+        attention = self.layer.self_attn
+        normed = self.layer.layer_norm1(inputs)
+        images, length, _ = normed.shape
+        heads = attention.num_heads
+        keys = attention.k_proj(normed).view(images, length, heads, attention.head_dim).transpose(1, 2)
+        queries = normed[:, :1] if cls_only else normed
+        queries = attention.q_proj(queries).view(images, queries.shape[1], heads, attention.head_dim).transpose(1, 2)
+        return ((queries @ keys.transpose(-1, -2)) * attention.scale).softmax(dim=-1), keys
+
+
 class VisionZip(ExitPolicy):
     """VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR
     2025): before the LLM, each image keeps its dominant tokens and a few merged contextual tokens.
@@ -418,21 +480,9 @@ class VisionZip(ExitPolicy):
 
     def __init__(self, model, keep_ratio: float = 64 / 576):
         _check_share("VisionZip", "keep_ratio", keep_ratio, low_open=True)
-        config = model.config
-        _, self.has_cls = _patch_grid("VisionZip", model)
-        tower = model.model.vision_tower
-        layer = config.vision_feature_layer
-        if not isinstance(layer, int):
-            raise TypeError(f"VisionZip needs one vision feature layer; this model concatenates layers {layer}.")
-        depth = len(tower.encoder.layers)
-        feature_layer = layer % (depth + 1) - 1  # hidden_states[h] is the output of encoder layer h - 1
-        if feature_layer < 0:
-            raise ValueError("VisionZip needs the features of an encoder layer; this model reads the patch embeddings.")
         self.model, self.keep_ratio = model, keep_ratio
-        self.tower_layer = tower.encoder.layers[feature_layer]
-        self._capture = _TowerCapture()
-        handle = self.tower_layer.register_forward_hook(self._capture.record, with_kwargs=True)
-        weakref.finalize(self, handle.remove)
+        self.tower = TowerFeatures("VisionZip", model, self)
+        self.has_cls = self.tower.has_cls
         self._patches = 0  # tokens per image, this prefill
         self._kept: torch.Tensor | None = None  # [images, keep] patch index each kept token sits at
         self._features: torch.Tensor | None = None  # [images, keep, d] their projected features
@@ -444,33 +494,14 @@ class VisionZip(ExitPolicy):
         return keep - contextual, contextual
 
     def reset(self, state: PrefillState) -> None:
-        inputs, outputs = self._capture.inputs, self._capture.outputs
-        self._capture.inputs = self._capture.outputs = None
-        n_visual = int(state.visual_mask.sum())
-        if not n_visual:
+        read = self.tower.read(state)
+        if read is None:
             self._kept = self._features = None
             return
-        if outputs is None:
-            raise ValueError(
-                "VisionZip: the vision tower did not run for this prefill's images (its features are read by a hook "
-                "during the model's own image encoding); run it through engine(...), engine.prefill(...) or "
-                "engine.generate(...) with the pixel values, after creating the policy."
-            )
+        inputs, outputs = read
         self._patches = outputs.shape[1] - int(self.has_cls)
-        if n_visual != outputs.shape[0] * self._patches:
-            raise ValueError(
-                f"VisionZip: the vision tower's last run encoded {outputs.shape[0]} images of {self._patches} patches, "
-                f"but this prefill has {n_visual} visual tokens (images encoded elsewhere, or repeated for "
-                "num_return_sequences > 1, which VisionZip does not support)."
-            )
-        attention = self.tower_layer.self_attn
-        normed = self.tower_layer.layer_norm1(inputs)
-        images, length, _ = normed.shape
-        heads = attention.num_heads
-        keys = attention.k_proj(normed).view(images, length, heads, attention.head_dim).transpose(1, 2)
-        queries = normed[:, :1] if self.has_cls else normed
-        queries = attention.q_proj(queries).view(images, queries.shape[1], heads, attention.head_dim).transpose(1, 2)
-        probabilities = ((queries @ keys.transpose(-1, -2)) * attention.scale).softmax(dim=-1)  # [i, h, q, length]
+        probabilities, keys = self.tower.attention(inputs, cls_only=self.has_cls)  # [i, h, q, length]
+        images = inputs.shape[0]
         first = int(self.has_cls)
         received = probabilities[:, :, 0, first:].sum(dim=1) if self.has_cls else probabilities.mean(dim=(1, 2))
         metric = F.normalize(keys.mean(dim=1)[:, first:], dim=-1)  # [images, patches, head_dim]
