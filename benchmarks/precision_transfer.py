@@ -55,12 +55,16 @@ def train(args: list[str], log: Path, lock: str) -> float:
     return time.time() - start
 
 
-def stores(cache_dir: Path) -> dict[tuple[str, str], LabelStore]:
-    """The complete label caches under `cache_dir`, by (precision, split)."""
+def stores(cache_dir: Path, sizes: dict[str, int]) -> dict[tuple[str, str], LabelStore]:
+    """The complete label caches under `cache_dir` of `sizes[split]` samples (this run's `data.limit` and
+    `data.eval_limit`; a run of other limits left its caches beside them), by (precision, split)."""
     found = {}
     for meta in cache_dir.glob("*/meta.json"):
         fields = json.loads(meta.read_text())
         fields.pop("schema")
+        complete = meta.parent / "complete.json"
+        if not complete.exists() or json.loads(complete.read_text())["samples"] != sizes[fields["split"]]:
+            continue
         precision = {"8bit": "int8", "nf4": "nf4"}.get(fields["quantization"]) or (
             "bf16" if fields["dtype"] == "bfloat16" else "fp32")
         store = LabelStore(cache_dir, fields)
@@ -93,7 +97,8 @@ def markdown(results: dict) -> str:
             continue
         run, test = runs[name], labels[name]["test"]
         lines.append(f"| {name} | {run['full_accuracy']:.1%} | {test['all_layers']:.1%} | {test['full_answer']:.1%} | "
-                     f"{run['agreement']:.1%} | {run['flops_saved']:.1%} | {run.get('seconds', float('nan')):.0f} |")
+                     f"{run['agreement']:.1%} | {run['flops_saved']:.1%} | "
+                     + (f"{run['seconds']:.0f} |" if "seconds" in run else "- |"))
     exits = [name for name in ("bf16", "int8", "nf4") if name in labels]
     if exits:
         layers = len(labels[exits[0]]["test"]["per_exit_layer"])
@@ -106,10 +111,9 @@ def markdown(results: dict) -> str:
                   "deployment's val: agreement / FLOPs saved | heads trained on the deployment precision |",
                   "|---|---|---|---|"]
         for key, cross in results["cross"].items():
-            a, r, n = cross["as_trained"], cross["recalibrated"], cross["native"]
-            lines.append(f"| {key.replace('->', ' -> ')} | {a['agreement']:.1%} / {a['flops_saved']:.1%} | "
-                         f"{r['agreement']:.1%} / {r['flops_saved']:.1%} | {n['agreement']:.1%} / "
-                         f"{n['flops_saved']:.1%} |")
+            cells = [f"{c['agreement']:.1%} / {c['flops_saved']:.1%}" if c else "not run"
+                     for c in (cross["as_trained"], cross.get("recalibrated"), cross["native"])]
+            lines.append(f"| {key.replace('->', ' -> ')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -149,7 +153,7 @@ def main() -> None:
         results["runs"][name] = {**results["runs"].get(name, {}), **summary(report),
                                  "threshold": report["threshold"]}
         done.append(name)
-        caches = stores(cache_dir)
+        caches = stores(cache_dir, {"train": options.limit, "val": options.eval_limit, "test": options.eval_limit})
         results["labels_vs_fp32"][name] = {
             split: label_agreement(caches[("fp32", split)].load(), caches[(name, split)].load())
             for split in ("train", "val", "test")

@@ -154,8 +154,9 @@ def test_mode_bitsandbytes_cannot_run_names_layer_and_fix(tmp_path, monkeypatch)
 
 @pytest.mark.slow
 def test_train_infer_analyze_run_quantized(tmp_path):
-    """train.py (labels -> heads -> validate) on an NF4 model, infer.py with its heads, analyze.py on LLM.int8; and
-    heads of another width refused by `stages=[labels,validate]` before any labelling, the finished cache kept."""
+    """train.py (labels -> heads -> validate) on an NF4 model, infer.py with its heads, analyze.py on LLM.int8; the
+    NF4 heads recalibrated on the full-precision model (`stages=[labels,validate] heads=...`); and heads of another
+    width refused before any labelling, the finished caches kept."""
     torch.manual_seed(0)
     processor = build_testbed_processor()
     model = build_testbed_model(processor, ModelConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
@@ -177,6 +178,15 @@ def test_train_infer_analyze_run_quantized(tmp_path):
         "batch_size=4", "max_new_tokens=3", "analysis.withdrawal_layers=[0,3]", f"out_dir={tmp_path / 'analysis'}",
         f"hydra.run.dir={tmp_path / 'analyze'}", f"heads={tmp_path / 'train' / 'heads'}")
     assert json.loads((tmp_path / "analysis" / "analysis.json").read_text())["samples"] == 4
+
+    # the NF4 heads recalibrated on the full-precision model: its own labels, thresholds chosen on its val split
+    run("train.py", checkpoint, "stages=[labels,validate]", f"heads={tmp_path / 'train' / 'heads'}",
+        "validate.calibration=val", "data.limit=8", "data.eval_limit=8", f"cache_dir={cache}",
+        f"hydra.run.dir={tmp_path / 'recalibrated'}")
+    recalibrated = json.loads((tmp_path / "recalibrated" / "validate.json").read_text())
+    assert recalibrated["samples"] == 8 and recalibrated["calibration"]["split"] == "val"
+    caches = [json.loads(meta.read_text()) for meta in cache.glob("*/meta.json")]
+    assert sorted(c["quantization"] or "none" for c in caches) == ["nf4"] * 3 + ["none"] * 3
 
     shards = sorted(p.name for p in cache.glob("*/shard-*"))
     ExitHeads(ExitHeadsConfig(hidden_size=64, num_layers=3, head_hidden=8)).save_pretrained(tmp_path / "wide")
