@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import hydra
-import optuna
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -130,7 +129,6 @@ def main(cfg: DictConfig) -> None:
     check_infer_config(cfg)
     cli.quiet_libraries(cfg.verbose)
     torch.manual_seed(cfg.seed)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the searches log their result; not every trial
     model, processor = load_mllm(cfg.model.name_or_path, dtype=cfg.model.dtype,
                                  attn_implementation=cfg.model.attn_implementation, revision=cfg.model.revision,
                                  quantization=cfg.model.quantization)

@@ -3,15 +3,18 @@
 import hashlib
 import importlib.util
 import logging
+from importlib.resources import files
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from .prompts import check_chat_template
-from .testbed import MODEL_DIR as TESTBED_MODEL_DIR
 
 log = logging.getLogger(__name__)
+# The shipped testbed checkpoint, package data of `dyvte.testbed` (found without importing that sub-package,
+# which comes after the small modules in the import order).
+TESTBED_MODEL_DIR = Path(str(files("dyvte") / "testbed" / "data" / "model"))
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -59,7 +62,8 @@ def quantization_config(quantization: str | None, dtype=torch.float16):
         import bitsandbytes  # noqa: F401  (optional extra; transformers needs it at load time)
     except ImportError as error:
         raise ImportError(
-            f"quantization={quantization!r} needs bitsandbytes: pip install -e '.[quant]'"
+            f"quantization={quantization!r} needs bitsandbytes: pip install \"dyvte[quant]\" "
+            "(in a checkout: pip install -e \".[quant]\")"
         ) from error
     from transformers import BitsAndBytesConfig
 

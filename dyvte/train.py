@@ -28,6 +28,7 @@ log = logging.getLogger("train")
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     check_train_config(cfg)
+    cli.check_logger_installed(cfg.logger)
     cli.quiet_libraries(cfg.verbose)
     L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
