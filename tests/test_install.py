@@ -6,8 +6,11 @@ Python, a venv or a CI venv alike, and never imports the checkout. `import dyvte
 the inference path pulls in.
 """
 
+import ast
+import importlib.metadata
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -18,12 +21,21 @@ from pathlib import Path
 import pytest
 import torch
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10 (pytest brings tomli there)
+    import tomli as tomllib
+
 from dyvte.testbed.model import ModelConfig, build_model, build_processor
 
 ROOT = Path(__file__).resolve().parent.parent
 # Packages the inference path (import dyvte, every policy, VisualExit / ExitHeads / DynamicExit) must not import.
 TRAINING_STACK = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "datasets", "wandb", "matplotlib", "optuna",
                   "tensorboard", "torchmetrics")
+
+
+# Imported by dyvte but installed on its own, as docs/design.md says (its declared dependencies would replace torch).
+INSTALLED_SEPARATELY = {"lmms_eval"}
 
 
 def clean_env() -> dict:
@@ -130,3 +142,25 @@ print(json.dumps(sorted(m for m in {TRAINING_STACK!r} if m in sys.modules)))
 """
     result = run([sys.executable, "-c", code], cwd=ROOT)
     assert json.loads(result.stdout.splitlines()[-1]) == []
+
+
+@pytest.mark.install_matrix
+def test_every_third_party_import_is_declared():
+    """Each module dyvte imports (read from its source) belongs to a distribution pyproject.toml lists, as a
+    dependency or in an extra."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    declared = {re.split(r"[ <>=!~;\[]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+    modules = set()
+    for path in (ROOT / "dyvte").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
+    third_party = modules - set(sys.stdlib_module_names) - {"dyvte"} - INSTALLED_SEPARATELY
+    assert {"torch", "transformers", "packaging", "PIL"} <= third_party
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = {m for m in third_party
+                  if not {d.lower().replace("_", "-") for d in distributions.get(m, [m])} & declared}
+    assert not undeclared, f"imported but not in pyproject.toml: {sorted(undeclared)}"
