@@ -1,6 +1,9 @@
 """Write a lock file for one CI environment: the exact versions pip resolves for `.[dev]` on one interpreter.
 
-    python .ci/lock.py ~/.pyenv/versions/3.12.1/bin/python constraints/ci-py312.txt -c constraints/ci-py312.in
+    python .ci/lock.py ~/.pyenv/versions/3.12.1/bin/python constraints/ci-py312.txt torch==2.13.0 transformers==5.23.0
+
+The arguments after the output file are extra pip requirements (the pins of the run); each lock file's first line
+is the command that wrote it.
 
 pip resolves in a dry run (metadata only, nothing installed) in a scratch venv of that interpreter. On Pythons
 whose only torch wheels are CUDA builds, the resolution includes CUDA libraries (nvidia-*, triton, cuda-*): they
