@@ -21,7 +21,9 @@ ADAPTERS: dict[str, type[FamilyAdapter]] = {
     "qwen2_5_vl": QwenVLAdapter,
     "qwen2_vl": QwenVLAdapter,
 }
-SUPPORTED_TRANSFORMERS = (Version("5.17.0"), Version("6.0.0"))  # as pyproject.toml; 5.17 is the tested lower bound
+# As pyproject.toml: 5.17 is the tested lower bound; 5.24 renames `past_key_values` to `cache` in ModelOutput
+# (VisualExitOutput fails to build), so it is refused until the engine follows.
+SUPPORTED_TRANSFORMERS = (Version("5.17.0"), Version("5.24.0"))
 
 
 def check_transformers_version(version: str = transformers.__version__) -> None:
