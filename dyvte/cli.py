@@ -12,8 +12,14 @@ import warnings
 import transformers
 from omegaconf import OmegaConf
 
+from .extras import check_installed
 from .testbed import DATA_DIR
 
+# Lightning loggers whose package is an extra (the default CSV logger needs nothing): the module and the extra.
+LOGGER_EXTRAS = {
+    "lightning.pytorch.loggers.WandbLogger": ("wandb", "wandb"),
+    "lightning.pytorch.loggers.TensorBoardLogger": ("tensorboard", "tensorboard"),
+}
 NOISY_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning")
 # Library warnings about the libraries' own internals, which a user of dyvte cannot act on.
 NOISY_WARNING_MODULES = (r"lightning\..*", r"pyarrow\..*")
@@ -23,6 +29,15 @@ def register_resolvers() -> None:
     """`${dyvte_testbed:train.json}` is a file of the shipped testbed (package data)."""
     if not OmegaConf.has_resolver("dyvte_testbed"):
         OmegaConf.register_new_resolver("dyvte_testbed", lambda relative: str(DATA_DIR / relative))
+
+
+def check_logger_installed(logger) -> None:
+    """`logger=wandb` without wandb (or `logger=tensorboard` without tensorboard) fails at start-up naming the extra,
+    not after the labels when Lightning builds the logger."""
+    target = logger.get("_target_") if logger else None
+    if target in LOGGER_EXTRAS:
+        module, extra = LOGGER_EXTRAS[target]
+        check_installed(module, extra, f"logger={extra}")
 
 
 def verbose_flag() -> None:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import hydra
-import optuna
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -133,7 +132,6 @@ def main(cfg: DictConfig) -> None:
     cli.quiet_libraries(cfg.verbose)
     splits = check_infer_inputs(cfg)  # paths, data, policy names and layers: before any model time
     torch.manual_seed(cfg.seed)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the searches log their result; not every trial
     model, processor = load_mllm(cfg.model.name_or_path, dtype=cfg.model.dtype,
                                  attn_implementation=cfg.model.attn_implementation, revision=cfg.model.revision,
                                  quantization=cfg.model.quantization,

@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -14,9 +15,11 @@ from transformers.utils import CONFIG_NAME
 
 from . import memory
 from .prompts import check_chat_template
-from .testbed import MODEL_DIR as TESTBED_MODEL_DIR
 
 log = logging.getLogger(__name__)
+# The shipped testbed checkpoint, package data of `dyvte.testbed` (found without importing that sub-package,
+# which comes after the small modules in the import order).
+TESTBED_MODEL_DIR = Path(str(files("dyvte") / "testbed" / "data" / "model"))
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -125,7 +128,7 @@ def quantization_config(quantization: str | None, dtype=torch.float16, llm_int8_
         raise ImportError(
             f"quantization={quantization!r} loads the model through bitsandbytes and accelerate, and "
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
-            'pip install "dyvte[quant]" (or use quantization=null).'
+            'pip install "dyvte[quant]" (in a checkout: pip install -e ".[quant]"), or use quantization=null.'
         )
     from transformers import BitsAndBytesConfig
 

@@ -30,6 +30,7 @@ log = logging.getLogger("train")
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     check_train_config(cfg)
+    cli.check_logger_installed(cfg.logger)
     cli.quiet_libraries(cfg.verbose)
     splits = check_train_inputs(cfg)  # paths, data, layers, label caches: before any model time
     check_certification(cfg, splits)  # calibration sizes and group keys

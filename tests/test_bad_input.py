@@ -72,7 +72,7 @@ def test_unsupported_family_lists_supported():
         VisualExit(model)
 
 
-@pytest.mark.parametrize("version", ["4.57.1", "6.0.0"])
+@pytest.mark.parametrize("version", ["4.57.1", "5.16.0", "5.24.0", "6.0.0"])
 def test_unsupported_transformers_version(version):
     with pytest.raises(RuntimeError, match=f"found {version}"):
         check_transformers_version(version)

@@ -65,6 +65,7 @@ def reference(model, batch: dict, exit_layer, withdrawn: torch.Tensor | None = N
     return masked_logits(model, embeds, batch["attention_mask"], forward_positions(model, batch), withdrawn, exit_layer)
 
 
+@pytest.mark.install_matrix
 @pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("exit_layer", [None, L])
@@ -79,6 +80,7 @@ def test_no_exit_equals_stock_forward(family, attn, exit_layer):
     assert (logits - expected)[real].abs().max() <= ATOL
 
 
+@pytest.mark.install_matrix
 @pytest.mark.parametrize("family", FAMILIES)
 def test_no_exit_generate_equals_stock_generate(family):
     model = tiny(family)
@@ -98,6 +100,7 @@ def test_no_exit_sampling_equals_stock_sampling(family):
     assert torch.equal(VisualExit(model).generate(**batch, **kwargs), expected)
 
 
+@pytest.mark.install_matrix
 @pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_exit_layer_equals_masked_reference(family, attn):
@@ -113,6 +116,7 @@ def test_every_exit_layer_equals_masked_reference(family, attn):
         assert (logits - expected)[text].abs().max() <= ATOL, f"exit_layer={k}"
 
 
+@pytest.mark.install_matrix
 @pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_exit_layers_equal_masked_reference(family, attn):
@@ -157,6 +161,7 @@ def test_two_images_in_one_prompt(family):
     assert (logits - reference(model, batch, exit_layer))[text_positions(batch)].abs().max() <= ATOL
 
 
+@pytest.mark.install_matrix
 @pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generate_with_exit_equals_no_cache_reference(family, attn):

@@ -65,6 +65,7 @@ def load_shards(cache_dir: Path) -> datasets.Dataset:
     return datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards]).sort("id")
 
 
+@pytest.mark.install_matrix
 def test_train_writes_heads_and_validate_json(checkpoint, tmp_path):
     train(f"model.name_or_path={checkpoint}", "data.limit=16", "data.eval_limit=8", "head_training.epochs=2",
           "head_training.hidden=16", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}")

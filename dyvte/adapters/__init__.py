@@ -21,7 +21,9 @@ ADAPTERS: dict[str, type[FamilyAdapter]] = {
     "qwen2_5_vl": QwenVLAdapter,
     "qwen2_vl": QwenVLAdapter,
 }
-SUPPORTED_TRANSFORMERS = (Version("5.0.0"), Version("6.0.0"))
+# As pyproject.toml: 5.17 is the tested lower bound; 5.24 renames `past_key_values` to `cache` in ModelOutput
+# (VisualExitOutput fails to build), so it is refused until the engine follows.
+SUPPORTED_TRANSFORMERS = (Version("5.17.0"), Version("5.24.0"))
 
 
 def check_transformers_version(version: str = transformers.__version__) -> None:
@@ -29,8 +31,8 @@ def check_transformers_version(version: str = transformers.__version__) -> None:
     low, high = SUPPORTED_TRANSFORMERS
     if not low <= Version(version) < high:
         raise RuntimeError(
-            f"dyvte supports transformers >={low},<{high}; found {version}. Install the pinned version "
-            f"(pip install -e .) or open an issue for an adapter."
+            f"dyvte supports transformers >={low},<{high}; found {version}. Install a supported version "
+            f"(pip install \"transformers>={low},<{high}\") or open an issue for an adapter."
         )
 
 

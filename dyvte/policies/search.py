@@ -4,11 +4,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import optuna
 import torch
 import torch.nn.functional as F
 
 from ..engine import ExitPolicy, VisualExit, generation_eos_ids, greedy_answers
+from ..extras import require
 from .exit import NoExit
 from .pruning import KeepRateSchedule, PSigmoid, kept_count
 
@@ -82,7 +82,14 @@ class AnswerScore:
         return self.memo[key]
 
 
-def _sampler(trials: int, seed: int) -> optuna.samplers.BaseSampler:
+def _optuna(search: str):
+    """Optuna, from the `search` extra; only its warnings are logged (each search logs its result, not every trial)."""
+    optuna = require("optuna", "search", search)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def _sampler(optuna, trials: int, seed: int):
     """TPE; the first half of the trials (at most 10, as the paper's uniform start) are random."""
     return optuna.samplers.TPESampler(n_startup_trials=min(10, max(1, trials // 2)), seed=seed)
 
@@ -143,6 +150,7 @@ def g_search(engine: VisualExit, batches: list[dict], lam: float = 0.01, every: 
         raise ValueError(f"first_layer must be in [1, {num_layers - 1}] for {num_layers} layers, got {first_layer}.")
     KeepRateSchedule([1.0] * num_layers, queries)  # checks `queries` before any run
     check_visual(engine, batches, "g_search")
+    optuna = _optuna("g_search (G-Search's keep rates)")
     score = AnswerScore(engine, batches, max_new_tokens, references)
     rates, steps = [1.0] * num_layers, []
     for layer in range(first_layer, num_layers, every):
@@ -156,7 +164,7 @@ def g_search(engine: VisualExit, batches: list[dict], lam: float = 0.01, every: 
                                                                 queries)))
             return trial.user_attrs["score"] - lam * rate
 
-        study = optuna.create_study(direction="maximize", sampler=_sampler(trials, seed + layer))
+        study = optuna.create_study(direction="maximize", sampler=_sampler(optuna, trials, seed + layer))
         study.enqueue_trial({"rate": previous})
         study.enqueue_trial({"rate": 0.0})
         study.optimize(objective, n_trials=trials)
@@ -202,12 +210,13 @@ def p_sigmoid_search(engine: VisualExit, batches: list[dict], budget: float, tri
     num_layers = engine.num_layers
     flat = PSigmoid(budget, 0.0, num_layers, alpha, first_layer, queries)  # checks the settings before any run
     check_visual(engine, batches, "p_sigmoid_search")
+    optuna = _optuna("p_sigmoid_search (P-Sigmoid's keep rates)")
     score = AnswerScore(engine, batches, max_new_tokens, references)
 
     def objective(trial: optuna.Trial) -> float:
         return score(PSigmoid(budget, trial.suggest_float("k", 0.0, k_max), num_layers, alpha, first_layer, queries))
 
-    study = optuna.create_study(direction="maximize", sampler=_sampler(trials, seed))
+    study = optuna.create_study(direction="maximize", sampler=_sampler(optuna, trials, seed))
     study.enqueue_trial({"k": 0.0})
     study.optimize(objective, n_trials=trials)
     best = PSigmoid(budget, study.best_trial.params["k"], num_layers, alpha, first_layer, queries)

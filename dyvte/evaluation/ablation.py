@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ..evaluation.tables import markdown_table
+from .tables import markdown_table
 
 
 def collect(sweep_dir: Path) -> list[dict]:
