@@ -1,8 +1,7 @@
-"""Generate with visual-token exit, or compare exit policies on a dataset split.
+"""Generate with visual-token exit, or compare exit policies on a split (`python infer.py [overrides]`).
 
-    python infer.py image=dyvte/testbed/data/images/test_00000.png question="what digit is on the purple diamond ?"
-    python infer.py task=eval policies=[none,vtw,fastv,dynamic,fastv+dynamic,gsearch,psigmoid,gsearch+dynamic]
-    python infer.py task=eval policies=[none,dynamic,random,downsample,tome,visionzip,pdrop,dart] budget=[64,128,192]
+The repository's entry point over `dyvte.infer` (installed: `dyvte-infer` or `python -m dyvte.infer`),
+whose docstring lists the usual commands; the configs are `conf/` (= `dyvte/conf/`).
 """
 
 from dyvte.infer import cli_main

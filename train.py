@@ -1,10 +1,7 @@
-"""Train DyVTE exit heads: weak labels from the frozen MLLM -> per-layer heads -> simulated dynamic exit.
+"""Train exit heads: labels -> heads -> validate (`python train.py [overrides]`).
 
-    python train.py                                   # the shipped testbed, on a CPU, in minutes
-    python train.py experiment=llava7b_paper data.json_path=... data.image_dir=...
-    python train.py -m head_training.hidden=256,2048 head_training.lr=1e-4,4e-5   # sweeps reuse the label cache
-    python train.py stages=[validate] heads=outputs/.../heads                     # validate trained heads
-    python train.py -v                                # more log output (Lightning's model summary, tips)
+The repository's entry point over `dyvte.train` (installed: `dyvte-train` or `python -m dyvte.train`),
+whose docstring lists the usual commands; the configs are `conf/` (= `dyvte/conf/`).
 """
 
 from dyvte.train import cli_main
