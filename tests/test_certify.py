@@ -161,7 +161,7 @@ def test_train_py_reports_the_certified_point_beside_the_point_estimate(checkpoi
 
 def test_too_small_a_calibration_set_stops_train_py_before_model_time(tmp_path):
     result = run_train_py("data.limit=16", "data.eval_limit=8", "validate.target_agreement=0.98",
-                          "model.name_or_path=/nonexistent", f"hydra.run.dir={tmp_path}")
+                          f"hydra.run.dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}")
     assert result.returncode != 0
     assert "validate.target_agreement=0.98 at validate.confidence=0.9 needs at least 114" in result.stderr
     assert "load_mllm" not in result.stderr  # stopped before loading the model

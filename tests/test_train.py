@@ -113,7 +113,8 @@ def test_heads_do_not_depend_on_whether_this_run_labelled(checkpoint, tmp_path):
 
 
 def test_interrupted_label_run_resumes_without_loss(checkpoint, tmp_path):
-    args = [f"model.name_or_path={checkpoint}", "stages=[labels]", "data.limit=12", "data.eval_limit=2",
+    # 200 batches: the signal lands while labelling goes on, however fast the machine
+    args = [f"model.name_or_path={checkpoint}", "stages=[labels]", "data.limit=400", "data.eval_limit=2",
             "labels.batch_size=2", "labels.shard_size=2", f"hydra.run.dir={tmp_path / 'run'}"]
     cache = tmp_path / "cache"
     process = train(*args, f"cache_dir={cache}", wait=False)
@@ -138,7 +139,8 @@ def test_interrupted_label_run_resumes_without_loss(checkpoint, tmp_path):
 
 def test_ctrl_c_says_what_was_saved(checkpoint, tmp_path):
     """Ctrl-C mid-labelling: one line says how many labelled samples are saved where; nothing is lost."""
-    args = [f"model.name_or_path={checkpoint}", "stages=[labels]", "data.limit=12", "data.eval_limit=2",
+    # 200 batches: the signal lands while labelling goes on, however fast the machine
+    args = [f"model.name_or_path={checkpoint}", "stages=[labels]", "data.limit=400", "data.eval_limit=2",
             "labels.batch_size=2", "labels.shard_size=4", f"hydra.run.dir={tmp_path / 'run'}",
             f"cache_dir={tmp_path / 'cache'}"]
     process = train(*args, wait=False)

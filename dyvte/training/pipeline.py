@@ -118,8 +118,8 @@ def fit_heads(cfg, config: ExitHeadsConfig, train: Dataset, val: Dataset | None,
     if fold:
         distributed = ("strategy", "devices", "num_nodes")
         trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if k not in distributed} | {"devices": 1}
-    interrupted = ReportInterrupt(f"interrupted (Ctrl-C) while training heads: no heads were written; the label "
-                                  f"caches in {cfg.cache_dir} are complete and a rerun reuses them")
+    interrupted = ReportInterrupt("interrupted (Ctrl-C) while training heads: no heads were written; the label "
+                                  "caches are complete and a rerun of the same command reuses them")
     trainer = L.Trainer(
         **trainer_kwargs, max_epochs=training.epochs,
         logger=False if fold else instantiate(cfg.logger),
