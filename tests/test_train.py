@@ -139,11 +139,13 @@ def test_interrupted_label_run_resumes_without_loss(checkpoint, tmp_path):
 
 def test_ctrl_c_says_what_was_saved(checkpoint, tmp_path):
     """Ctrl-C mid-labelling: one line says how many labelled samples are saved where; nothing is lost."""
-    # 200 batches: the signal lands while labelling goes on, however fast the machine
-    args = [f"model.name_or_path={checkpoint}", "stages=[labels]", "data.limit=400", "data.eval_limit=2",
+    # 50 batches, so that the signal lands while labelling goes on
+    args = [f"model.name_or_path={checkpoint}", "stages=[labels]", "data.limit=100", "data.eval_limit=2",
             "labels.batch_size=2", "labels.shard_size=4", f"hydra.run.dir={tmp_path / 'run'}",
             f"cache_dir={tmp_path / 'cache'}"]
-    process = train(*args, wait=False)
+    # a shell without job control starts background commands with SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: give the run the default disposition, as a terminal's Ctrl-C finds it
+    process = train(*args, wait=False, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not list((tmp_path / "cache").glob("*/shard-*")):
         time.sleep(0.2)
