@@ -2,7 +2,6 @@
 and compositions whose parts contradict."""
 
 import pytest
-import torch
 from tiny_models import IMAGE_TOKEN, Sample, build_batch, build_model
 
 from dyvte import VisualExit

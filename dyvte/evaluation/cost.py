@@ -58,8 +58,6 @@ def prefill_cost(engine: VisualExit, batches: list[dict], policy: ExitPolicy, by
     """The mean per-sample cost of `policy`'s prefill on `batches`: equivalent tokens (`by="tokens"`), total FLOPs
     (decoder from the tokens each layer computed, vision, the policy's own; `"flops"`) or wall milliseconds (the
     faster of two runs; `"prefill_ms"`)."""
-    from .budget import visual_share
-
     shape = flops.DecoderShape.from_config(engine.model.config)
     meter = SelectionMeter(policy)
     meter.counting = by == "flops"
