@@ -22,8 +22,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-
 def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file's bytes, read in chunks (`hashlib.file_digest`), never whole into memory."""
+    """The sha256 of a file's bytes, read in 1 MiB chunks, never whole into memory (`hashlib.file_digest` is
+    Python 3.11+ only)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
