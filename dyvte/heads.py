@@ -9,7 +9,7 @@ architecture are configurable (`ExitHeadsConfig`), and the features come from `d
 `push_to_hub("user/heads")` work as for any Hub model.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -131,6 +131,12 @@ class ExitHeads(nn.Module, PyTorchModelHubMixin, library_name="dyvte", tags=["vi
     @property
     def feature_groups(self) -> tuple[str, ...]:
         return self.config.feature_groups
+
+    def calibrate(self, threshold: float, thresholds: tuple[float, ...] | None = None) -> None:
+        """Record the calibrated default `threshold` and per-head `thresholds` (None: `threshold` for every head) in
+        the config that `save_pretrained` writes, checked as `ExitHeadsConfig` checks them when it is built."""
+        checked = replace(self.config, threshold=float(threshold), thresholds=thresholds)
+        self.config.threshold, self.config.thresholds = checked.threshold, checked.thresholds
 
     def layer_threshold(self, layer_idx: int) -> float:
         """Head `layer_idx`'s default threshold: its own where calibrated per head, else the global one."""

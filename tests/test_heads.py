@@ -17,7 +17,7 @@ def trained_like_heads() -> ExitHeads:
     torch.manual_seed(0)
     heads = ExitHeads(ExitHeadsConfig(8, 3, 4, feature_span="all_text", model="testbed", revision="main",
                                       labels={"alpha": 1.03}))
-    heads.config.threshold = 0.93  # what train.py's validate stage does before saving
+    heads.calibrate(0.93, (0.9, 0.95, 0.93))  # what train.py's validate stage does before saving
     return heads
 
 
@@ -36,6 +36,16 @@ def test_save_and_reload(tmp_path):
     reloaded = ExitHeads.from_pretrained(tmp_path / "heads")
     assert_same(heads, reloaded)
     assert reloaded.threshold == 0.93 and not reloaded.training
+    assert [reloaded.layer_threshold(i) for i in range(3)] == [0.9, 0.95, 0.93]
+
+
+def test_calibrate_checks_what_it_records():
+    heads = trained_like_heads()
+    with pytest.raises(ValueError, match="one value per head"):
+        heads.calibrate(0.5, (0.5, 0.5))
+    assert heads.config.threshold == 0.93 and heads.config.thresholds == (0.9, 0.95, 0.93)  # left as it was
+    heads.calibrate(0.7)
+    assert heads.config.thresholds is None and [heads.layer_threshold(i) for i in range(3)] == [0.7] * 3
 
 
 def test_reload_is_strict_and_names_missing_files(tmp_path):

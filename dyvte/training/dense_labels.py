@@ -5,6 +5,13 @@ answer's mean cross-entropy with exit stays below `alpha` times the one without 
 reproduces `A` exactly when, teacher-forced on `A`, the argmax at every answer position is `A`'s next token, so one
 pass over prompt + `A` replaces one generation per layer.
 
+When `A` is the model's own greedy answer (`match_full_model=True`), an exit is compared with the full model's
+teacher-forced argmax instead of `A`'s tokens. In fp32 the two are the same tokens. In bf16 they can differ by
+rounding: the full-sequence pass and token-by-token decoding multiply matrices of other shapes, and a full model
+whose runner-up logit is within one or two bf16 steps of its maximum can predict another token teacher-forced
+than it generated (measured at LLaVA-1.5-7B width: 4 of 24 positions, `benchmarks/llava7b.py --steps margins`).
+Compared with `A`, even the full model would then fail to reproduce itself and every exit would be negative.
+
 The pass is *dense*: the full sequence runs through the layers once, and at every candidate layer `k` its text
 tokens branch off into a text-only continuation through layers `k..L-1`. All live branches of a layer run as one
 batched call. Head features come from the full sequence's prompt tokens at each layer's output; causal attention
@@ -93,13 +100,14 @@ def answer_tokens(tokenizer, prompts: list[str], completions: list[str], eos_tok
 class DenseLabels:
     """Per sample and exit layer `k = 0..L` (unlabelled entries: match False, ce NaN)."""
 
-    match: torch.Tensor  # [B, L+1] greedy with exit at k reproduces the answer
+    match: torch.Tensor  # [B, L+1] greedy with exit at k reproduces the answer (or the full model's predictions)
     ce: torch.Tensor  # [B, L+1] mean cross-entropy of the answer with exit at k
     features: torch.Tensor  # [B, L, 2d] `text` head features after each layer
     candidates: torch.Tensor  # [B, L+1]
     n_text: torch.Tensor  # [B] real prompt tokens that are not visual
     n_visual: torch.Tensor  # [B]
     group_features: dict[str, torch.Tensor]  # the other feature groups asked for, [B, L, width] each
+    reproduces: torch.Tensor  # [B] the full model, teacher-forced, predicts the answer at every position
 
     def labels(self, alpha: float) -> torch.Tensor:
         """[B, L+1] int8: 1 exit is safe, 0 not, -1 not labelled."""
@@ -110,10 +118,14 @@ class DenseLabels:
 @torch.no_grad()
 def dense_labels(
     engine: VisualExit, inputs: dict, answers: list[list[int]], candidates: torch.Tensor, feature_span: str,
-    pad_token_id: int, feature_groups: tuple[str, ...] = ("text",),
+    pad_token_id: int, feature_groups: tuple[str, ...] = ("text",), match_full_model: bool = False,
 ) -> DenseLabels:
     """One teacher-forced pass over prompt + answer with a text-only branch at every candidate exit layer; head
-    features of `feature_groups` (see `dyvte.engine.features`) from the full sequence after every layer."""
+    features of `feature_groups` (see `dyvte.engine.features`) from the full sequence after every layer.
+
+    `match[:, k]`: with `match_full_model=False`, the argmax with exit at `k` is `answers`' next token at every
+    answer position; with `match_full_model=True` (the answers are the model's own greedy ones), it is the full
+    model's teacher-forced argmax at every position, so `match[:, L]` is True (module docstring)."""
     prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
     vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     batch, prompt_length = prompt_ids.shape
@@ -153,31 +165,41 @@ def dense_labels(
 
     match = torch.zeros(batch, num_layers + 1, dtype=torch.bool, device=device)
     ce = torch.full((batch, num_layers + 1), float("nan"), device=device)
+    targets = ids[:, 1:]  # [B, T-1]: the token each position is compared with
     for sub, exits in ((full, torch.full((batch,), num_layers, device=device)), (branches, branch_exit)):
         if sub is None:
             continue
-        sub_match, sub_ce = _answer_scores(engine, sub, ids, prompt_length, n_answer)
+        sub_match, sub_ce, predicted = _answer_scores(engine, sub, ids, targets, prompt_length, n_answer)
         match[sub.rows, exits] = sub_match
         ce[sub.rows, exits] = sub_ce
+        if sub is full:
+            reproduces = sub_match  # the full model's teacher-forced argmax is the answer at every position
+            if match_full_model:
+                targets = predicted
+                match[:, num_layers] = True
     n_visual = (visual_mask[:, :prompt_length] & prompt_mask.bool()).sum(dim=1)
     stacked = {group: torch.stack(values, dim=1).half().cpu() for group, values in features.items()}
     return DenseLabels(
         match.cpu(), ce.cpu(), stacked.pop("text"), candidates.cpu(), (prompt_mask.sum(dim=1) - n_visual).cpu(),
-        n_visual.cpu(), stacked,
+        n_visual.cpu(), stacked, reproduces.cpu(),
     )
 
 
-def _answer_scores(engine: VisualExit, sub: SubBatch, ids, prompt_length: int, n_answer):
-    """Per row of `sub`: does the argmax reproduce the answer at every position, and the answer's mean CE."""
+def _answer_scores(engine: VisualExit, sub: SubBatch, ids, targets, prompt_length: int, n_answer):
+    """Per row of `sub`: does the argmax equal `targets` [B, T-1] (the token after each position) at every answer
+    position, and the mean CE of the answer `ids`; also the argmax as `targets` holds it (others unchanged)."""
     start = prompt_length - 1  # the last prompt token predicts the first answer token
     offset = sub.index - start
     predicting = sub.valid & (offset >= 0) & (offset < n_answer[sub.rows][:, None])
     row, slot = predicting.nonzero(as_tuple=True)
     logits = engine.adapter.lm_head(engine.adapter.norm(sub.hidden[row, slot])).float()
-    targets = ids[sub.rows[row], sub.index[row, slot] + 1]
-    token_ce = F.cross_entropy(logits, targets, reduction="none")
-    wrong = (logits.argmax(dim=-1) != targets).float()
+    sample, position = sub.rows[row], sub.index[row, slot]
+    token_ce = F.cross_entropy(logits, ids[sample, position + 1], reduction="none")
+    argmax = logits.argmax(dim=-1)
+    wrong = (argmax != targets[sample, position]).float()
     count = torch.zeros(len(sub), device=logits.device).index_add_(0, row, torch.ones_like(token_ce))
     ce = torch.zeros(len(sub), device=logits.device).index_add_(0, row, token_ce) / count
     errors = torch.zeros(len(sub), device=logits.device).index_add_(0, row, wrong)
-    return errors == 0, ce
+    predicted = targets.clone()
+    predicted[sample, position] = argmax
+    return errors == 0, ce, predicted

@@ -32,9 +32,10 @@ from ..files import atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
-#: Bumped whenever the row schema or the store's layout changes, so a cache written before is relabelled instead of
-#: read wrongly (2: the `vision_flops` column; 3: shard records and the manifest with checksums).
-SCHEMA_VERSION = 3
+#: Bumped whenever the row schema, the labels' meaning or the store's layout changes, so a cache written before is
+#: relabelled instead of read wrongly (2: the `vision_flops` column; 3: shard records and the manifest with
+#: checksums; 4: under labels.reference=model, exits match the full model's teacher-forced predictions).
+SCHEMA_VERSION = 4
 META_NAME = "meta.json"
 SKIPPED_NAME = "skipped.jsonl"
 COMPLETE_NAME = "complete.json"

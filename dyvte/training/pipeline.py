@@ -157,7 +157,7 @@ def out_of_fold_probabilities(cfg, config: ExitHeadsConfig, train: Dataset, outp
 def validate_heads(cfg, model, heads: ExitHeads, stores: dict[str, LabelStore], output_dir: Path) -> dict:
     """Choose the threshold on val (or on out-of-fold train rows plus val), then report simulated dynamic exit on
     the held-out split."""
-    threshold, sweep = cfg.validate.threshold, []
+    threshold, sweep, layer_thresholds = cfg.validate.threshold, [], heads.config.thresholds
     val = stores["val"].load() if "val" in stores else None
     calibration = {"split": "val", "samples": len(val) if val is not None else 0}
     if threshold == "auto":
@@ -176,11 +176,11 @@ def validate_heads(cfg, model, heads: ExitHeads, stores: dict[str, LabelStore], 
         threshold, sweep = choose_threshold(p_exit, rows, model.config, cfg.validate.min_agreement,
                                             list(cfg.validate.thresholds))
         if cfg.validate.decision == "per_layer":
-            heads.config.thresholds = choose_layer_thresholds(p_exit, rows, model.config, cfg.validate.min_agreement,
-                                                              list(cfg.validate.thresholds), threshold)
+            layer_thresholds = choose_layer_thresholds(p_exit, rows, model.config, cfg.validate.min_agreement,
+                                                       list(cfg.validate.thresholds), threshold)
     split = cfg.validate.split if cfg.validate.split in stores else "val"
     held_out = stores[split].load()
-    decision = heads.config.thresholds if cfg.validate.decision == "per_layer" else float(threshold)
+    decision = layer_thresholds if cfg.validate.decision == "per_layer" else float(threshold)
     certificate = None
     if cfg.validate.target_agreement is not None:
         certificate = certify_rows(rows, p_exit, model.config, cfg.validate, seed=cfg.seed)
@@ -190,7 +190,7 @@ def validate_heads(cfg, model, heads: ExitHeads, stores: dict[str, LabelStore], 
                                                                "mean_exit_layer")}
         threshold = certificate["thresholds"][0]
         if cfg.validate.decision == "per_layer":
-            decision = heads.config.thresholds = tuple(certificate["thresholds"])
+            decision = layer_thresholds = tuple(certificate["thresholds"])
         else:
             decision = threshold
     report = {"split": split, **validate(heads, held_out, model.config, decision, calibration=val,
@@ -205,7 +205,7 @@ def validate_heads(cfg, model, heads: ExitHeads, stores: dict[str, LabelStore], 
         report["val"] = {k: on_val[k] for k in ("agreement", "accuracy", "flops_saved", "mean_exit_layer")}
     report["head_parameters"] = sum(p.numel() for p in heads.parameters())
     report["heads"] = head_metrics(heads, held_out)
-    heads.config.threshold = float(threshold)
+    heads.calibrate(threshold, layer_thresholds)
     heads.save_pretrained(output_dir / "heads")
     (output_dir / "validate.json").write_text(json.dumps(report, indent=2))
     return report
