@@ -99,13 +99,14 @@ def test_match_full_model_compares_exits_with_the_full_models_teacher_forced_arg
     """Where the full model, teacher-forced, does not reproduce the answer (bf16 rounding at 7B; here: answers
     with a token changed), `match_full_model=True` compares each exit with the full model's own argmax."""
     engine, batch, answers, _ = setup
-    changed = [answer[:1] + [(answer[1] + 7) % 50 + 3] + answer[2:] if len(answer) > 1 else answer for answer in answers]
+    changed = [a[:1] + [(a[1] + 7) % 50 + 3] + a[2:] if len(a) > 1 else a for a in answers]
     candidates = candidate_exits(LabelConfig(), [str(i) for i in range(len(changed))], L)
     labels = dense_labels(engine, batch, changed, candidates, "after_first_visual", PAD, match_full_model=True)
     prompt_length = batch["input_ids"].shape[1]
     width = max(len(a) for a in changed)
     ids = torch.cat([batch["input_ids"], torch.tensor([a + [PAD] * (width - len(a)) for a in changed])], dim=1)
-    mask = torch.cat([batch["attention_mask"], torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in changed])], 1)
+    mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in changed])
+    mask = torch.cat([batch["attention_mask"], mask], dim=1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     argmax = {
         k: engine(input_ids=ids, attention_mask=mask, position_ids=positions, exit_layer=k,

@@ -19,12 +19,18 @@ from lightning.pytorch.utilities import rank_zero_only
 from ..data import DEFAULT_MAX_IMAGE_PIXELS, Sample, load_splits
 from ..heads import ExitHeads, ExitHeadsConfig
 from ..loading import model_identity
+from .certify import certify_rows
 from .dense_labels import LabelConfig
 from .heads_module import HeadsDataModule, HeadsModule
 from .label_run import run_labels
-from .certify import certify_rows
 from .label_store import LabelStore
-from .simulate import choose_layer_thresholds, choose_threshold, exit_probabilities, head_metrics, validate
+from .simulate import (
+    choose_layer_thresholds,
+    choose_threshold,
+    exit_probabilities,
+    head_metrics,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
