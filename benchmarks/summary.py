@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from dyvte.evaluation.tables import markdown_table
+
 
 def _f(x, digits: int = 2) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
@@ -11,6 +13,10 @@ def _t(stats: dict, scale: float = 1.0, digits: int = 3) -> str:
     """median (min–max)"""
     return (f"{stats['median_s'] * scale:.{digits}f} ({stats['min_s'] * scale:.{digits}f}–"
             f"{stats['max_s'] * scale:.{digits}f}, n={stats['n']})")
+
+
+def _holds(holds: bool) -> str:
+    return "yes" if holds else "**no**"
 
 
 def measured(section: dict):
@@ -67,92 +73,77 @@ def write_summary(path: Path, env: dict, settings: dict, data: dict, run: dict) 
     lines.append("")
 
     if data["prefill"]:
-        lines += ["## Prefill: speed-up of exit vs the FLOPs ideal", "",
-                  "| model (layers) | batch | k | full s | exit s | realized × | ideal × | realized/ideal | ≥0.9 | "
-                  "predicted from layer times × | KV bytes vs full (expected) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        rows = []
         for model, key, res in measured(data["prefill"]):
             layers = data["prefill"][model]["shape"]["num_layers"]
-            for e in res["exits"]:
-                lines.append(
-                    f"| {model} ({layers}) | {res['batch']} | {e['exit_layer']} | {_t(res['full'])} | {_t(e)} | "
-                    f"{_f(e['realized_speedup']['of_medians'])} | {_f(e['ideal_speedup'])} | "
-                    f"{_f(e['realized_over_ideal'])} | {'yes' if e['target_0.9_holds'] else '**no**'} | "
-                    f"{_f(e['speedup_predicted_from_layer_times'])} | "
-                    f"{_f(e['kv_ratio_vs_full'], 3)} ({_f(e['kv_ratio_expected'], 3)}) |")
-        lines += ["", "Where the time goes (decoder-layer calls timed by forward hooks; *non-layer* = embedding, "
-                  "sub-batch moves, KV gathering, final norm and lm_head of the full run):", "",
-                  "| model | batch | full-length layer s (GFLOP/s) | text-only layer s (GFLOP/s) | time ratio text/full "
-                  "(FLOPs ratio) | non-layer s |", "|---|---|---|---|---|---|"]
+            rows += [[f"{model} ({layers})", res["batch"], e["exit_layer"], _t(res["full"]), _t(e),
+                      _f(e["realized_speedup"]["of_medians"]), _f(e["ideal_speedup"]), _f(e["realized_over_ideal"]),
+                      _holds(e["target_0.9_holds"]), _f(e["speedup_predicted_from_layer_times"]),
+                      f"{_f(e['kv_ratio_vs_full'], 3)} ({_f(e['kv_ratio_expected'], 3)})"] for e in res["exits"]]
+        diagnostics = []
         for model, key, res in measured(data["prefill"]):
             d = res["layer_diagnostics"]
-            lines.append(
-                f"| {model} | {res['batch']} | {d['full_length_layer_s']:.3f} "
-                f"({d['full_length_layer_gflops_per_s']:.0f}) | {d['text_only_layer_s']:.3f} "
-                f"({d['text_only_layer_gflops_per_s']:.0f}) | {d['time_ratio_text_over_full_layer']:.3f} "
-                f"({d['flops_ratio_text_over_full_layer']:.3f}) | {d['other_s_full']:.3f} |")
-        lines.append("")
+            diagnostics.append([
+                model, res["batch"], f"{d['full_length_layer_s']:.3f} ({d['full_length_layer_gflops_per_s']:.0f})",
+                f"{d['text_only_layer_s']:.3f} ({d['text_only_layer_gflops_per_s']:.0f})",
+                f"{d['time_ratio_text_over_full_layer']:.3f} ({d['flops_ratio_text_over_full_layer']:.3f})",
+                f"{d['other_s_full']:.3f}"])
+        lines += ["## Prefill: speed-up of exit vs the FLOPs ideal", "",
+                  markdown_table(["model (layers)", "batch", "k", "full s", "exit s", "realized ×", "ideal ×",
+                                  "realized/ideal", "≥0.9", "predicted from layer times ×",
+                                  "KV bytes vs full (expected)"], rows),
+                  "", "Where the time goes (decoder-layer calls timed by forward hooks; *non-layer* = embedding, "
+                  "sub-batch moves, KV gathering, final norm and lm_head of the full run):", "",
+                  markdown_table(["model", "batch", "full-length layer s (GFLOP/s)", "text-only layer s (GFLOP/s)",
+                                  "time ratio text/full (FLOPs ratio)", "non-layer s"], diagnostics), ""]
     if data["mixed_batch"]:
+        rows = [[model, res["exit_layers"], _t(res["full"]), _t(res["batched"]), _t(res["one_by_one"]),
+                 f"{_f(res['batched']['samples_per_s'])} / {_f(res['one_by_one']['samples_per_s'])} / "
+                 f"{_f(res['full_batch_samples_per_s'])} / {_f(res['ideal_samples_per_s'])}",
+                 _f(res["realized_over_ideal"]), _holds(res["target_0.85_holds"])]
+                for model, key, res in measured(data["mixed_batch"])]
         lines += ["## Mixed-exit batch", "",
-                  "| model | exits | full batch s | mixed batch s | one by one s | samples/s mixed / one-by-one / "
-                  "full / ideal | realized/ideal | ≥0.85 |", "|---|---|---|---|---|---|---|---|"]
-        for model, key, res in measured(data["mixed_batch"]):
-            lines.append(
-                f"| {model} | {res['exit_layers']} | {_t(res['full'])} | {_t(res['batched'])} | "
-                f"{_t(res['one_by_one'])} | {_f(res['batched']['samples_per_s'])} / "
-                f"{_f(res['one_by_one']['samples_per_s'])} / {_f(res['full_batch_samples_per_s'])} / "
-                f"{_f(res['ideal_samples_per_s'])} | {_f(res['realized_over_ideal'])} | "
-                f"{'yes' if res['target_0.85_holds'] else '**no**'} |")
-        lines.append("")
+                  markdown_table(["model", "exits", "full batch s", "mixed batch s", "one by one s",
+                                  "samples/s mixed / one-by-one / full / ideal", "realized/ideal", "≥0.85"], rows), ""]
     if data["decode"]:
+        rows = [[f"{model}, {res['new_tokens']} tokens", k, _t(r["ms_per_token"], digits=1),
+                 _f(r["speedup_vs_full"], 3), f"{r['kv_cache_bytes']:,}",
+                 f"{_f(r['kv_ratio_vs_full'], 3)} ({_f(r['kv_ratio_expected'], 3)})"]
+                for model, key, res in measured(data["decode"]) for k, r in res["by_exit"].items()]
         lines += ["## Decode (batch 1; new tokens forced with min_new_tokens = max_new_tokens)", "",
-                  "| model | exit k | ms/token | vs full × | KV bytes after | KV vs full (expected) |",
-                  "|---|---|---|---|---|---|"]
-        for model, key, res in measured(data["decode"]):
-            for k, r in res["by_exit"].items():
-                lines.append(f"| {model}, {res['new_tokens']} tokens | {k} | {_t(r['ms_per_token'], digits=1)} | {_f(r['speedup_vs_full'], 3)} "
-                             f"| {r['kv_cache_bytes']:,} | {_f(r['kv_ratio_vs_full'], 3)} "
-                             f"({_f(r['kv_ratio_expected'], 3)}) |")
-        lines.append("")
+                  markdown_table(["model", "exit k", "ms/token", "vs full ×", "KV bytes after",
+                                  "KV vs full (expected)"], rows), ""]
     if data["head_overhead"]:
+        rows = [[model, res["batch"], " + ".join(res["head_inputs"]), res["head_hidden"],
+                 f"{res['head_parameters']:,}", res["heads_evaluated_per_prefill"],
+                 _t(res["all_heads_per_prefill"], digits=4), _t(res["one_layer"]),
+                 f"{res['fraction_of_one_layer']['median']:.3%}",
+                 f"{res['projected_full_depth']['fraction_of_one_layer']:.3%} "
+                 f"({res['projected_full_depth']['heads']} heads)"]
+                for model, key, res in measured(data["head_overhead"])]
         lines += ["## Exit-head overhead (DynamicExit, threshold 2: every head runs)", "",
-                  "| model | batch | head inputs | head hidden | parameters | heads run | all heads s | one layer s | "
-                  "fraction | projected to full depth |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for model, key, res in measured(data["head_overhead"]):
-            p = res["projected_full_depth"]
-            lines.append(f"| {model} | {res['batch']} | {' + '.join(res['head_inputs'])} | {res['head_hidden']} | "
-                         f"{res['head_parameters']:,} | "
-                         f"{res['heads_evaluated_per_prefill']} | "
-                         f"{_t(res['all_heads_per_prefill'], digits=4)} | {_t(res['one_layer'])} | "
-                         f"{res['fraction_of_one_layer']['median']:.3%} | "
-                         f"{p['fraction_of_one_layer']:.3%} ({p['heads']} heads) |")
-        lines.append("")
+                  markdown_table(["model", "batch", "head inputs", "head hidden", "parameters", "heads run",
+                                  "all heads s", "one layer s", "fraction", "projected to full depth"], rows), ""]
     if data["labelling"]:
-        lines += ["## Labelling cost per labelled (sample, exit layer)", "",
-                  "| model | labels | dense s/label | naive s/label | naive/dense | naive/(dense+reference) | "
-                  "FLOPs naive/dense | projected to full depth |", "|---|---|---|---|---|---|---|---|"]
+        rows = []
         for model, entry in data["labelling"].items():
             if "skipped" in entry:
-                lines.append(f"| {model} | skipped: {entry['skipped']['reason']} | | | | | | |")
-            for key, res in entry.items():
-                if key.startswith("batch_"):
-                    lines.append(
-                        f"| {model} | {res['labels_per_pass']} | {res['dense']['s_per_label']:.3f} | "
-                        f"{res['naive']['s_per_label']:.3f} | {_f(res['naive_over_dense'])} | "
-                        f"{_f(res['naive_over_dense_plus_reference'])} | "
-                        f"{_f(res['flops_at_this_depth']['naive_over_dense'])} | "
-                        f"{_f(res['projected_full_depth_naive_over_dense'])} "
-                        f"({res['flops_at_full_depth']['num_layers']} layers) |")
-        lines.append("")
+                rows.append([model, f"skipped: {entry['skipped']['reason']}", "", "", "", "", "", ""])
+            rows += [[model, res["labels_per_pass"], f"{res['dense']['s_per_label']:.3f}",
+                      f"{res['naive']['s_per_label']:.3f}", _f(res["naive_over_dense"]),
+                      _f(res["naive_over_dense_plus_reference"]), _f(res["flops_at_this_depth"]["naive_over_dense"]),
+                      f"{_f(res['projected_full_depth_naive_over_dense'])} "
+                      f"({res['flops_at_full_depth']['num_layers']} layers)"]
+                     for key, res in entry.items() if key.startswith("batch_")]
+        lines += ["## Labelling cost per labelled (sample, exit layer)", "",
+                  markdown_table(["model", "labels", "dense s/label", "naive s/label", "naive/dense",
+                                  "naive/(dense+reference)", "FLOPs naive/dense", "projected to full depth"], rows), ""]
     if data["head_training"]:
+        rows = [[f"{name}, head {r['head_input']}→{r['head_hidden']}→2", r["num_heads"], r["samples"], _t(r["fit"]),
+                 _f(r["samples_per_s"], 1), _f(r["sample_heads_per_s"], 1)]
+                for name, r in ((name, entry["fit"]) for name, entry in data["head_training"].items())]
         lines += ["## Head training (HeadsModule on a synthetic feature cache)", "",
-                  "| config | heads | samples | fit s | samples/s | sample·heads/s |", "|---|---|---|---|---|---|"]
-        for name, entry in data["head_training"].items():
-            r = entry["fit"]
-            lines.append(f"| {name}, head {r['head_input']}→{r['head_hidden']}→2 | {r['num_heads']} | {r['samples']} | "
-                         f"{_t(r['fit'])} | {_f(r['samples_per_s'], 1)} | {_f(r['sample_heads_per_s'], 1)} |")
-        lines.append("")
+                  markdown_table(["config", "heads", "samples", "fit s", "samples/s", "sample·heads/s"], rows), ""]
     lines += ["## Targets", ""]
     for t in run["targets"]:
         where = ", ".join(f"{k}={t[k]}" for k in ("model", "batch", "exit_layer") if k in t)
