@@ -104,16 +104,13 @@ def one_sample(cfg, engine: VisualExit, processor) -> dict:
                           return_dict_in_generate=True)
     total_ms = 1000 * (time.perf_counter() - start)
     new = out.sequences[0, ids.shape[1]:]
-    shape = flops.DecoderShape.from_config(engine.model.config)
     fed_back = max(len(new) - 1, 0)
-    counts = [int(out.past_key_values.num_keys(layer)[0]) - fed_back for layer in range(shape.num_layers)]
-    full = flops.prefill_flops_from_counts(shape, [int(mask.sum())] * shape.num_layers)
-    spent = flops.prefill_flops_from_counts(shape, counts)
+    (spent,), (full,) = flops.generated_prefill_flops(engine.model.config, out, mask)
     vision = sum(flops.vision_flops(engine.model.config, **inputs))
     result = {
         "answer": processor.decode(new, skip_special_tokens=True).strip(),
         "exit_layer": int(out.exit_layer[0]),
-        "num_layers": shape.num_layers,
+        "num_layers": engine.num_layers,
         "lm_prefill_tflops": spent / 1e12,
         "full_model_tflops": full / 1e12,
         "vision_tflops": vision / 1e12,

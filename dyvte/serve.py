@@ -462,14 +462,11 @@ class ExitChatAPI(ls.LitAPI):
 
     def _final(self, requests, answers, inputs, out) -> list[dict]:
         """The last message of each request: the rest of its text, its usage and its exit and FLOPs."""
-        new_tokens = out.sequences.shape[1] - inputs["input_ids"].shape[1]
-        fed_back = max(new_tokens - 1, 0)  # the last generated token never enters the cache
-        keys = torch.stack([out.past_key_values.num_keys(layer) for layer in range(self.shape.num_layers)], dim=1)
+        spent_per_sample, full_per_sample = flops.generated_prefill_flops(self.shape, out, inputs["attention_mask"])
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         messages = []
         for i, (request, answer) in enumerate(zip(requests, answers)):
-            spent = flops.prefill_flops_from_counts(self.shape, (keys[i] - fed_back).tolist())
-            full = flops.prefill_flops_from_counts(self.shape, [prompt_tokens[i]] * self.shape.num_layers)
+            spent, full = spent_per_sample[i], full_per_sample[i]
             messages.append({
                 "role": "assistant", "content": answer.delta(final=True),
                 "prompt_tokens": prompt_tokens[i], "completion_tokens": len(answer.tokens),

@@ -6,7 +6,7 @@ from reference import counted_vision_flops, llava_image_flops, vit_layer_flops
 from tiny_models import FAMILIES, VIDEO_FAMILIES, Sample, build_batch, build_model, sample_alone
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-from dyvte import flops
+from dyvte import VisualExit, flops
 
 # d=8, m=16, 2 layers, 2 heads of 4 (q_dim 8), 1 kv head (kv_dim 4), vocab 10
 CONFIG = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -171,3 +171,21 @@ def test_vision_flops_refuse_what_they_cannot_attribute():
         flops.vision_flops(model.config, **batch)
     with pytest.raises(ValueError, match="no vision FLOPs count for model_type 'llama'"):
         flops.vision_flops(CONFIG, torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("exit_layer", [0, 1, 2])
+def test_generated_prefill_flops_from_the_cache_equal_the_closed_form(exit_layer):
+    """Padded samples of different lengths, generated with a static exit: the FLOPs counted from the keys each
+    layer's cache holds equal `prefill_flops` with that exit and the sample's own text and visual counts."""
+    model = build_model("llava", num_layers=2)
+    samples = [Sample(text_before=1, text_after=3), Sample(text_before=2, text_after=5, left_pad=2)]
+    batch = build_batch(model, samples)
+    out = VisualExit(model).generate(**batch, exit_layer=exit_layer, max_new_tokens=4, min_new_tokens=4,
+                                     do_sample=False, return_dict_in_generate=True)
+    spent, full = flops.generated_prefill_flops(model.config, out, batch["attention_mask"])
+    mask = batch["attention_mask"].bool()
+    for i in range(len(samples)):
+        n_visual = int(((batch["input_ids"][i] == model.config.image_token_id) & mask[i]).sum())
+        n_text = int(mask[i].sum()) - n_visual
+        assert spent[i] == flops.prefill_flops(model.config.text_config, n_text, n_visual, exit_layer)
+        assert full[i] == flops.prefill_flops(model.config.text_config, n_text, n_visual)
