@@ -3,7 +3,7 @@ exit layer, the sub-batches that make that real, the withdrawal KV cache, the po
 
 from .cache import WithdrawalCache
 from .features import feature_tokens, head_features
-from .hooks import Compose, Decision, ExitPolicy, PrefillState
+from .policy import Compose, Decision, ExitPolicy, PrefillState
 from .subbatch import SubBatch
 from .visual_exit import VisualExit, VisualExitGenerateOutput, VisualExitOutput, generation_eos_ids, greedy_answers
 

@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput
 
 from ..adapters import get_adapter
 from .cache import WithdrawalCache
-from .hooks import Decision, ExitPolicy, PrefillState
+from .policy import Decision, ExitPolicy, PrefillState
 from .subbatch import SubBatch, attention_mask
 
 

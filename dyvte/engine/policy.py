@@ -1,4 +1,4 @@
-"""The per-layer hook through which policies steer the engine: what a policy sees and what it returns.
+"""The policy interface through which policies steer the engine, layer by layer: what a policy sees and returns.
 
 Before decoder layer `i` runs, the engine shows the policy the sub-batch of samples that still have visual tokens
 (its hidden states are layer `i - 1`'s output) and the policy returns a `Decision`: which of those samples exit
