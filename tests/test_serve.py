@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fixtures.real_format import fixture  # noqa: E402
 
 HEADS = DATA_DIR / "heads"
-TESTBED_POLICIES = ("none", "dynamic", "fastv+dynamic")
+TESTBED_POLICIES = ("none", "dynamic", "fastv+dynamic", "tome", "cdpruner+dynamic")  # baselines too
 MAX_TOKENS = 8
 
 
