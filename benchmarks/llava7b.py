@@ -91,7 +91,8 @@ def train(folder: Path, work: Path, json_path: Path, image_dir: Path, args, tag:
     command = [sys.executable, "train.py", "model=llava7b", f"model.name_or_path={folder}",
                f"model.dtype={args.dtype}", f"model.quantization={args.quantization or 'null'}",
                "data=llava665k", f"data.json_path={json_path}", f"data.image_dir={image_dir}", "data.fraction=1.0",
-               "data.val_fraction=0.25", f"labels.max_new_tokens={args.max_new_tokens}",
+               "data.val_fraction=0.25", f"validate.folds={min(5, max(2, args.samples * 3 // 4))}",  # <= train rows
+               f"labels.max_new_tokens={args.max_new_tokens}",
                f"labels.batch_size={args.batch_size}", f"labels.reference={args.reference}", f"cache_dir={cache}",
                f"hydra.run.dir={run_dir}"]
     result = run_process(command, work / f"train-{tag}.log")
