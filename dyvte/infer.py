@@ -15,6 +15,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dyvte import VisualExit, cli, flops
 from dyvte.configs import check_infer_config
@@ -83,6 +84,18 @@ def policy_settings(cfg, engine: VisualExit, processor, names: list[str]) -> Pol
     return settings
 
 
+class TokenClock(StoppingCriteria):
+    """Records when each new token is chosen (the first right after the prefill), in the generate call it times;
+    never stops generation."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def one_sample(cfg, engine: VisualExit, processor) -> dict:
     if not cfg.question:
         raise ValueError('task=sample needs question="..." (and image=PATH for a visual question).')
@@ -96,15 +109,11 @@ def one_sample(cfg, engine: VisualExit, processor) -> dict:
     policy = build_policy(cfg.policy, policy_settings(cfg, engine, processor, [cfg.policy]))
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     engine.prefill(**inputs, policy=policy)  # warm-up, untimed
-    start = time.perf_counter()
-    engine.prefill(**inputs, policy=policy)
-    prefill_ms = 1000 * (time.perf_counter() - start)
+    clock = TokenClock()
     start = time.perf_counter()
     out = engine.generate(**inputs, policy=policy, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                          return_dict_in_generate=True)
-    total_ms = 1000 * (time.perf_counter() - start)
+                          return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([clock]))
     new = out.sequences[0, ids.shape[1]:]
-    fed_back = max(len(new) - 1, 0)
     (spent,), (full,) = flops.generated_prefill_flops(engine.model.config, out, mask)
     vision = sum(flops.vision_flops(engine.model.config, **inputs))
     result = {
@@ -116,8 +125,9 @@ def one_sample(cfg, engine: VisualExit, processor) -> dict:
         "vision_tflops": vision / 1e12,
         "total_tflops": (spent + vision) / 1e12,
         "flops_saved": 1 - spent / full,
-        "prefill_ms": prefill_ms,
-        "decode_ms_per_token": (total_ms - prefill_ms) / fed_back if fed_back else None,
+        "prefill_ms": 1000 * (clock.times[0] - start),  # to the first new token
+        "decode_ms_per_token": (1000 * (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
+                                if len(clock.times) > 1 else None),
     }
     print(json.dumps(result, indent=2))
     return result
