@@ -24,8 +24,8 @@ from dyvte.evaluation import BASELINES, MODEL_BASELINES, PolicySettings, build_p
 from dyvte.heads import ExitHeads
 from dyvte.loading import load_mllm
 from dyvte.policies import KeepRateSchedule
-from dyvte.preflight import check_infer_inputs
 from dyvte.policies.search import GSearch, PSigmoidSearch, g_search, p_sigmoid_search, vtw_search
+from dyvte.preflight import check_infer_inputs
 from dyvte.prompts import chat_prompt
 
 cli.register_resolvers()

@@ -24,13 +24,7 @@ from .dense_labels import LabelConfig
 from .heads_module import HeadsDataModule, HeadsModule
 from .label_run import run_labels
 from .label_store import LabelStore
-from .simulate import (
-    choose_layer_thresholds,
-    choose_threshold,
-    exit_probabilities,
-    head_metrics,
-    validate,
-)
+from .simulate import choose_layer_thresholds, choose_threshold, exit_probabilities, head_metrics, validate
 
 log = logging.getLogger(__name__)
 
