@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import site
 import subprocess
 import sys
 import zipfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.environments import venv_seeing_this_environment
 
 try:
     import tomllib
@@ -67,11 +67,7 @@ def wheel(tmp_path_factory) -> Path:
 def venv(wheel, tmp_path_factory) -> Path:
     """A new venv with the wheel installed (no dependencies) and this environment's site-packages on its path."""
     venv = tmp_path_factory.mktemp("venv")
-    run([sys.executable, "-m", "venv", venv], cwd=venv)
-    python = venv / "bin" / "python"
-    purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=venv).stdout
-    outer = [p for p in (*site.getsitepackages(), site.getusersitepackages()) if Path(p).is_dir()]
-    (Path(purelib.strip()) / "outer_environment.pth").write_text("\n".join(outer) + "\n")
+    python = venv_seeing_this_environment(venv)
     run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], cwd=venv)
     return venv
 

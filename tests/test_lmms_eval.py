@@ -7,11 +7,11 @@ are the stock model's."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from fixtures.environments import venv_seeing_this_environment
 from fixtures.real_format import fixture
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -64,9 +64,7 @@ def lmms_eval(python: Path, model_args: str, tasks: str, include: Path, output: 
 @pytest.fixture(scope="module")
 def eval_python(tmp_path_factory) -> Path:
     """A virtual environment with dyvte's `eval` extra and lmms-eval installed as documented."""
-    venv = tmp_path_factory.mktemp("lmms-eval") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
-    python = venv / "bin" / "python"
+    python = venv_seeing_this_environment(tmp_path_factory.mktemp("lmms-eval") / "venv")
     for command in (["-e", f"{ROOT}[eval]"], ["--no-deps", "lmms-eval==0.7.3"]):
         install = subprocess.run([python, "-m", "pip", "install", "-q", *command], capture_output=True, text=True)
         assert install.returncode == 0, install.stderr[-3000:]
