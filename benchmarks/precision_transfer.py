@@ -26,6 +26,7 @@ from transformers import AutoConfig
 
 from dyvte.heads import ExitHeads
 from dyvte.loading import resolve_model_path
+from dyvte.testbed import DATA_DIR as TESTBED_DATA_DIR
 from dyvte.training.label_store import LabelStore
 from dyvte.training.simulate import validate
 
@@ -120,7 +121,8 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=240, help="training prompts (data.limit)")
-    parser.add_argument("--eval-limit", type=int, default=80, help="val and test prompts each (data.eval_limit)")
+    parser.add_argument("--eval-limit", type=int, default=80,
+                        help="val and test prompts each (data.eval_limit); 3000 and 640: the whole testbed")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "precision_transfer"))
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "precision_transfer.json"))
     parser.add_argument("--lock", default="/tmp/dyvte-heavy.lock", help="flock this file around each train.py")
@@ -137,6 +139,9 @@ def main() -> None:
     results.update({"limit": options.limit, "eval_limit": options.eval_limit, "commands": {},
                     "runs": results.get("runs", {}), "labels_vs_fp32": {}, "cross": {}})
     model_config = AutoConfig.from_pretrained(resolve_model_path("testbed"))
+    # the samples each split's cache holds: the limits, or the whole split where it is smaller (val has 400)
+    sizes = {split: min(limit, len(json.loads((TESTBED_DATA_DIR / f"{split}.json").read_text())))
+             for split, limit in (("train", options.limit), ("val", options.eval_limit), ("test", options.eval_limit))}
 
     def save() -> None:
         results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +158,7 @@ def main() -> None:
         results["runs"][name] = {**results["runs"].get(name, {}), **summary(report),
                                  "threshold": report["threshold"]}
         done.append(name)
-        caches = stores(cache_dir, {"train": options.limit, "val": options.eval_limit, "test": options.eval_limit})
+        caches = stores(cache_dir, sizes)
         results["labels_vs_fp32"][name] = {
             split: label_agreement(caches[("fp32", split)].load(), caches[(name, split)].load())
             for split in ("train", "val", "test")

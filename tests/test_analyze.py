@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.tiny_testbed import save_tiny_testbed
 from hydra import compose, initialize_config_dir
 from reference import stock_inputs_embeds, stock_positions
 from tiny_models import FAMILIES, Sample, build_batch, build_model, text_kwargs, visual_mask
@@ -29,9 +30,6 @@ from dyvte.evaluation.findings import (
 from dyvte.heads import ExitHeads, ExitHeadsConfig
 from dyvte.policies import Decision, ExitPolicy
 from dyvte.testbed import DATA_DIR as TESTBED_DATA_DIR
-from dyvte.testbed.model import ModelConfig
-from dyvte.testbed.model import build_model as build_testbed_model
-from dyvte.testbed.model import build_processor as build_testbed_processor
 
 ROOT = Path(__file__).resolve().parent.parent
 cli.register_resolvers()
@@ -198,15 +196,8 @@ def test_layer_stats_skip_undefined_samples():
 @pytest.fixture(scope="module")
 def testbed_shaped(tmp_path_factory):
     """A tiny random checkpoint of the testbed's shape (3 layers), its processor, and random exit heads for it."""
-    torch.manual_seed(0)
-    processor = build_testbed_processor()
-    model = build_testbed_model(processor, ModelConfig(hidden_size=32, intermediate_size=64, num_layers=3,
-                                                       num_heads=2, vision_hidden_size=16, vision_intermediate_size=32,
-                                                       vision_layers=1, vision_heads=2))
-    model.eval()
     root = tmp_path_factory.mktemp("analyze")
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
+    model, processor = save_tiny_testbed(root / "model")
     torch.manual_seed(1)
     ExitHeads(ExitHeadsConfig(hidden_size=32, num_layers=3, head_hidden=8, threshold=0.5)).save_pretrained(
         root / "heads")

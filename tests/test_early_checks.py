@@ -14,6 +14,7 @@ from unittest import mock
 import huggingface_hub
 import pytest
 import torch
+from fixtures.tiny_testbed import save_tiny_testbed, tiny_testbed
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -26,12 +27,9 @@ from dyvte.loading import model_identity
 from dyvte.preflight import check_infer_inputs, check_train_inputs
 from dyvte.testbed import DATA_DIR as TESTBED_DATA_DIR
 from dyvte.testbed import MODEL_DIR as TESTBED_MODEL_DIR
-from dyvte.testbed.model import ModelConfig, build_model, build_processor
 
 ROOT = Path(__file__).resolve().parent.parent
 cli.register_resolvers()
-TINY = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, vision_hidden_size=16,
-                   vision_intermediate_size=32, vision_layers=1, vision_heads=2)
 
 
 def compose_config(name: str, *overrides: str):
@@ -41,12 +39,8 @@ def compose_config(name: str, *overrides: str):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    processor = build_processor()
-    model = build_model(processor, TINY)
     path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    model, processor = save_tiny_testbed(path)
     return model, processor, path
 
 
@@ -106,7 +100,7 @@ def test_identity_of_a_hub_id_is_its_cached_commit(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("b" * 40)
     assert model_identity("org/mllm", "main") == {"model": "org/mllm", "revision": "main", "commit": "b" * 40}
     assert model_identity("org/other", "main") == {"model": "org/other", "revision": "main"}  # not cached
-    model = build_model(build_processor(), TINY)
+    model, _ = tiny_testbed()
     heads = ExitHeads(ExitHeadsConfig(32, 3, 8, model="org/mllm", revision="main", commit="a" * 40))
     with pytest.raises(ValueError, match="trained on commit aaaaaaaaaaaa .* resolves to commit bbbbbbbbbbbb"):
         heads.check_fits(model, "org/mllm", "main")

@@ -26,11 +26,11 @@ from unittest import mock
 import datasets
 import pytest
 import torch
+from fixtures.tiny_testbed import save_tiny_testbed
 
 from dyvte.cache import main as cache_main
 from dyvte.data import BadSample, Sample, read_llava_json
 from dyvte.testbed import DATA_DIR as TESTBED_DATA_DIR
-from dyvte.testbed.model import ModelConfig, build_model, build_processor
 from dyvte.training import label_store
 from dyvte.training.dense_labels import LabelConfig
 from dyvte.training.label_run import LabelModule, run_labels
@@ -45,14 +45,8 @@ TRAINER = {"accelerator": "cpu", "enable_progress_bar": False}
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    processor = build_processor()
-    config = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, vision_hidden_size=16,
-                         vision_intermediate_size=32, vision_layers=1, vision_heads=2)
-    model = build_model(processor, config).eval()
     path = tmp_path_factory.mktemp("tiny-faults")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    model, processor = save_tiny_testbed(path)
     samples = read_llava_json(TESTBED_DATA_DIR / "train.json", TESTBED_DATA_DIR / "images")[:7]
     samples.insert(3, Sample(id="bad", image=str(path / "no-such.png"), question="<image>\nq", answer="a"))
     reference = label(model, processor, samples, tmp_path_factory.mktemp("reference"))

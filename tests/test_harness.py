@@ -2,22 +2,18 @@
 
 import pytest
 import torch
+from fixtures.tiny_testbed import tiny_testbed
 from PIL import Image
 
 from dyvte import VisualExit
 from dyvte.evaluation.harness import ExitRunner, generation_settings
 from dyvte.policies import NoExit, StaticExit
 from dyvte.prompts import chat_prompt
-from dyvte.testbed.model import ModelConfig, build_model, build_processor
 
 
 @pytest.fixture(scope="module")
 def runner_parts():
-    torch.manual_seed(0)
-    processor = build_processor()
-    model = build_model(processor, ModelConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
-                                               vision_hidden_size=16, vision_intermediate_size=32, vision_layers=1,
-                                               vision_heads=2)).eval()
+    model, processor = tiny_testbed()
     images = [[Image.new("RGB", (96, 96), colour)] for colour in ("red", "blue", "white")]
     return model, processor, images
 

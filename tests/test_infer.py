@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from fixtures.tiny_testbed import save_tiny_testbed
 from reference import llava_image_flops
 
 from dyvte import VisualExit
@@ -15,7 +15,6 @@ from dyvte.heads import ExitHeads, ExitHeadsConfig
 from dyvte.loading import load_mllm
 from dyvte.policies.search import vtw_search
 from dyvte.testbed import DATA_DIR as TESTBED_DATA_DIR
-from dyvte.testbed.model import ModelConfig, build_model, build_processor
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = TESTBED_DATA_DIR / "images" / "test_00000.png"
@@ -27,14 +26,8 @@ VISION_FLOPS = llava_image_flops(96, 12, 1, 16, 32, 1, 32)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny random checkpoint and exit heads trained for it by train.py."""
-    torch.manual_seed(0)
-    processor = build_processor()
-    model = build_model(processor, ModelConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
-                                               vision_hidden_size=16, vision_intermediate_size=32, vision_layers=1,
-                                               vision_heads=2))
     root = tmp_path_factory.mktemp("infer")
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
+    save_tiny_testbed(root / "model")
     run([ROOT / "train.py", f"model.name_or_path={root / 'model'}", "data.limit=8", "data.eval_limit=8",
          "head_training.epochs=1", "head_training.hidden=8", f"cache_dir={root / 'cache'}", f"hydra.run.dir={root / 'train'}"])
     return root / "model", root / "train" / "heads"

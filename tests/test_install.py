@@ -18,7 +18,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 from fixtures.environments import venv_seeing_this_environment
 
 try:
@@ -26,7 +25,7 @@ try:
 except ImportError:  # Python 3.10 (pytest brings tomli there)
     import tomli as tomllib
 
-from dyvte.testbed.model import ModelConfig, build_model, build_processor
+from fixtures.tiny_testbed import save_tiny_testbed
 
 ROOT = Path(__file__).resolve().parent.parent
 # Packages the inference path (import dyvte, every policy, VisualExit / ExitHeads / DynamicExit) must not import.
@@ -99,13 +98,8 @@ def test_installed_package_loads_the_testbed_from_elsewhere(venv, tmp_path):
 @pytest.mark.install_matrix
 def test_installed_console_script_trains_in_an_empty_folder(venv, tmp_path):
     """`dyvte-train` from the wheel, in a folder with nothing in it: the packaged configs, all three stages."""
-    torch.manual_seed(0)
-    processor = build_processor()
-    config = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, vision_hidden_size=16,
-                         vision_intermediate_size=32, vision_layers=1, vision_heads=2)
     checkpoint = tmp_path / "tiny-testbed"
-    build_model(processor, config).save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
+    save_tiny_testbed(checkpoint)
     empty = tmp_path / "empty"
     empty.mkdir()
     run([venv / "bin" / "dyvte-train", f"model.name_or_path={checkpoint}", "data.limit=16", "data.eval_limit=8",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.tiny_testbed import save_tiny_testbed
 from reference import forward_positions, greedy_without_cache, masked_logits, stock_inputs_embeds
 from tiny_models import Sample, build_batch, build_model, visual_mask
 
@@ -22,9 +23,6 @@ from dyvte import VisualExit
 from dyvte.heads import ExitHeads, ExitHeadsConfig
 from dyvte.loading import load_frozen_model
 from dyvte.testbed import DATA_DIR as TESTBED_DATA_DIR
-from dyvte.testbed.model import ModelConfig
-from dyvte.testbed.model import build_model as build_testbed_model
-from dyvte.testbed.model import build_processor as build_testbed_processor
 
 bitsandbytes = pytest.importorskip("bitsandbytes", reason="the quant extra: pip install 'dyvte[quant]'")
 pytest.importorskip("accelerate", reason="the quant extra: pip install 'dyvte[quant]'")
@@ -157,13 +155,7 @@ def test_train_infer_analyze_run_quantized(tmp_path):
     """train.py (labels -> heads -> validate) on an NF4 model, infer.py with its heads, analyze.py on LLM.int8; the
     NF4 heads recalibrated on the full-precision model (`stages=[labels,validate] heads=...`); and heads of another
     width refused before any labelling, the finished caches kept."""
-    torch.manual_seed(0)
-    processor = build_testbed_processor()
-    model = build_testbed_model(processor, ModelConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
-                                                       vision_hidden_size=16, vision_intermediate_size=32,
-                                                       vision_layers=1, vision_heads=2))
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
+    save_tiny_testbed(tmp_path / "model")
     checkpoint, cache = f"model.name_or_path={tmp_path / 'model'}", tmp_path / "cache"
     run("train.py", checkpoint, "model.quantization=nf4", "data.limit=8", "data.eval_limit=8",
         "head_training.epochs=1", "head_training.hidden=8", f"cache_dir={cache}", f"hydra.run.dir={tmp_path / 'train'}")

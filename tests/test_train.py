@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from fixtures.tiny_testbed import save_tiny_testbed
 from omegaconf import OmegaConf
 from PIL import Image
 from reference import llava_image_flops
@@ -39,14 +40,8 @@ TESTBED = TESTBED_DATA_DIR
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    processor = build_processor()
-    config = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, vision_hidden_size=16,
-                         vision_intermediate_size=32, vision_layers=1, vision_heads=2)
-    model = build_model(processor, config)
     path = tmp_path_factory.mktemp("tiny-testbed")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    save_tiny_testbed(path)
     return path
 
 

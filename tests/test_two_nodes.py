@@ -22,9 +22,8 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from fixtures.tiny_testbed import save_tiny_testbed
 from safetensors.torch import load_file
-
-from dyvte.testbed.model import ModelConfig, build_model, build_processor
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["data.limit=8", "data.eval_limit=5", "labels.batch_size=1", "head_training.epochs=3",
@@ -38,14 +37,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    processor = build_processor()
-    model = build_model(processor, ModelConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
-                                               vision_hidden_size=16, vision_intermediate_size=32, vision_layers=1,
-                                               vision_heads=2))
     path = tmp_path_factory.mktemp("tiny-testbed")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    save_tiny_testbed(path)
     return path
 
 

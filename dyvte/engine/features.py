@@ -66,13 +66,14 @@ def visual_features(sub: SubBatch, visual_mask: torch.Tensor) -> torch.Tensor:
 
 
 class HeadFeatures:
-    """The feature groups heads read, layer by layer, for one batch: `before_layer` with each layer's input,
-    then `after_layer` with its output. The label pass and `DynamicExit` both go through this class, so the
-    features a head is trained on are the ones it sees.
+    """The feature groups heads read, layer by layer, for one batch: `observe` the sub-batch a layer is about to
+    run on, then `after_layer` with its output (`DynamicExit` calls them from its own `observe` and `before_layer`).
+    The label pass and `DynamicExit` both go through this class, so the features a head is trained on are the ones
+    it sees.
 
     `groups` picks what is computed; state kept between layers (the attention status of the layer running, the
     previous layer's lens top-1) is stored per batch row, so sub-batches may lose rows in between. The attention
-    status needs `before_layer` with the very sub-batch the layer then runs on: it is computed during that layer
+    status needs `observe` with the very sub-batch the layer then runs on: it is computed during that layer
     call, from the keys of the layer's `k_proj`."""
 
     def __init__(self, adapter, groups, text_tokens: torch.Tensor, visual_mask: torch.Tensor, prompt_length: int):
@@ -87,7 +88,7 @@ class HeadFeatures:
         self.previous_top1 = torch.full((batch,), -1, dtype=torch.long, device=visual_mask.device)
         self._pending = None  # (layer, sub, hook handle) until the layer's k_proj has run on `sub`
 
-    def before_layer(self, layer, sub: SubBatch) -> None:
+    def observe(self, layer, sub: SubBatch) -> None:
         """Arm the attention status of `layer` for the rows of `sub`: computed when the layer runs on `sub` next,
         from its input `sub.hidden` and the keys its `k_proj` returns."""
         if "attention" not in self.groups:
@@ -103,7 +104,7 @@ class HeadFeatures:
         if projected_keys.shape[:2] != sub.hidden.shape[:2]:
             raise RuntimeError(
                 f"the attention-status features were armed for a sub-batch of {list(sub.hidden.shape[:2])} slots, "
-                f"but the layer's k_proj ran on {list(projected_keys.shape[:2])}: call HeadFeatures.before_layer "
+                f"but the layer's k_proj ran on {list(projected_keys.shape[:2])}: call HeadFeatures.observe "
                 "with the sub-batch the layer runs on next."
             )
         last = torch.zeros_like(sub.valid)

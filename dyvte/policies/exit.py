@@ -78,4 +78,4 @@ class DynamicExit(ExitPolicy):
         # the features read after this layer, from the sub-batch it runs on (the last head never decides: its exit
         # is the full model)
         if layer_idx + 1 < state.engine.num_layers:
-            self._features.before_layer(state.engine.adapter.layers[layer_idx], sub)
+            self._features.observe(state.engine.adapter.layers[layer_idx], sub)

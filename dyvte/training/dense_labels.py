@@ -156,7 +156,7 @@ def dense_labels(
             new = full.compact(starting, ~full.slots_of(visual_mask))
             branches = new if branches is None else SubBatch.concat([branches, new])
             branch_exit = torch.cat([branch_exit, torch.full((len(new),), layer_idx, device=device)])
-        head_features.before_layer(layer, full)
+        head_features.observe(layer, full)
         engine.run_layer(layer, full)
         if branches is not None:
             engine.run_layer(layer, branches)
