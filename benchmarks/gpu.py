@@ -157,7 +157,7 @@ def prefill(engine: VisualExit, shape: Shape, device: Device, batches: tuple[int
         for k in ks:
             t = statistics.median(times[f"exit_{k}"])
             ideal = per_sample[L] / per_sample[k]
-            kv = engine.prefill(**inputs, exit_layer=k).past_key_values.nbytes()
+            kv = engine.prefill(**inputs, exit_layer=k).cache.nbytes()
             rows.append({
                 "exit_layer": k, **summarize(times[f"exit_{k}"]), "lm_flops": batch * per_sample[k],
                 "ideal_speedup": ideal, "realized_speedup": t_full / t, "realized_over_ideal": t_full / t / ideal,
@@ -203,7 +203,7 @@ def decode(engine: VisualExit, shape: Shape, device: Device, batches: tuple[int,
         for k in ks:
             per_token = [(a - b) / new_tokens * 1e3 for a, b in zip(times[f"long_{k}"], times[f"one_{k}"])]
             rows.append({"exit_layer": k, "ms_per_token": summarize(per_token) | {"unit": "ms"},
-                         "kv_cache_bytes": generate(k, new_tokens + 1).past_key_values.nbytes(),
+                         "kv_cache_bytes": generate(k, new_tokens + 1).cache.nbytes(),
                          "peak_memory_bytes": peaks[f"long_{k}"]})
         full = rows[-1]["ms_per_token"]["median_s"]
         for row in rows:

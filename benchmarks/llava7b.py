@@ -142,7 +142,7 @@ def exit_ratio(folder: Path, image: Path, question: str, args) -> dict:
     kv = {}
 
     def prefill(name, exit_layer):
-        kv[name] = engine.prefill(**inputs, exit_layer=exit_layer).past_key_values.nbytes()
+        kv[name] = engine.prefill(**inputs, exit_layer=exit_layer).cache.nbytes()
 
     times = _interleaved({"full": lambda: prefill("full", L), f"exit_{k}": lambda: prefill(f"exit_{k}", k)},
                          repeats=args.repeats, warmup=1)

@@ -125,7 +125,7 @@ def prefill(engine: VisualExit, shape: Shape, batch: int, repeats: int, warmup: 
     kv_bytes: dict[str, int] = {}  # KV-cache bytes left by each configuration's (last) timed prefill
 
     def prefill_keeping_kv(name: str, k: int):
-        kv_bytes[name] = _prefill(engine, inputs, k).past_key_values.nbytes()
+        kv_bytes[name] = _prefill(engine, inputs, k).cache.nbytes()
 
     fns = {"full": _clocked(engine, lambda: prefill_keeping_kv("full", L), n_text, splits["full"])}
     for k in ks:
@@ -239,7 +239,7 @@ def decode(engine: VisualExit, shape: Shape, repeats: int, warmup: int = 0, new_
             step_times.clear(), first.clear()
             out = engine.generate(**inputs, exit_layer=k, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                   do_sample=False, return_dict_in_generate=True)
-            cache_bytes[k] = out.past_key_values.nbytes()
+            cache_bytes[k] = out.cache.nbytes()
             generated[k] = out.sequences.shape[1] - inputs["input_ids"].shape[1]
             runs = [sum(step_times) / len(step_times)]
             for _ in range(warmup):

@@ -98,12 +98,12 @@ def prefill_flops_from_counts(config, tokens_per_layer: list[int], logits_positi
 
 
 def generated_prefill_flops(config, out, attention_mask) -> tuple[list[int], list[int]]:
-    """Per sample of a `generate` output with its cache (`out.sequences` [B, T], `out.past_key_values`) for prompts
+    """Per sample of a `generate` output with its cache (`out.sequences` [B, T], `out.cache`) for prompts
     with `attention_mask` [B, prompt length]: the LM prefill FLOPs the policy spent (from the keys each layer holds,
     less the generated tokens fed back) and the full model's on the same prompt."""
     s = _shape(config)
     fed_back = max(out.sequences.shape[1] - attention_mask.shape[1] - 1, 0)  # the last new token never enters it
-    keys = [out.past_key_values.num_keys(layer) for layer in range(s.num_layers)]
+    keys = [out.cache.num_keys(layer) for layer in range(s.num_layers)]
     prompt_tokens = attention_mask.sum(dim=1).tolist()
     spent = [prefill_flops_from_counts(s, [int(k[i]) - fed_back for k in keys]) for i in range(len(prompt_tokens))]
     full = [prefill_flops_from_counts(s, [n] * s.num_layers) for n in prompt_tokens]

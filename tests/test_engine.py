@@ -187,7 +187,9 @@ def test_cache_after_exit_holds_no_visual_entries(family):
     samples = padded_samples(family)
     batch = build_batch(model, samples)
     exit_layer = torch.tensor([1, 3, 0])
-    cache = VisualExit(model)(**batch, exit_layer=exit_layer).past_key_values
+    out = VisualExit(model)(**batch, exit_layer=exit_layer)
+    cache = out.cache
+    assert out.past_key_values is cache  # the name transformers used before 5.24
     real = batch["attention_mask"].sum(1)
     n_text = text_positions(batch).sum(1)
     for layer in range(L):

@@ -21,9 +21,9 @@ ADAPTERS: dict[str, type[FamilyAdapter]] = {
     "qwen2_5_vl": QwenVLAdapter,
     "qwen2_vl": QwenVLAdapter,
 }
-# As pyproject.toml: 5.17 is the tested lower bound; 5.24 renames `past_key_values` to `cache` in ModelOutput
-# (VisualExitOutput fails to build), so it is refused until the engine follows.
-SUPPORTED_TRANSFORMERS = (Version("5.17.0"), Version("5.24.0"))
+# As pyproject.toml: 5.17 is the tested lower bound, 5.25 the newest tested (5.24 renamed the decoder layers'
+# `past_key_values` to `cache`; the adapters read which one a layer takes).
+SUPPORTED_TRANSFORMERS = (Version("5.17.0"), Version("5.26.0"))
 
 
 def check_transformers_version(version: str = transformers.__version__) -> None:

@@ -1,5 +1,6 @@
 """What every family adapter provides to the withdrawal engine."""
 
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -53,6 +54,9 @@ class FamilyAdapter:
                 f"{model.config.model_type}: this checkpoint uses sliding-window attention in some layers, which the "
                 "engine's masks do not reproduce; only full-attention decoders are supported."
             )
+        # the keyword a decoder layer takes its KV cache by: `cache` from transformers 5.24, `past_key_values` before
+        layer_parameters = inspect.signature(self.layers[0].forward).parameters
+        self.layer_cache_kwarg = "cache" if "cache" in layer_parameters else "past_key_values"
 
     @property
     def layers(self) -> nn.ModuleList:

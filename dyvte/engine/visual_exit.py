@@ -10,7 +10,6 @@ the stock model and `k = 0` is the text-only prompt at its original positions.
 from dataclasses import dataclass
 
 import torch
-from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import ModelOutput
 
 from ..adapters import get_adapter
@@ -20,10 +19,23 @@ from .subbatch import SubBatch, attention_mask
 
 
 @dataclass
-class VisualExitGenerateOutput(GenerateDecoderOnlyOutput):
-    """`generate(..., return_dict_in_generate=True)`: HF's output plus where each sample's visual tokens left."""
+class VisualExitGenerateOutput(ModelOutput):
+    """`generate(..., return_dict_in_generate=True)`: the fields of transformers' `GenerateDecoderOnlyOutput` that
+    the engine fills, and where each sample's visual tokens left.
 
+    `sequences` [B, T]: prompt and generated tokens; `scores` / `logits`: one [B, V] per step when the generation
+    config asks for them; `cache`: the withdrawal KV cache (`past_key_values` is the same, the name transformers
+    used before 5.24); `exit_layer` [B] (`L`: never)."""
+
+    sequences: torch.LongTensor | None = None
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    cache: WithdrawalCache | None = None
     exit_layer: torch.Tensor | None = None
+
+    @property
+    def past_key_values(self) -> WithdrawalCache | None:
+        return self.cache
 
 
 @dataclass
@@ -31,14 +43,18 @@ class VisualExitOutput(ModelOutput):
     """A prefill's result.
 
     `logits`: [B, T, V] aligned with the input from `engine(**inputs)` (values at withdrawn visual positions are
-    undefined), [B, 1, V] at each sample's last prompt token from `engine.prefill(**inputs)`. `past_key_values`:
-    the withdrawal KV cache; `exit_layer` [B]: where each sample's visual tokens left (`L`: never);
-    `visual_mask` [B, T]: the visual tokens that could leave."""
+    undefined), [B, 1, V] at each sample's last prompt token from `engine.prefill(**inputs)`. `cache`: the
+    withdrawal KV cache (`past_key_values` is the same, the name transformers used before 5.24); `exit_layer` [B]:
+    where each sample's visual tokens left (`L`: never); `visual_mask` [B, T]: the visual tokens that could leave."""
 
     logits: torch.Tensor | None = None
-    past_key_values: WithdrawalCache | None = None
+    cache: WithdrawalCache | None = None
     exit_layer: torch.Tensor | None = None
     visual_mask: torch.Tensor | None = None
+
+    @property
+    def past_key_values(self) -> WithdrawalCache | None:
+        return self.cache
 
 
 class _KVCapture:
@@ -194,7 +210,7 @@ class VisualExit:
         subs = [sub for sub in (with_visual, text_only) if sub is not None and len(sub) > 0]
         logits = self._last_logits(subs, batch) if last_only else self._all_logits(subs, batch, length)
         cache = WithdrawalCache(keys, values, key_valid) if use_cache else None
-        return VisualExitOutput(logits=logits, past_key_values=cache, exit_layer=exited_at, visual_mask=visual_mask)
+        return VisualExitOutput(logits=logits, cache=cache, exit_layer=exited_at, visual_mask=visual_mask)
 
     def embed_batch(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
@@ -234,8 +250,8 @@ class VisualExit:
             sub.hidden,
             attention_mask=self._prefill_mask(sub),
             position_embeddings=(sub.cos, sub.sin),
-            past_key_values=capture,
             use_cache=capture is not None,
+            **{self.adapter.layer_cache_kwarg: capture},
         )
 
     def _prefill_mask(self, sub: SubBatch) -> torch.Tensor | None:
@@ -264,9 +280,8 @@ class VisualExit:
         cos, sin = self.adapter.rotary(hidden, position_ids[..., None])
         masks = cache.add_step(hidden.dtype)
         for layer, mask in zip(self.adapter.layers, masks):
-            hidden = layer(
-                hidden, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=cache, use_cache=True
-            )
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), use_cache=True,
+                           **{self.adapter.layer_cache_kwarg: cache})
         return self.adapter.lm_head(self.adapter.norm(hidden))[:, -1]
 
     def generate(self, exit_layer=None, policy: ExitPolicy | None = None, **kwargs):
@@ -321,7 +336,7 @@ def _gather_layer_cache(calls: list[tuple[SubBatch, _KVCapture]], batch: int):
     return keys, values, valid
 
 
-_NOT_VISION_INPUTS = ("past_key_values", "use_cache", "logits_to_keep", "cache_position", "return_dict")
+_NOT_VISION_INPUTS = ("past_key_values", "cache", "use_cache", "logits_to_keep", "cache_position", "return_dict")
 
 
 def _decode_with_exit(
@@ -353,7 +368,7 @@ def _decode_with_exit(
     if position_ids is None:
         position_ids = engine.adapter.generation_position_ids(input_ids, attention_mask, **model_kwargs)
     prefill = engine.prefill(input_ids, attention_mask, position_ids, exit_layer, policy, **model_kwargs)
-    cache = prefill.past_key_values
+    cache = prefill.cache
     next_positions = engine.adapter.next_position_ids(position_ids, attention_mask)
 
     pad_token_id = generation_config._pad_token_tensor
@@ -386,7 +401,7 @@ def _decode_with_exit(
             sequences=input_ids,
             scores=tuple(scores) or None,
             logits=tuple(raw_logits) or None,
-            past_key_values=cache,
+            cache=cache,
             exit_layer=prefill.exit_layer,
         )
     return input_ids

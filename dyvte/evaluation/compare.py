@@ -176,7 +176,7 @@ def run_policy(engine: VisualExit, processor, batches: list[dict], policy: ExitP
         new = out.sequences[:, inputs["input_ids"].shape[1]:]
         run.answers += processor.batch_decode(new, skip_special_tokens=True)
         run.exit_layer += out.exit_layer.tolist()
-        prefill_tokens = _prefill_tokens(out.past_key_values, new.shape[1])
+        prefill_tokens = _prefill_tokens(out.cache, new.shape[1])
         run.prefill_flops += [flops.prefill_flops_from_counts(shape, counts) for counts in prefill_tokens]
         n_visual = (engine.adapter.withdrawn_mask(inputs["input_ids"]) & inputs["attention_mask"].bool()).sum(dim=1)
         n_text = inputs["attention_mask"].sum(dim=1) - n_visual

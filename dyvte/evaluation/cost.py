@@ -74,7 +74,7 @@ def prefill_cost(engine: VisualExit, batches: list[dict], policy: ExitPolicy, by
             total += 1000 * min(times)
             continue
         out = engine.prefill(**inputs, policy=meter)
-        counts = torch.stack([out.past_key_values.num_keys(layer) for layer in range(shape.num_layers)], dim=1)
+        counts = torch.stack([out.cache.num_keys(layer) for layer in range(shape.num_layers)], dim=1)
         n_visual = (out.visual_mask & inputs["attention_mask"].bool()).sum(dim=1)
         n_text = inputs["attention_mask"].sum(dim=1) - n_visual
         if by == "tokens":
