@@ -72,7 +72,12 @@ def test_unsupported_family_lists_supported():
         VisualExit(model)
 
 
-@pytest.mark.parametrize("version", ["4.57.1", "5.16.0", "5.24.0", "6.0.0"])
+@pytest.mark.parametrize("version", ["4.57.1", "5.16.0", "5.26.0", "6.0.0"])
 def test_unsupported_transformers_version(version):
     with pytest.raises(RuntimeError, match=f"found {version}"):
         check_transformers_version(version)
+
+
+@pytest.mark.parametrize("version", ["5.17.0", "5.23.0", "5.24.0", "5.25.0"])
+def test_supported_transformers_versions_pass_the_check(version):
+    check_transformers_version(version)  # the range the CI cells and the by-hand 5.24 run test
