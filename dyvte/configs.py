@@ -76,6 +76,10 @@ def check_data(cfg: DictConfig) -> None:
         _given(cfg, "data.path", "a `datasets` source: a Hub id or a local dataset folder")
     _number(cfg, "data.fraction", 0.0, 1.0, low_open=True)
     _number(cfg, "data.val_fraction", 0.0, 0.99)
+    _number(cfg, "data.certification_fraction", 0.0, 0.99)
+    if cfg.data.val_fraction + cfg.data.certification_fraction >= 1:
+        _fail("data.certification_fraction", cfg.data.certification_fraction, f"and data.val_fraction="
+              f"{cfg.data.val_fraction} together hold out all the training data: their sum must be below 1")
     _integer(cfg, "data.limit", 1, optional=True)
     _integer(cfg, "data.eval_limit", 1, optional=True)
     _integer(cfg, "data.max_length", 1, optional=True)
@@ -157,7 +161,6 @@ def _certification(cfg) -> None:
     """The Learn-then-Test keys of `validate` (docs/design.md, "Certified thresholds")."""
     _open_unit(cfg, "validate.target_agreement", optional=True)
     _open_unit(cfg, "validate.confidence")
-    _open_unit(cfg, "validate.path_fraction")
     groups = cfg.validate.groups
     if groups is not None and groups not in GROUP_KEYS:
         _fail("validate.groups", groups, "must be null or one of " + ", ".join(GROUP_KEYS))
@@ -170,28 +173,53 @@ def _certification(cfg) -> None:
 
 
 def check_certification(cfg: DictConfig, splits: dict) -> None:
-    """Before model time, with the splits read: enough calibration rows to certify `validate.target_agreement` at
-    `validate.confidence` (with zero disagreements allowed, n >= log(1 - confidence) / log(target) test rows), and
-    a `validate.groups` key the samples carry. `splits`: name -> samples (`dyvte.data.load_splits`)."""
+    """Before model time, with the splits read: a certificate needs a certification split that the deployed heads
+    never trained on (no sample id and no image shared with train, val or test), large enough to certify
+    `validate.target_agreement` at `validate.confidence` at all (with no loss, n >= log(1 - confidence) /
+    log(target) rows; per group with `validate.groups`), and a `validate.groups` key its samples carry. `splits`:
+    name -> samples (`dyvte.data.load_splits`)."""
     target = cfg.validate.target_agreement
     if target is None or "validate" not in cfg.stages:
         return
-    from .training.certify import min_calibration_size, test_rows  # the training stack, only when certifying
+    from .data import image_key
+    from .training.certify import min_certification_size  # the training stack, only when certifying
 
-    names = ["train", "val"] if cfg.validate.calibration == "crossfit" else ["val"]
-    samples = [s for name in names for s in splits.get(name) or []]
-    minimum = min_calibration_size(target, cfg.validate.confidence)
-    tested = test_rows(len(samples), cfg.validate.decision, cfg.validate.path_fraction)
-    if tested < minimum:
+    certification = splits.get("certification") or []
+    where = ("data.certification_split=SPLIT" if cfg.data.source == "hf" else "data.certification_json_path=FILE")
+    if not certification:
+        raise ConfigError(
+            f"validate.target_agreement={target} certifies on rows the deployed heads never trained on, and the data "
+            f"has no certification split: set {where}, or data.certification_fraction=0.2 to hold whole images out "
+            "of the training data (the heads' own training rows, or the out-of-fold rows of validate.calibration="
+            "crossfit, cannot certify them)")
+    ids, images = {s.id for s in certification}, {image_key(s) for s in certification} - {""}
+    for name in ("train", "val", "test"):
+        shared_ids = sorted(ids & {s.id for s in splits.get(name) or []})
+        shared_images = sorted(images & {image_key(s) for s in splits.get(name) or []})
+        if shared_ids or shared_images:
+            what = (f"{len(shared_ids)} sample ids (e.g. {shared_ids[0]!r})" if shared_ids else
+                    f"{len(shared_images)} images (e.g. {shared_images[0]})")
+            raise ConfigError(
+                f"the certification split shares {what} with the {name} split: a certificate holds only for rows "
+                f"the heads never trained on and the thresholds were not chosen on; give a certification split "
+                f"disjoint from train, val and test ({where}, or data.certification_fraction)")
+    minimum = min_certification_size(target, cfg.validate.confidence)
+    key = cfg.validate.groups
+    if key is not None and not all(getattr(s, key, "") for s in certification):
+        raise ConfigError(f"validate.groups={key}: the certification samples do not all carry a {key} (set "
+                          f"data.family_column for a datasets source), or use validate.groups=null")
+    sizes = {"all": len(certification)}
+    if key is not None:
+        sizes = {}
+        for sample in certification:
+            sizes[getattr(sample, key)] = sizes.get(getattr(sample, key), 0) + 1
+    if max(sizes.values()) < minimum:
         raise ConfigError(
             f"validate.target_agreement={target} at validate.confidence={cfg.validate.confidence} needs at least "
-            f"{minimum} calibration test rows (log(1 - confidence) / log(target)), and the calibration rows "
-            f"({' + '.join(names)}: {len(samples)}) leave {tested}: label more val rows, lower the target or the "
-            f"confidence" + (", or lower validate.path_fraction" if cfg.validate.decision == "per_layer" else ""))
-    key = cfg.validate.groups
-    if key is not None and not all(getattr(s, key, "") for s in samples):
-        raise ConfigError(f"validate.groups={key}: the calibration samples do not all carry a {key} (set "
-                          f"data.family_column for a datasets source), or use validate.groups=null")
+            f"{minimum} certification rows (log(1 - confidence) / log(target))"
+            + (f" in some {key}" if key is not None else "") + ", and the certification split has "
+            + (f"{len(certification)}" if key is None else ", ".join(f"{g}: {n}" for g, n in sorted(sizes.items())))
+            + ": give a larger certification split, or lower the target or the confidence")
 
 
 #: Where the `_target_` of `cfg.logger` may point unless `allow_any_logger=true`: Lightning's own loggers.

@@ -5,6 +5,7 @@ A sample is one question about one image with its reference answer. Bad samples 
 them, and either skipped (counted, their ids written next to the label cache) or raised with the id and reason.
 """
 
+import hashlib
 import json
 import random
 from contextlib import contextmanager
@@ -337,15 +338,42 @@ class PromptDataModule(L.LightningDataModule):
         )
 
 
-def load_splits(data_config) -> dict[str, list[Sample]]:
-    """`train`, `val` and (if configured) `test` samples from a `conf/data/*.yaml` config.
+def image_key(sample: Sample) -> str:
+    """What identifies a sample's image across splits: its resolved path, or a hash of an in-memory image's pixels."""
+    if isinstance(sample.image, Image.Image):
+        return "sha1:" + hashlib.sha1(sample.image.tobytes()).hexdigest()
+    return str(Path(sample.image).resolve()) if sample.image else ""
 
-    `llava_json`: `json_path`, with `val_json_path` / `test_json_path` for the other splits. `hf`: the dataset's
-    `split`, with `val_split` / `test_split` naming its other splits. Without a val split, `val_fraction` of the
-    training samples is held out."""
+
+def hold_out_images(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(kept, held out): whole images drawn at random (seeded) until at least `fraction` of the samples are held
+    out, so no image has samples on both sides. Order is kept on both sides."""
+    images = list(dict.fromkeys(image_key(s) for s in samples))
+    random.Random(seed).shuffle(images)
+    per_image: dict[str, int] = {}
+    for sample in samples:
+        per_image[image_key(sample)] = per_image.get(image_key(sample), 0) + 1
+    wanted, chosen, count = round(fraction * len(samples)), set(), 0
+    for image in images:
+        if count >= wanted:
+            break
+        chosen.add(image)
+        count += per_image[image]
+    return ([s for s in samples if image_key(s) not in chosen], [s for s in samples if image_key(s) in chosen])
+
+
+def load_splits(data_config) -> dict[str, list[Sample]]:
+    """`train`, `val` and (if configured) `test` and `certification` samples from a `conf/data/*.yaml` config.
+
+    `llava_json`: `json_path`, with `val_json_path` / `test_json_path` / `certification_json_path` for the other
+    splits. `hf`: the dataset's `split`, with `val_split` / `test_split` / `certification_split` naming its other
+    splits. Without a val split, `val_fraction` of the training samples is held out; without a certification
+    split, `certification_fraction` of them, by whole images (`hold_out_images`). `eval_limit` caps every split but
+    train."""
     if data_config.source == "llava_json":
         samples = read_llava_json(data_config.json_path, data_config.image_dir, data_config.multi_turn)
-        val_source, test_source = data_config.val_json_path, data_config.test_json_path
+        sources = (data_config.val_json_path, data_config.test_json_path,
+                   data_config.get("certification_json_path"))
 
         def read_split(path):
             return read_llava_json(path, data_config.image_dir, data_config.multi_turn) if path else None
@@ -353,22 +381,28 @@ def load_splits(data_config) -> dict[str, list[Sample]]:
         columns = (data_config.image_column, data_config.question_column, data_config.answer_column,
                    data_config.id_column, data_config.family_column, data_config.name)
         samples = read_hf_dataset(data_config.path, data_config.split, *columns)
-        val_source, test_source = data_config.val_split, data_config.test_split
+        sources = (data_config.val_split, data_config.test_split, data_config.get("certification_split"))
 
         def read_split(split):
             return read_hf_dataset(data_config.path, split, *columns) if split else None
     else:
         raise ValueError(f"data.source must be 'llava_json' or 'hf', got {data_config.source!r}.")
+    val_source, test_source, certification_source = sources
     samples = subsample(samples, data_config.fraction, seed=data_config.seed)
     val = read_split(val_source)
     if val is None and data_config.val_fraction > 0:
         held_out = {s.id for s in subsample(samples, data_config.val_fraction, seed=data_config.seed + 1)}
         val = [s for s in samples if s.id in held_out]
         samples = [s for s in samples if s.id not in held_out]
+    certification = read_split(certification_source)
+    if certification is None and data_config.get("certification_fraction", 0.0) > 0:
+        samples, certification = hold_out_images(samples, data_config.certification_fraction, data_config.seed + 2)
     splits = {"train": samples[: data_config.limit] if data_config.limit else samples, "val": val or []}
     test = read_split(test_source)
     if test is not None:
         splits["test"] = test
+    if certification is not None:
+        splits["certification"] = certification
     eval_limit = data_config.get("eval_limit")
     if eval_limit:
         splits.update({name: split[:eval_limit] for name, split in splits.items() if name != "train"})

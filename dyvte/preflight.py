@@ -82,7 +82,7 @@ def check_data_paths(cfg) -> None:
     data = cfg.data
     if data.source != "llava_json":
         return
-    for key in ("json_path", "val_json_path", "test_json_path"):
+    for key in ("json_path", "val_json_path", "test_json_path", "certification_json_path"):
         value = data.get(key)
         if value and not Path(value).is_file():
             state = "is a folder" if Path(value).is_dir() else "does not exist"

@@ -49,7 +49,7 @@ _GLYPHS = {
 FAMILIES = ("presence", "count", "colour", "shape", "glyph", "glyph_colour", "relation", "list_colours")
 # Dense grounding used only in pre-training: it forces every object's attributes through the visual tokens.
 AUX_FAMILIES = ("describe",)
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "certification")  # in the order generate_dataset draws them: test first
 
 
 @dataclass(frozen=True)
@@ -267,11 +267,13 @@ def build_split(
 
 @dataclass(frozen=True)
 class SplitSizes:
-    """Images per split; each image carries `questions_per_image` questions."""
+    """Images per split; each image carries `questions_per_image` questions. `certification` holds rows for certified
+    thresholds (`validate.target_agreement`): never trained on, never used to choose thresholds."""
 
     train: int = 750
     val: int = 100
     test: int = 160
+    certification: int = 1000
     questions_per_image: int = 4
 
 
@@ -282,10 +284,11 @@ def generate_dataset(
     sizes: SplitSizes = SplitSizes(),
     overwrite: bool = False,
 ) -> dict[str, list[dict]]:
-    """Write `{train,val,test}.json`, `images/` and `manifest.json` into `out_dir`.
+    """Write `{train,val,test,certification}.json`, `images/` and `manifest.json` into `out_dir`.
 
-    Test scenes are drawn first, then val excluding test, then train excluding both; pre-training streams
-    exclude val and test as well (see `held_out_hashes`). A folder written with another seed or config is
+    Test scenes are drawn first, then val excluding test, then train excluding both, then certification excluding
+    all three; each split's scenes come from its own stream, so a larger split keeps a smaller one as its prefix.
+    Pre-training streams exclude val, test and certification as well (see `held_out_hashes`). A folder written with another seed or config is
     refused unless `overwrite`, so two generations never mix.
     """
     out_dir = Path(out_dir)
@@ -304,7 +307,7 @@ def generate_dataset(
     image_dir.mkdir(parents=True, exist_ok=True)
     exclude: set[str] = set()
     splits = {}
-    for split in ("test", "val", "train"):
+    for split in ("test", "val", "train", "certification"):
         records, images = build_split(
             split, getattr(sizes, split), seed, config, exclude, sizes.questions_per_image
         )
@@ -318,10 +321,13 @@ def generate_dataset(
 
 
 def held_out_hashes(data_dir: Path) -> set[str]:
-    """Scene hashes of the val and test splits, which pre-training must never see."""
+    """Scene hashes of the val, test and certification splits (those a folder has), which pre-training must never
+    see."""
     hashes = set()
-    for split in ("val", "test"):
-        hashes |= {r["scene"] for r in json.loads((Path(data_dir) / f"{split}.json").read_text())}
+    for split in ("val", "test", "certification"):
+        path = Path(data_dir) / f"{split}.json"
+        if path.exists():
+            hashes |= {r["scene"] for r in json.loads(path.read_text())}
     return hashes
 
 

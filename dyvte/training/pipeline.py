@@ -19,12 +19,21 @@ from lightning.pytorch.utilities import rank_zero_only
 from ..data import DEFAULT_MAX_IMAGE_PIXELS, Sample, load_splits
 from ..heads import ExitHeads, ExitHeadsConfig
 from ..loading import model_identity
-from .certify import certify_rows
+from .certify import RISK_DEFINITIONS, candidate_thresholds, certify, exit_losses, pareto_path
 from .dense_labels import LabelConfig
-from .heads_module import HeadsDataModule, HeadsModule
+from .heads_module import HeadsDataModule, HeadsModule, torch_columns
 from .label_run import run_labels
 from .label_store import LabelStore
-from .simulate import choose_layer_thresholds, choose_threshold, exit_probabilities, head_metrics, validate
+from .simulate import (
+    choose_threshold,
+    exit_probabilities,
+    first_exit,
+    head_metrics,
+    point_estimate_thresholds,
+    prefill_costs,
+    score_exits,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +47,19 @@ def label_config(cfg) -> LabelConfig:
     )
 
 
+def certifies(cfg) -> bool:
+    """The run certifies its thresholds (`validate.target_agreement`), so it labels the certification split."""
+    return "validate" in cfg.stages and cfg.validate.target_agreement is not None
+
+
 def label_stores(cfg, model, processor, splits: dict[str, list[Sample]], compute: bool = True) -> dict[str, LabelStore]:
-    """One label cache per split, keyed by model, split contents and label/feature settings; filled (after a
+    """One label cache per split (the certification split only when the run `certifies`), keyed by model, split contents and label/feature settings; filled (after a
     repair of whatever is damaged) unless complete. `compute=False`: the stores only, nothing read or written."""
     config = label_config(cfg)
     identity = model_identity(cfg.model.name_or_path, cfg.model.revision)
     stores = {}
     for name, samples in splits.items():
-        if not samples:
+        if not samples or (name == "certification" and not certifies(cfg)):
             continue
         ids = hashlib.sha256("\n".join(s.id for s in samples).encode()).hexdigest()
         key = {**identity, "dtype": cfg.model.dtype, "quantization": cfg.model.quantization,
@@ -154,61 +168,111 @@ def out_of_fold_probabilities(cfg, config: ExitHeadsConfig, train: Dataset, outp
     return p_exit
 
 
+def tuning_rows(cfg, heads: ExitHeads, stores: dict[str, LabelStore], output_dir: Path) -> tuple[Dataset, torch.Tensor,
+                                                                                            dict]:
+    """The rows the point-estimate thresholds and the certificate's path are chosen on, with their p(exit) [N, L]:
+    val scored by `heads` (`validate.calibration=val`), or the out-of-fold scores of the train split plus val's
+    (`crossfit`); and a description for the report."""
+    if "val" not in stores:
+        raise ValueError("validate.threshold=auto calibrates on a val split, and there is none: set "
+                         "data.val_json_path or data.val_fraction > 0, or give validate.threshold a number")
+    val = stores["val"].load()
+    if cfg.validate.calibration != "crossfit":
+        return val, exit_probabilities(heads, val), {"split": "val", "samples": len(val)}
+    if "train" not in stores:
+        raise ValueError("validate.calibration=crossfit trains heads on folds of the train split, and there is "
+                         "none: give data a train split or use validate.calibration=val")
+    train = stores["train"].load()
+    out_of_fold = out_of_fold_probabilities(cfg, heads.config, train, output_dir)
+    rows = concatenate_datasets([train, val])
+    return rows, torch.cat([out_of_fold, exit_probabilities(heads, val)]), {
+        "split": "out-of-fold train + val", "samples": len(rows), "folds": cfg.validate.folds}
+
+
+def certify_heads(cfg, model, heads: ExitHeads, stores: dict[str, LabelStore], tuning: tuple[Dataset, torch.Tensor],
+                  point: tuple[float, ...]) -> dict:
+    """Learn-then-Test (`certify.py`): the Pareto path learned on the tuning rows (`tuning_rows`), tested on the
+    certification split scored by the deployed `heads`, which never trained on it. Returns the certificate, with
+    the certified point and the point estimate `point` [L] scored on the same certification rows."""
+    settings = cfg.validate
+    rows, p_exit = tuning
+    reference = cfg.labels.reference
+    loss = exit_losses(torch_columns(rows, ["match"])["match"].bool(), reference)
+    costs = prefill_costs(rows, model.config)
+    grid = list(settings.thresholds)
+    candidates = candidate_thresholds(p_exit, ~loss, costs, grid, settings.decision)
+    path = pareto_path(candidates, p_exit, loss, costs)
+    certification = stores["certification"].load()
+    key = settings.groups
+    if key is not None and key not in certification.column_names:
+        raise ValueError(f"validate.groups={key}: the label cache has no {key} column (it has "
+                         f"{', '.join(certification.column_names)}); use validate.groups=null")
+    p_certification = exit_probabilities(heads, certification)
+    certificate = certify(path, p_certification, exit_losses(torch_columns(certification, ["match"])["match"].bool(),
+                                                              reference),
+                          settings.target_agreement, settings.confidence,
+                          groups=list(certification[key]) if key is not None else None)
+    certificate["risk"] = RISK_DEFINITIONS[reference]
+    certificate["path_rows"] = {"samples": len(rows)}
+    certificate["path"] = path.tolist()
+    certificate["on_certification_rows"] = {
+        name: {k: v for k, v in score_exits(certification, first_exit(p_certification, torch.tensor(thresholds)),
+                                            model.config).items() if k in ("agreement", "flops_saved",
+                                                                           "mean_exit_layer")}
+        for name, thresholds in (("certified", certificate["thresholds"]), ("point_estimate", point))}
+    return certificate
+
+
 def validate_heads(cfg, model, heads: ExitHeads, stores: dict[str, LabelStore], output_dir: Path) -> dict:
-    """Choose the threshold on val (or on out-of-fold train rows plus val), then report simulated dynamic exit on
-    the held-out split."""
-    threshold, sweep, layer_thresholds = cfg.validate.threshold, [], heads.config.thresholds
+    """Choose the thresholds on the tuning rows (`tuning_rows`), certify them with `validate.target_agreement`
+    (`certify_heads`), then report simulated dynamic exit on the held-out split and save the heads with them."""
+    settings = cfg.validate
+    num_layers = heads.num_layers
     val = stores["val"].load() if "val" in stores else None
-    calibration = {"split": "val", "samples": len(val) if val is not None else 0}
-    if threshold == "auto":
-        if val is None:
-            raise ValueError("validate.threshold=auto calibrates on a val split, and there is none: set "
-                             "data.val_json_path or data.val_fraction > 0, or give validate.threshold a number")
-        rows, p_exit = val, exit_probabilities(heads, val)
-        if cfg.validate.calibration == "crossfit":
-            if "train" not in stores:
-                raise ValueError("validate.calibration=crossfit trains heads on folds of the train split, and "
-                                 "there is none: give data a train split or use validate.calibration=val")
-            train = stores["train"].load()
-            out_of_fold = out_of_fold_probabilities(cfg, heads.config, train, output_dir)
-            rows, p_exit = concatenate_datasets([train, val]), torch.cat([out_of_fold, p_exit])
-            calibration = {"split": "out-of-fold train + val", "samples": len(rows), "folds": cfg.validate.folds}
-        threshold, sweep = choose_threshold(p_exit, rows, model.config, cfg.validate.min_agreement,
-                                            list(cfg.validate.thresholds))
-        if cfg.validate.decision == "per_layer":
-            layer_thresholds = choose_layer_thresholds(p_exit, rows, model.config, cfg.validate.min_agreement,
-                                                       list(cfg.validate.thresholds), threshold)
-    split = cfg.validate.split if cfg.validate.split in stores else "val"
+    sweep, tuning = [], None
+    if settings.threshold == "auto":
+        rows, p_exit, calibration = tuning_rows(cfg, heads, stores, output_dir)
+        tuning = (rows, p_exit)
+        kept = ~exit_losses(torch_columns(rows, ["match"])["match"].bool(), cfg.labels.reference)
+        point = point_estimate_thresholds(p_exit, kept, prefill_costs(rows, model.config), settings.min_agreement,
+                                          list(settings.thresholds), settings.decision)
+        sweep = choose_threshold(p_exit, rows, model.config, settings.min_agreement, list(settings.thresholds))[1]
+    else:
+        point, calibration = (float(settings.threshold),) * num_layers, {"split": None, "samples": 0}
+    split = settings.split if settings.split in stores else "val"
     held_out = stores[split].load()
-    decision = layer_thresholds if cfg.validate.decision == "per_layer" else float(threshold)
-    certificate = None
-    if cfg.validate.target_agreement is not None:
-        certificate = certify_rows(rows, p_exit, model.config, cfg.validate, seed=cfg.seed)
-        point = validate(heads, held_out, model.config, decision, calibration=None,
-                         min_agreement=cfg.validate.min_agreement)
-        certificate["point_estimate"] = {k: point[k] for k in ("threshold", "agreement", "accuracy", "flops_saved",
-                                                               "mean_exit_layer")}
-        threshold = certificate["thresholds"][0]
-        if cfg.validate.decision == "per_layer":
-            decision = layer_thresholds = tuple(certificate["thresholds"])
-        else:
-            decision = threshold
+    thresholds, certificate = point, None
+    if settings.target_agreement is not None:
+        certificate = certify_heads(cfg, model, heads, stores, tuning, point)
+        on_test = validate(heads, held_out, model.config, _decision(settings.decision, point), calibration=None,
+                           min_agreement=settings.min_agreement)
+        certificate["point_estimate"] = {k: on_test[k] for k in ("threshold", "agreement", "accuracy", "flops_saved",
+                                                                 "mean_exit_layer")}
+        thresholds = tuple(certificate["thresholds"])
+    decision = _decision(settings.decision, thresholds)
     report = {"split": split, **validate(heads, held_out, model.config, decision, calibration=val,
-                                         min_agreement=cfg.validate.min_agreement)}
+                                         min_agreement=settings.min_agreement)}
     report["calibration"] = calibration
     if certificate is not None:
         report["certified"] = certificate
     report["threshold_sweep_calibration"] = sweep
     if val is not None:  # the split settings are compared on (ablation.py)
-        on_val = validate(heads, val, model.config, decision, calibration=None,
-                          min_agreement=cfg.validate.min_agreement)
+        on_val = validate(heads, val, model.config, decision, calibration=None, min_agreement=settings.min_agreement)
         report["val"] = {k: on_val[k] for k in ("agreement", "accuracy", "flops_saved", "mean_exit_layer")}
     report["head_parameters"] = sum(p.numel() for p in heads.parameters())
     report["heads"] = head_metrics(heads, held_out)
-    heads.calibrate(threshold, layer_thresholds)
+    # The last head's threshold is the global one every path point starts from (its exit is the full model). Per-head
+    # thresholds only from a per_layer decision: heads reloaded with per-head thresholds and validated with one
+    # global threshold must not keep their old ones, which inference would use instead.
+    heads.calibrate(thresholds[-1], thresholds if settings.decision == "per_layer" else None)
     heads.save_pretrained(output_dir / "heads")
     (output_dir / "validate.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _decision(decision: str, thresholds: tuple[float, ...]) -> float | tuple[float, ...]:
+    """What `simulate.validate` takes: one threshold per head for `per_layer`, the shared one for `global`."""
+    return tuple(thresholds) if decision == "per_layer" else float(thresholds[0])
 
 
 def load_trained_heads(cfg, model) -> ExitHeads:

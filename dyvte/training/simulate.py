@@ -96,14 +96,35 @@ def score_exits(dataset: Dataset, exit_layer: torch.Tensor, model_config) -> dic
     }
 
 
+def lowest_agreeing_threshold(p_exit: torch.Tensor, kept: torch.Tensor, min_agreement: float,
+                              thresholds: list[float]) -> float:
+    """The lowest of `thresholds` (most saving) whose agreement on the rows (p(exit) [N, L], `kept` [N, L+1] bool:
+    the answer is kept with exit at k) is at least `min_agreement`; the highest if none is."""
+    rows = torch.arange(len(p_exit))
+    for threshold in sorted(thresholds):
+        if kept[rows, first_exit(p_exit, threshold)].float().mean() >= min_agreement:
+            return threshold
+    return max(thresholds)
+
+
+def point_estimate_thresholds(p_exit: torch.Tensor, kept: torch.Tensor, costs: torch.Tensor, min_agreement: float,
+                              thresholds: list[float], decision: str) -> tuple[float, ...]:
+    """The point estimate [L] on the rows (p(exit) [N, L], `kept` [N, L+1], LM prefill FLOPs `costs` [N, L+1]): the
+    lowest global threshold keeping `min_agreement` (`lowest_agreeing_threshold`), for every head; with
+    `decision=per_layer`, then lowered head by head (`layer_thresholds`)."""
+    start = lowest_agreeing_threshold(p_exit, kept, min_agreement, thresholds)
+    if decision == "global":
+        return (float(start),) * p_exit.shape[1]
+    return layer_thresholds(p_exit, kept, costs, min_agreement, thresholds, start)
+
+
 def choose_threshold(p_exit: torch.Tensor, dataset: Dataset, model_config, min_agreement: float,
                      thresholds: list[float]) -> tuple[float, list]:
-    """The lowest of `thresholds` (most saving) whose agreement on `dataset` is at least `min_agreement`, given the
-    heads' p(exit) [N, L] for its rows (`exit_probabilities`, or out-of-fold ones)."""
+    """`lowest_agreeing_threshold` on the rows of `dataset`, given the heads' p(exit) [N, L] for them
+    (`exit_probabilities`, or out-of-fold ones), with the sweep of every threshold's scores."""
     sweep = [{"threshold": t, **score_exits(dataset, first_exit(p_exit, t), model_config)} for t in thresholds]
-    passing = [point for point in sweep if point["agreement"] >= min_agreement]
-    chosen = min(passing, key=lambda point: point["threshold"]) if passing else sweep[-1]
-    return chosen["threshold"], sweep
+    match = torch_columns(dataset, ["match"])["match"].bool()
+    return lowest_agreeing_threshold(p_exit, match, min_agreement, thresholds), sweep
 
 
 def choose_layer_thresholds(p_exit: torch.Tensor, dataset: Dataset, model_config, min_agreement: float,
@@ -117,33 +138,41 @@ def choose_layer_thresholds(p_exit: torch.Tensor, dataset: Dataset, model_config
 def layer_thresholds(p_exit: torch.Tensor, match: torch.Tensor, costs: torch.Tensor, min_agreement: float,
                      thresholds: list[float], start: float) -> tuple[float, ...]:
     """One threshold per head from one global threshold `start` that keeps `min_agreement` on the rows (p(exit)
-    [N, L], `match` [N, L+1], LM prefill FLOPs `costs` [N, L+1]): again and again, lower one head's threshold to
-    the next lower value of `thresholds`, the change that saves the most LM prefill FLOPs while agreement stays at
-    least `min_agreement`, until no change passes. So the result agrees and saves at least as much as `start` on
+    [N, L], `match` [N, L+1] bool: the answer is kept with exit at k, LM prefill FLOPs `costs` [N, L+1]): again
+    and again, lower one head's threshold to the next lower value of `thresholds`, the change that saves the most LM
+    prefill FLOPs while agreement stays at least `min_agreement`, until no change passes. So the result agrees and saves at least as much as `start` on
     the rows; the last head's exit is the full model, and its threshold stays `start`."""
     num_layers = p_exit.shape[1]
-    rows = torch.arange(len(p_exit))
     grid = sorted(thresholds)
 
-    def spent_if_agreeing(per_head: list[float]) -> int | None:
-        exits = first_exit(p_exit, torch.tensor(per_head))
-        return int(costs[rows, exits].sum()) if match[rows, exits].float().mean() >= min_agreement else None
+    def exits(vectors: torch.Tensor) -> torch.Tensor:  # [V, L] threshold vectors -> [N, V] exit layers
+        above = p_exit[:, None, :] > vectors.to(p_exit.dtype)[None]
+        return torch.where(above.any(dim=2), above.int().argmax(dim=2) + 1, num_layers)
 
-    current = [float(start)] * num_layers
-    spent = spent_if_agreeing(current)
-    while spent is not None:
+    current = torch.full((1, num_layers), float(start), dtype=torch.float64)
+    chosen = exits(current)
+    if match.gather(1, chosen).float().mean() < min_agreement:
+        return tuple(current[0].tolist())
+    spent = int(costs.gather(1, chosen).sum())
+    while True:
         trials = []
         for head in range(num_layers - 1):
-            lower = [t for t in grid if t < current[head]]
+            lower = [t for t in grid if t < current[0, head]]
             if lower:
-                trial = current[:head] + [lower[-1]] + current[head + 1:]
-                trial_spent = spent_if_agreeing(trial)
-                if trial_spent is not None and trial_spent < spent:
-                    trials.append((trial_spent, head, trial))
+                trial = current.clone()
+                trial[0, head] = lower[-1]
+                trials.append(trial)
         if not trials:
             break
-        spent, _, current = min(trials)
-    return tuple(current)
+        trial_exits = exits(torch.cat(trials))
+        agreeing = match.gather(1, trial_exits).float().mean(dim=0) >= min_agreement
+        trial_spent = costs.gather(1, trial_exits).sum(dim=0)
+        better = agreeing & (trial_spent < spent)
+        if not better.any():
+            break
+        best = int(torch.where(better, trial_spent, trial_spent.max() + 1).argmin())  # the first of equal savings
+        current, spent = trials[best], int(trial_spent[best])
+    return tuple(current[0].tolist())
 
 
 def head_metrics(heads: ExitHeads, dataset: Dataset) -> list[dict]:
