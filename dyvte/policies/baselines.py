@@ -13,17 +13,14 @@ Settings that are a count of tokens in a paper (64 of LLaVA-1.5's 576 image toke
 
 import itertools
 import math
-import weakref
 import zlib
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ..adapters import get_adapter
 from ..engine import Decision, ExitPolicy, PrefillState, SubBatch
 from .pruning import attention_by_position, keep_most_attended, kept_count
-
-GRID_FAMILIES = ("llava",)  # one square grid of tokens per image, in row-major order, nothing between images
 
 
 def _check_share(method: str, name: str, value: float, low_open: bool = False) -> None:
@@ -47,35 +44,6 @@ def _round_half_up(value: float) -> int:
 def _visual_slots(sub: SubBatch, visual_mask: torch.Tensor, row: int) -> torch.Tensor:
     """The slots of row `row` that hold visual tokens, in position order ([n_visual] long)."""
     return sub.slots_of(visual_mask)[row].nonzero().squeeze(1)
-
-
-def _layer_keys(layer, hidden: torch.Tensor) -> torch.Tensor:
-    """[b, n, key heads, head_dim] keys the decoder layer `layer` computes from its input `hidden` [b, n, d],
-    before rotary (its own `input_layernorm` and `k_proj`)."""
-    attention = layer.self_attn
-    keys = attention.k_proj(layer.input_layernorm(hidden))
-    return keys.view(*hidden.shape[:2], -1, attention.head_dim)
-
-
-def _patch_grid(method: str, model) -> tuple[int, bool]:
-    """(side of one image's square grid of patch tokens, whether the tower has a CLS token). Refuses families and
-    settings whose visual tokens are not each image's patches one to one."""
-    config = model.config
-    if config.model_type not in GRID_FAMILIES:
-        raise ValueError(
-            f"{method} needs each image's visual tokens to be the vision tower's patches, one square grid per image "
-            f"(LLaVA-1.5, model_type 'llava'); {config.model_type!r} tiles, pools or merges patches or adds newline "
-            "tokens before the LLM, which this method does not support."
-        )
-    has_cls = hasattr(model.model.vision_tower.embeddings, "class_embedding")
-    if has_cls != (config.vision_feature_select_strategy == "default"):
-        raise ValueError(
-            f"{method} needs the prompt's image tokens to be the tower's patches: vision_feature_select_strategy "
-            f"'default' for a tower with a CLS token, 'full' for one without; this model has "
-            f"{config.vision_feature_select_strategy!r} and {'a' if has_cls else 'no'} CLS token."
-        )
-    vision = config.vision_config
-    return vision.image_size // vision.patch_size, has_cls
 
 
 def _images_of(method: str, sub: SubBatch, visual_mask: torch.Tensor, tokens_per_image: int
@@ -171,7 +139,7 @@ class Downsample(ExitPolicy):
     def before_layer(self, layer_idx, sub, state) -> Decision:
         if layer_idx != 0:
             return Decision()
-        side, _ = _patch_grid("Downsample", state.engine.model)
+        side, _ = state.adapter.patch_grid("Downsample")
         rows, columns = self.output_grid(side)
         row, slot = _images_of("Downsample", sub, state.visual_mask, side * side)
         width = sub.hidden.shape[-1]
@@ -229,9 +197,9 @@ class ToMe(ExitPolicy):
         visual = sub.slots_of(state.visual_mask)
         prompt_visual = state.visual_mask.sum(dim=1)[sub.rows].tolist()
         row, slot = visual.nonzero(as_tuple=True)
-        layer = state.engine.adapter.layers[layer_idx]
-        metric = torch.zeros(*visual.shape, layer.self_attn.head_dim, dtype=sub.hidden.dtype, device=row.device)
-        metric[row, slot] = _layer_keys(layer, sub.hidden[row, slot][None])[0].mean(dim=1)
+        keys = state.adapter.layer_keys(state.adapter.layers[layer_idx], sub.hidden[row, slot][None])[0]
+        metric = keys.new_zeros(*visual.shape, keys.shape[-1])
+        metric[row, slot] = keys.mean(dim=1)
         metric = F.normalize(metric, dim=-1)
         hidden, keep = sub.hidden.clone(), torch.ones_like(visual)
         for b in range(len(sub)):
@@ -287,9 +255,9 @@ class PyramidDrop(ExitPolicy):
         self.num_layers, self.ratio, self.layers = num_layers, ratio, layers
 
     def reset(self, state: PrefillState) -> None:
-        if state.engine.num_layers != self.num_layers:
+        if state.num_layers != self.num_layers:
             raise ValueError(
-                f"PyramidDrop was built for {self.num_layers} decoder layers; the model has {state.engine.num_layers}."
+                f"PyramidDrop was built for {self.num_layers} decoder layers; the model has {state.num_layers}."
             )
 
     def before_layer(self, layer_idx, sub, state) -> Decision:
@@ -298,7 +266,7 @@ class PyramidDrop(ExitPolicy):
         kept_share = self.ratio ** (self.layers.index(layer_idx) + 1)
         prompt_visual = state.visual_mask.sum(dim=1)[sub.rows].tolist()
         n_keep = torch.tensor([math.floor(round(kept_share * n, 9)) for n in prompt_visual], device=sub.rows.device)
-        scores = state.engine.adapter.last_query_attention(state.engine.adapter.layers[layer_idx], sub)
+        scores = state.adapter.last_query_attention(state.adapter.layers[layer_idx], sub)
         by_position = attention_by_position(scores, sub, state.visual_mask.shape)
         return Decision(keep=keep_most_attended(sub, state.visual_mask, by_position, n_keep))
 
@@ -336,20 +304,21 @@ class DART(ExitPolicy):
 
     def reset(self, state: PrefillState) -> None:
         self._key_norms = None
-        self._text = state.engine.adapter.text_mask(
+        self._text = state.adapter.text_mask(
             state.input_ids, state.attention_mask, state.visual_mask, "after_first_visual"
         )
 
     def before_layer(self, layer_idx, sub, state) -> Decision:
         if layer_idx == self.layer - 1:
-            keys = _layer_keys(state.engine.adapter.layers[layer_idx], sub.hidden).transpose(1, 2)
-            _, keys = apply_rotary_pos_emb(keys, keys, sub.cos, sub.sin)
+            adapter = state.adapter
+            keys = adapter.layer_keys(adapter.layers[layer_idx], sub.hidden).transpose(1, 2)
+            keys = adapter.rotate(keys, sub.cos, sub.sin)
             norms = keys.abs().sum(dim=(1, 3))  # [b, n] L1 over every key head and dimension
             self._key_norms = attention_by_position(norms, sub, state.visual_mask.shape)
             return Decision()
         if layer_idx != self.layer:
             return Decision()
-        normed = F.normalize(state.engine.adapter.norm(sub.hidden), dim=-1)
+        normed = F.normalize(state.adapter.norm(sub.hidden), dim=-1)
         slot_norms = self._key_norms[sub.rows[:, None], sub.index.clamp(min=0)]
         visual, text = sub.slots_of(state.visual_mask), sub.slots_of(self._text)
         keep = ~visual
@@ -376,80 +345,6 @@ class DART(ExitPolicy):
             kept += candidates[chosen].tolist()
             candidates = candidates[~torch.isin(candidates, candidates[chosen])]
         return torch.tensor(kept, dtype=torch.long, device=visual.device)
-
-
-class _TowerCapture:
-    """The input and output of one vision-tower layer at its last call (a forward hook's target)."""
-
-    def __init__(self):
-        self.inputs: torch.Tensor | None = None
-        self.outputs: torch.Tensor | None = None
-
-    def record(self, module, args, kwargs, output) -> None:
-        self.inputs = args[0] if args else kwargs["hidden_states"]
-        self.outputs = output[0] if isinstance(output, tuple) else output
-
-
-class TowerFeatures:
-    """What the methods that select before the LLM read from the vision tower's feature layer (the one whose
-    output the projector reads, `config.vision_feature_layer`): its input and output at the tower's last run, by a
-    forward hook registered while the owner lives, and its attention recomputed for the needed queries from the
-    layer's own `layer_norm1`, `q_proj` and `k_proj` (so the tower keeps running with SDPA).
-
-    `method` names the policy in every error. Families: LLaVA-1.5 (`llava`, a CLIP or SigLIP tower, one grid per
-    image); others fail naming the reason."""
-
-    def __init__(self, method: str, model, owner):
-        config = model.config
-        self.method = method
-        _, self.has_cls = _patch_grid(method, model)
-        tower = model.model.vision_tower
-        layer = config.vision_feature_layer
-        if not isinstance(layer, int):
-            raise TypeError(f"{method} needs one vision feature layer; this model concatenates layers {layer}.")
-        depth = len(tower.encoder.layers)
-        feature_layer = layer % (depth + 1) - 1  # hidden_states[h] is the output of encoder layer h - 1
-        if feature_layer < 0:
-            raise ValueError(f"{method} needs the features of an encoder layer; this model reads the patch embeddings.")
-        self.layer = tower.encoder.layers[feature_layer]
-        self._capture = _TowerCapture()
-        handle = self.layer.register_forward_hook(self._capture.record, with_kwargs=True)
-        weakref.finalize(owner, handle.remove)
-
-    def read(self, state: PrefillState) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The feature layer's (input, output), [images, length, d] each, of this prefill's images (None without
-        visual tokens); refuses a prefill whose images the tower did not just encode."""
-        inputs, outputs = self._capture.inputs, self._capture.outputs
-        self._capture.inputs = self._capture.outputs = None
-        n_visual = int(state.visual_mask.sum())
-        if not n_visual:
-            return None
-        if outputs is None:
-            raise ValueError(
-                f"{self.method}: the vision tower did not run for this prefill's images (its features are read by a "
-                "hook during the model's own image encoding); run it through engine(...), engine.prefill(...) or "
-                "engine.generate(...) with the pixel values, after creating the policy."
-            )
-        patches = outputs.shape[1] - int(self.has_cls)
-        if n_visual != outputs.shape[0] * patches:
-            raise ValueError(
-                f"{self.method}: the vision tower's last run encoded {outputs.shape[0]} images of {patches} patches, "
-                f"but this prefill has {n_visual} visual tokens (images encoded elsewhere, or repeated for "
-                f"num_return_sequences > 1, which {self.method} does not support)."
-            )
-        return inputs, outputs
-
-    def attention(self, inputs: torch.Tensor, cls_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The feature layer's attention probabilities [images, heads, queries, length] for the CLS query
-        (`cls_only`) or every query, and its keys [images, heads, length, head_dim], from its input `inputs`."""
-        attention = self.layer.self_attn
-        normed = self.layer.layer_norm1(inputs)
-        images, length, _ = normed.shape
-        heads = attention.num_heads
-        keys = attention.k_proj(normed).view(images, length, heads, attention.head_dim).transpose(1, 2)
-        queries = normed[:, :1] if cls_only else normed
-        queries = attention.q_proj(queries).view(images, queries.shape[1], heads, attention.head_dim).transpose(1, 2)
-        return ((queries @ keys.transpose(-1, -2)) * attention.scale).softmax(dim=-1), keys
 
 
 class VisionZip(ExitPolicy):
@@ -480,8 +375,8 @@ class VisionZip(ExitPolicy):
 
     def __init__(self, model, keep_ratio: float = 64 / 576):
         _check_share("VisionZip", "keep_ratio", keep_ratio, low_open=True)
-        self.model, self.keep_ratio = model, keep_ratio
-        self.tower = TowerFeatures("VisionZip", model, self)
+        self.keep_ratio = keep_ratio
+        self.tower = get_adapter(model).tower_features("VisionZip", self)
         self.has_cls = self.tower.has_cls
         self._patches = 0  # tokens per image, this prefill
         self._kept: torch.Tensor | None = None  # [images, keep] patch index each kept token sits at
@@ -494,7 +389,7 @@ class VisionZip(ExitPolicy):
         return keep - contextual, contextual
 
     def reset(self, state: PrefillState) -> None:
-        read = self.tower.read(state)
+        read = self.tower.read(state.visual_mask)
         if read is None:
             self._kept = self._features = None
             return
@@ -517,7 +412,7 @@ class VisionZip(ExitPolicy):
             kept.append(torch.cat([top, rest[targets]]))
             selected.append(torch.cat([features[image, top], merged]))
         self._kept = torch.stack(kept)
-        self._features = self.model.model.multi_modal_projector(torch.stack(selected))
+        self._features = self.tower.project(torch.stack(selected))
 
     @staticmethod
     def _contextual(metric: torch.Tensor, features: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

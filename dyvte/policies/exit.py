@@ -6,7 +6,7 @@ by exit heads.
 
 import torch
 
-from ..engine import Decision, ExitPolicy, PrefillState, SubBatch, feature_tokens
+from ..engine import Decision, ExitPolicy, PrefillState, SubBatch, feature_tokens, resolve_exit_layer
 from ..engine.features import HeadFeatures
 from ..heads import ExitHeads
 
@@ -30,9 +30,8 @@ class StaticExit(ExitPolicy):
         self._exits: torch.Tensor | None = None  # [B] this prefill's exit layers
 
     def reset(self, state: PrefillState) -> None:
-        self._exits = state.engine.resolve_exit_layer(
-            self.exit_layer, state.input_ids.shape[0], state.input_ids.device
-        )
+        self._exits = resolve_exit_layer(self.exit_layer, state.input_ids.shape[0], state.num_layers,
+                                         state.input_ids.device)
 
     def before_layer(self, layer_idx, sub, state) -> Decision:
         return Decision(exit=self._exits[sub.rows] == layer_idx)
@@ -59,10 +58,10 @@ class DynamicExit(ExitPolicy):
         self._features: HeadFeatures | None = None  # this prefill's feature state
 
     def reset(self, state: PrefillState) -> None:
-        text = state.engine.adapter.text_mask(
+        text = state.adapter.text_mask(
             state.input_ids, state.attention_mask, state.visual_mask, self.heads.config.feature_span
         )
-        self._features = HeadFeatures(state.engine.adapter, self.heads.feature_groups, feature_tokens(text),
+        self._features = HeadFeatures(state.adapter, self.heads.feature_groups, feature_tokens(text),
                                       state.visual_mask, state.input_ids.shape[1])
 
     def before_layer(self, layer_idx: int, sub: SubBatch, state: PrefillState) -> Decision:
@@ -77,5 +76,5 @@ class DynamicExit(ExitPolicy):
     def observe(self, layer_idx: int, sub: SubBatch, state: PrefillState) -> None:
         # the features read after this layer, from the sub-batch it runs on (the last head never decides: its exit
         # is the full model)
-        if layer_idx + 1 < state.engine.num_layers:
-            self._features.observe(state.engine.adapter.layers[layer_idx], sub)
+        if layer_idx + 1 < state.num_layers:
+            self._features.observe(state.adapter.layers[layer_idx], sub)

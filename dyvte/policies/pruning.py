@@ -52,14 +52,14 @@ class FastV(ExitPolicy):
         self._scores: torch.Tensor | None = None  # [B, T] layer `layer - 1`'s attention of this prefill
 
     def reset(self, state: PrefillState) -> None:
-        if self.layer >= state.engine.num_layers:  # it would never prune: refused, as an out-of-range exit layer is
+        if self.layer >= state.num_layers:  # it would never prune: refused, as an out-of-range exit layer is
             raise ValueError(f"FastV prunes before decoder layer `layer`; the model has layers 0..."
-                             f"{state.engine.num_layers - 1}, got layer={self.layer} (fastv.layer).")
+                             f"{state.num_layers - 1}, got layer={self.layer} (fastv.layer).")
         self._scores = None
 
     def before_layer(self, layer_idx, sub, state) -> Decision:
         if layer_idx == self.layer - 1:
-            scores = state.engine.adapter.last_query_attention(state.engine.adapter.layers[layer_idx], sub)
+            scores = state.adapter.last_query_attention(state.adapter.layers[layer_idx], sub)
             self._scores = attention_by_position(scores, sub, state.visual_mask.shape)
             return Decision()
         if layer_idx != self.layer:
@@ -108,13 +108,13 @@ class KeepRateSchedule(ExitPolicy):
         self._scores: torch.Tensor | None = None  # [B, T] the last ranked layer's attention
 
     def reset(self, state: PrefillState) -> None:
-        if len(self.rates) != state.engine.num_layers:
+        if len(self.rates) != state.num_layers:
             raise ValueError(
-                f"the schedule has {len(self.rates)} keep rates but the model has {state.engine.num_layers} decoder "
+                f"the schedule has {len(self.rates)} keep rates but the model has {state.num_layers} decoder "
                 "layers."
             )
         self._scores = None
-        self._queries = state.engine.adapter.text_mask(
+        self._queries = state.adapter.text_mask(
             state.input_ids, state.attention_mask, state.visual_mask, "after_first_visual"
         ) if self.queries == "text" else None
 
@@ -135,7 +135,7 @@ class KeepRateSchedule(ExitPolicy):
     def _rank(self, layer_idx: int, sub: SubBatch, state: PrefillState, keep: torch.Tensor | None) -> None:
         """Score every visual token by the attention it receives in this layer (over the tokens it really runs
         on), stored by position for the next layer's pruning."""
-        adapter = state.engine.adapter
+        adapter = state.adapter
         layer = adapter.layers[layer_idx]
         if self.queries == "last":
             scores = adapter.last_query_attention(layer, sub, keep)

@@ -17,8 +17,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from ..adapters import get_adapter
 from ..engine import Decision, ExitPolicy, PrefillState, SubBatch
-from .baselines import TowerFeatures, _check_share, _images_of, _round_half_up
+from .baselines import _check_share, _images_of, _round_half_up
 
 
 def _kept_count(keep_ratio: float, n: int) -> int:
@@ -56,11 +57,11 @@ class VisPruner(ExitPolicy):
         _check_share("VisPruner", "important_ratio", important_ratio)
         if step < 1:
             raise ValueError(f"VisPruner: step (A tokens removed per round) must be >= 1, got {step}.")
-        self.tower = TowerFeatures("VisPruner", model, self)
+        self.tower = get_adapter(model).tower_features("VisPruner", self)
         if not self.tower.has_cls:
             raise ValueError(
                 f"VisPruner ranks important tokens by the [CLS] token's attention in the vision tower; this model's "
-                f"tower ({type(model.model.vision_tower).__name__}) has no CLS token. On it use CDPruner or DivPrune "
+                f"tower ({self.tower.tower_name}) has no CLS token. On it use CDPruner or DivPrune "
                 "(no tower attention needed) or VisionZip (ranks by the attention patches receive)."
             )
         self.keep_ratio, self.important_ratio, self.step = keep_ratio, important_ratio, step
@@ -68,7 +69,7 @@ class VisPruner(ExitPolicy):
         self._kept: torch.Tensor | None = None  # [images, T] patch indices each image keeps
 
     def reset(self, state: PrefillState) -> None:
-        read = self.tower.read(state)
+        read = self.tower.read(state.visual_mask)
         if read is None:
             self._kept = None
             return
@@ -177,7 +178,7 @@ class CDPruner(ExitPolicy):
         self._text: torch.Tensor | None = None  # [B, T] the instruction tokens, this prefill
 
     def reset(self, state: PrefillState) -> None:
-        self._text = state.engine.adapter.text_mask(
+        self._text = state.adapter.text_mask(
             state.input_ids, state.attention_mask, state.visual_mask, "after_first_visual"
         )
 
@@ -345,12 +346,12 @@ class SparseVLM(ExitPolicy):
         self._scores: torch.Tensor | None = None  # [B, T] the last pruning layer's rating
 
     def reset(self, state: PrefillState) -> None:
-        if state.engine.num_layers != self.num_layers:
+        if state.num_layers != self.num_layers:
             raise ValueError(
-                f"SparseVLM was built for {self.num_layers} decoder layers; the model has {state.engine.num_layers}."
+                f"SparseVLM was built for {self.num_layers} decoder layers; the model has {state.num_layers}."
             )
-        state.engine.adapter.check_query_attention("SparseVLM")
-        self._text = state.engine.adapter.text_mask(
+        state.adapter.check_query_attention("SparseVLM")
+        self._text = state.adapter.text_mask(
             state.input_ids, state.attention_mask, state.visual_mask, "after_first_visual"
         )
         self._raters = torch.zeros_like(self._text)
@@ -364,7 +365,7 @@ class SparseVLM(ExitPolicy):
             keep, hidden = self._prune(self.layers.index(layer_idx - 1), sub, state)
         if layer_idx in self.layers:
             ranked = sub if hidden is None else replace(sub, hidden=hidden)
-            adapter = state.engine.adapter
+            adapter = state.adapter
             scores = adapter.query_attention(adapter.layers[layer_idx], ranked, sub.slots_of(self._raters), keep)
             self._scores = torch.zeros(state.visual_mask.shape, dtype=scores.dtype, device=scores.device)
             row, slot = sub.valid.nonzero(as_tuple=True)
