@@ -9,7 +9,7 @@ from dyvte.evaluation import PolicySettings, build_policy
 from dyvte.evaluation.budget import sparsevlm_ratios
 from dyvte.evaluation.cost import SelectionMeter, solve_setting
 from dyvte.policies import CDPruner, SparseVLM, StaticExit
-from dyvte.policies.selection import sparsevlm_share
+from dyvte.policies.pruners import sparsevlm_share
 
 L = 4
 

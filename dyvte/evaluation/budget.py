@@ -31,7 +31,7 @@ from ..policies import (
     VisionZip,
     VisPruner,
 )
-from ..policies.selection import sparsevlm_share
+from ..policies.pruners import sparsevlm_share
 from .tables import markdown_table, number
 
 BUDGET_BY = ("tokens", "flops", "prefill_ms")  # what methods are matched on (`cost.py` for FLOPs and time)

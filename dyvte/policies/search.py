@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from ..engine import ExitPolicy, VisualExit, generation_eos_ids, greedy_answers
 from ..extras import require
 from .exit import NoExit
-from .pruning import KeepRateSchedule, PSigmoid, kept_count
+from .schedules import KeepRateSchedule, PSigmoid
+from .tokens import kept_count
 
 
 def check_visual(engine: VisualExit, batches: list[dict], search: str) -> None:

@@ -1,9 +1,7 @@
-"""Pruning policies: visual tokens leave a few at a time, the least attended first.
-
-FastV prunes once, G-Search's keep-rate schedules and P-Sigmoid layer by layer; all rank a sample's visual tokens
-by the attention they receive in the previous layer (`attention_by_position`) and keep the top ones
-(`keep_most_attended`). The attention is recomputed for the queries that rank (the last prompt token, or the
-prompt's text), so the model keeps running with SDPA.
+"""Keep-rate schedules: one keep rate per decoder layer; before each layer a sample keeps its most attended
+visual tokens (G-Search's Sort & Reduce, `KeepRateSchedule`; P-Sigmoid's curve, `PSigmoid`). The rates come from
+a search on a few samples (`dyvte.policies.search`). The attention is recomputed for the queries that rank (the
+prompt's text, or its last token), so the model keeps running with SDPA.
 """
 
 import math
@@ -11,63 +9,7 @@ import math
 import torch
 
 from ..engine import Decision, ExitPolicy, PrefillState, SubBatch
-
-
-def kept_count(rate: float, n_visual: int) -> int:
-    """`ceil(rate * n_visual)`, rounded first so that e.g. 0.3 of 10 tokens keeps 3, not 4 through float error."""
-    return math.ceil(round(rate * n_visual, 9))
-
-
-def attention_by_position(scores: torch.Tensor, sub: SubBatch, shape: torch.Size) -> torch.Tensor:
-    """Per-slot scores [b, n] of `sub` laid out by input position, [B, T] (0 where `sub` has no slot)."""
-    by_position = torch.zeros(shape, dtype=scores.dtype, device=scores.device)
-    row, slot = sub.valid.nonzero(as_tuple=True)
-    by_position[sub.rows[row], sub.index[row, slot]] = scores[row, slot]
-    return by_position
-
-
-def keep_most_attended(sub: SubBatch, visual_mask: torch.Tensor, scores: torch.Tensor, n_keep: torch.Tensor
-                       ) -> torch.Tensor:
-    """[b, n] slots to keep: every non-visual slot and each row's `n_keep[row]` visual slots with the highest
-    `scores` (by input position, [B, T]); ties go to the earlier position."""
-    visual = sub.slots_of(visual_mask)
-    slot_scores = scores[sub.rows[:, None], sub.index.clamp(min=0)]
-    ranked = slot_scores.masked_fill(~visual, -1.0).argsort(dim=1, descending=True, stable=True)
-    rank = ranked.argsort(dim=1)  # 0 for the most attended visual token of the row
-    return ~visual | (visual & (rank < n_keep[:, None]))
-
-
-class FastV(ExitPolicy):
-    """FastV: before layer `layer`, keep the `keep_ratio` visual tokens the last prompt token attends to most
-    in layer `layer - 1`. The attention is recomputed for that one query only, so SDPA stays on elsewhere."""
-
-    name = "fastv"
-
-    def __init__(self, layer: int = 2, keep_ratio: float = 0.5):
-        if layer < 1:
-            raise ValueError(f"FastV ranks tokens by the attention of layer `layer - 1`; layer must be >= 1, got {layer}.")
-        if not 0.0 <= keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio}.")
-        self.layer, self.keep_ratio = layer, keep_ratio
-        self._scores: torch.Tensor | None = None  # [B, T] layer `layer - 1`'s attention of this prefill
-
-    def reset(self, state: PrefillState) -> None:
-        if self.layer >= state.num_layers:  # it would never prune: refused, as an out-of-range exit layer is
-            raise ValueError(f"FastV prunes before decoder layer `layer`; the model has layers 0..."
-                             f"{state.num_layers - 1}, got layer={self.layer} (fastv.layer).")
-        self._scores = None
-
-    def before_layer(self, layer_idx, sub, state) -> Decision:
-        if layer_idx == self.layer - 1:
-            scores = state.adapter.last_query_attention(state.adapter.layers[layer_idx], sub)
-            self._scores = attention_by_position(scores, sub, state.visual_mask.shape)
-            return Decision()
-        if layer_idx != self.layer:
-            return Decision()
-        n_visual = sub.slots_of(state.visual_mask).sum(dim=1).tolist()  # per sample: the visual tokens it still has
-        n_keep = torch.tensor([kept_count(self.keep_ratio, n) for n in n_visual], device=sub.rows.device)
-        return Decision(keep=keep_most_attended(sub, state.visual_mask, self._scores, n_keep))
-
+from .tokens import attention_by_position, keep_most_attended, kept_count
 
 QUERIES = ("text", "last")
 

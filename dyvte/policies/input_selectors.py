@@ -1,30 +1,192 @@
-"""The token-selection methods of 2025: `VisPruner`, `CDPruner`, `DivPrune` (which visual tokens enter the LLM)
-and `SparseVLM` (text-guided pruning inside the LLM, with the pruned tokens recycled into merged ones).
+"""Input selectors: which visual tokens enter the LLM, chosen before decoder layer 0 (`Downsample`, `VisionZip`,
+`VisPruner`, `CDPruner`, `DivPrune`; DivPrune may also prune before a later layer).
 
-Each is one policy on the same engine as the other baselines (`baselines.py`): it composes with exit
-(`CDPruner(...) + DynamicExit(heads)`), runs batched (each sample selects its own tokens), works with SDPA (the
-attention a method reads is recomputed for its queries only) and leaves the KV cache of the tokens each layer
-really computed. Kept and merged tokens stay at the position of a prompt slot, as everywhere in dyvte; where an
-official implementation renumbers positions or places tokens elsewhere, the class docstring says so, as it
-says which file and lines of the official code the class follows.
+Each is one policy on the same engine as exit: it composes with exit (`CDPruner(...) + DynamicExit(heads)`), runs
+batched (each sample selects its own tokens), works with SDPA (the attention a method reads is recomputed for its
+queries only) and leaves the KV cache of the tokens each layer really computed. Kept, pooled and merged tokens stay
+at the position of a prompt slot, as everywhere in dyvte; where an official implementation renumbers positions or
+places tokens elsewhere, the class docstring says so, as it says which paper (and which file and lines of the
+official code) the class follows. The methods that read the vision tower (`Downsample`'s patch grid, `VisionZip`
+and `VisPruner`'s tower attention) get it from the family adapter (`patch_grid`, `tower_features`).
 
-Settings that are a count of tokens in a paper (64 of LLaVA-1.5's 576) are shares here (`keep_ratio = 64/576`).
+Settings that are a count of tokens in a paper (64 of LLaVA-1.5's 576) are shares here (`keep_ratio = 64/576`),
+so one setting fits every image size.
 """
 
-import itertools
-from dataclasses import replace
+import math
 
 import torch
 import torch.nn.functional as F
 
 from ..adapters import get_adapter
 from ..engine import Decision, ExitPolicy, PrefillState, SubBatch
-from .baselines import _check_share, _images_of, _round_half_up
+from .settings import check_share
+from .tokens import round_half_up, rounded_count
 
 
-def _kept_count(keep_ratio: float, n: int) -> int:
-    """`round(keep_ratio * n)` (half up), at least 1 and at most `n`."""
-    return min(n, max(1, _round_half_up(keep_ratio * n)))
+def _images_of(method: str, sub: SubBatch, visual_mask: torch.Tensor, tokens_per_image: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every visual slot of `sub` in batch order (`row`, `slot`, [V] each); image `k` holds entries
+    `k * tokens_per_image ...` of them. Fails naming the sample whose visual tokens are not whole images."""
+    visual = sub.slots_of(visual_mask)
+    counts = visual.sum(dim=1)
+    partial = (counts % tokens_per_image).nonzero().squeeze(1).tolist()
+    if partial:
+        raise ValueError(
+            f"{method}: sample {int(sub.rows[partial[0]])} has {int(counts[partial[0]])} visual tokens, not whole "
+            f"images of {tokens_per_image} tokens (was it pruned before {method} ran?)."
+        )
+    return visual.nonzero(as_tuple=True)
+
+
+class Downsample(ExitPolicy):
+    """Fewer visual tokens before the LLM by average pooling of the projector output, as LLaVA-style models pool
+    their token grid (2x2 pooling: 576 -> 144 tokens); with random pruning, the baseline recent benchmarks of
+    token reduction found hard to beat (Wen et al., 2025).
+
+    `Downsample(factor=f)` (default 2) pools each image's `s x s` grid of projected tokens to `ceil(s/f) x ceil(s/f)`;
+    `Downsample(keep_ratio=r)` to `h x w` with `h = round(s * sqrt(r))`, `w = round(r * s * s / h)` (about `r` of
+    the tokens). Windows are those of `torch.nn.functional.adaptive_avg_pool2d` (`f x f` when `f` divides `s`).
+    Before layer 0, each pooled token is written into the slot of its window's top-left token, at that token's
+    position; the window's other tokens leave. Text keeps its positions, so the text after the image does not move
+    closer as it would in a model trained on the pooled grid.
+    Families: LLaVA-1.5 (`llava`, a CLIP or SigLIP tower, one grid per image); others fail naming the reason.
+    """
+
+    name = "downsample"
+
+    def __init__(self, factor: int | None = None, keep_ratio: float | None = None):
+        if factor is not None and keep_ratio is not None:
+            raise ValueError("Downsample: give either factor (pooling window side) or keep_ratio, not both.")
+        if factor is None and keep_ratio is None:
+            factor = 2
+        if factor is not None and factor < 1:
+            raise ValueError(f"Downsample: factor must be >= 1, got {factor}.")
+        if keep_ratio is not None:
+            check_share("Downsample", "keep_ratio", keep_ratio, low_open=True)
+        self.factor, self.keep_ratio = factor, keep_ratio
+
+    def output_grid(self, side: int) -> tuple[int, int]:
+        """(rows, columns) of the pooled grid of an image of `side x side` tokens."""
+        if self.factor is not None:
+            return -(-side // self.factor), -(-side // self.factor)
+        rows = min(side, max(1, round_half_up(side * math.sqrt(self.keep_ratio))))
+        return rows, min(side, max(1, round_half_up(self.keep_ratio * side * side / rows)))
+
+    def before_layer(self, layer_idx, sub, state) -> Decision:
+        if layer_idx != 0:
+            return Decision()
+        side, _ = state.adapter.patch_grid("Downsample")
+        rows, columns = self.output_grid(side)
+        row, slot = _images_of("Downsample", sub, state.visual_mask, side * side)
+        width = sub.hidden.shape[-1]
+        grids = sub.hidden[row, slot].view(-1, side, side, width).permute(0, 3, 1, 2)
+        pooled = F.adaptive_avg_pool2d(grids, (rows, columns)).permute(0, 2, 3, 1).reshape(-1, width)
+        top = torch.arange(rows, device=row.device) * side // rows
+        left = torch.arange(columns, device=row.device) * side // columns
+        corners = (top[:, None] * side + left[None, :]).flatten()  # each window's top-left token in its image
+        images = row.numel() // (side * side)
+        chosen = (torch.arange(images, device=row.device)[:, None] * side * side + corners[None]).flatten()
+        hidden = sub.hidden.clone()
+        hidden[row[chosen], slot[chosen]] = pooled.to(hidden.dtype)
+        keep = ~sub.slots_of(state.visual_mask)
+        keep[row[chosen], slot[chosen]] = True
+        return Decision(keep=keep, hidden=hidden)
+
+
+class VisionZip(ExitPolicy):
+    """VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR
+    2025): before the LLM, each image keeps its dominant tokens and a few merged contextual tokens.
+
+    Paper defaults for LLaVA-1.5: 64 tokens of 576 (54 dominant + 10 contextual), also 128 (108 + 20) and 192
+    (162 + 30); here `keep_ratio = 64/576` keeps `round(keep_ratio * P)` of an image's `P` tokens, split in the
+    paper's 54 : 10 proportion (`contextual = round(keep * 10/64)`). On the vision tower's feature layer (the one
+    whose output the projector reads, `config.vision_feature_layer`): dominant tokens are the patches with the
+    most attention from the CLS token (summed over heads), or, for a tower without CLS (SigLIP), with the most
+    attention received on average over all queries. The other patches are the contextual candidates: every
+    `len // contextual`-th of them (in patch order) is a target, each other candidate joins its most similar
+    target (cosine of the layer's keys averaged over heads), and a contextual token is its target plus the mean
+    of the candidates that joined it (the paper's code). Merging happens on the tower's features; the model's own
+    projector then projects the kept tokens.
+
+    The tower's attention is recomputed for the needed queries from that layer's own `layer_norm1`, `q_proj`
+    and `k_proj`, so the tower keeps running with SDPA. Its input and output are read by a forward hook on that
+    layer, registered while this policy lives (removed when it is garbage-collected); the tower runs once per
+    prefill, as without VisionZip. Positions: the paper's code feeds dominant then contextual tokens at consecutive
+    positions; here a dominant token stays in its patch's slot and a contextual token takes its target's slot.
+    Not kept: the CLS token (the paper's code keeps it as a 65th token; LLaVA's prompt has no slot for it).
+    Families: LLaVA-1.5 (`llava`, a CLIP or SigLIP tower, one grid per image); others fail naming the reason.
+    """
+
+    name = "visionzip"
+
+    def __init__(self, model, keep_ratio: float = 64 / 576):
+        check_share("VisionZip", "keep_ratio", keep_ratio, low_open=True)
+        self.keep_ratio = keep_ratio
+        self.tower = get_adapter(model).tower_features("VisionZip", self)
+        self.has_cls = self.tower.has_cls
+        self._patches = 0  # tokens per image, this prefill
+        self._kept: torch.Tensor | None = None  # [images, keep] patch index each kept token sits at
+        self._features: torch.Tensor | None = None  # [images, keep, d] their projected features
+
+    def token_counts(self, patches: int) -> tuple[int, int]:
+        """(dominant, contextual) tokens kept of an image of `patches` tokens."""
+        keep = rounded_count(self.keep_ratio, patches)
+        contextual = round_half_up(keep * 10 / 64)
+        return keep - contextual, contextual
+
+    def reset(self, state: PrefillState) -> None:
+        read = self.tower.read(state.visual_mask)
+        if read is None:
+            self._kept = self._features = None
+            return
+        inputs, outputs = read
+        self._patches = outputs.shape[1] - int(self.has_cls)
+        probabilities, keys = self.tower.attention(inputs, cls_only=self.has_cls)  # [i, h, q, length]
+        images = inputs.shape[0]
+        first = int(self.has_cls)
+        received = probabilities[:, :, 0, first:].sum(dim=1) if self.has_cls else probabilities.mean(dim=(1, 2))
+        metric = F.normalize(keys.mean(dim=1)[:, first:], dim=-1)  # [images, patches, head_dim]
+        features = outputs[:, first:]
+        dominant, contextual = self.token_counts(features.shape[1])
+        kept, selected = [], []
+        for image in range(images):
+            top = received[image].topk(dominant).indices.sort().values
+            rest = torch.ones(features.shape[1], dtype=torch.bool, device=top.device)
+            rest[top] = False
+            rest = rest.nonzero().squeeze(1)
+            targets, merged = self._contextual(metric[image, rest], features[image, rest], contextual)
+            kept.append(torch.cat([top, rest[targets]]))
+            selected.append(torch.cat([features[image, top], merged]))
+        self._kept = torch.stack(kept)
+        self._features = self.tower.project(torch.stack(selected))
+
+    @staticmethod
+    def _contextual(metric: torch.Tensor, features: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """VisionZip's contextual tokens from the candidates' unit keys `metric` [m, k] and `features` [m, d]: the
+        target indices [count] and the merged tokens [count, d]."""
+        if count == 0:
+            return torch.zeros(0, dtype=torch.long, device=metric.device), features[:0]
+        targets = torch.arange(0, metric.shape[0], max(1, metric.shape[0] // count), device=metric.device)[:count]
+        others = torch.ones(metric.shape[0], dtype=torch.bool, device=metric.device)
+        others[targets] = False
+        joins = (metric[others] @ metric[targets].T).argmax(dim=1)  # [m - count] target each candidate joins
+        totals = torch.zeros(count, features.shape[1], dtype=features.dtype, device=features.device)
+        totals.index_add_(0, joins, features[others])
+        counts = torch.bincount(joins, minlength=count).clamp(min=1).to(features.dtype)
+        return targets, features[targets] + totals / counts[:, None]
+
+    def before_layer(self, layer_idx, sub, state) -> Decision:
+        if layer_idx != 0 or self._kept is None:
+            return Decision()
+        row, slot = _images_of("VisionZip", sub, state.visual_mask, self._patches)
+        images = self._kept.shape[0]
+        chosen = (torch.arange(images, device=row.device)[:, None] * self._patches + self._kept).flatten()
+        hidden = sub.hidden.clone()
+        hidden[row[chosen], slot[chosen]] = self._features.reshape(-1, hidden.shape[-1]).to(hidden.dtype)
+        keep = ~sub.slots_of(state.visual_mask)
+        keep[row[chosen], slot[chosen]] = True
+        return Decision(keep=keep, hidden=hidden)
 
 
 class VisPruner(ExitPolicy):
@@ -53,8 +215,8 @@ class VisPruner(ExitPolicy):
     name = "vispruner"
 
     def __init__(self, model, keep_ratio: float = 64 / 576, important_ratio: float = 0.5, step: int = 8):
-        _check_share("VisPruner", "keep_ratio", keep_ratio, low_open=True)
-        _check_share("VisPruner", "important_ratio", important_ratio)
+        check_share("VisPruner", "keep_ratio", keep_ratio, low_open=True)
+        check_share("VisPruner", "important_ratio", important_ratio)
         if step < 1:
             raise ValueError(f"VisPruner: step (A tokens removed per round) must be >= 1, got {step}.")
         self.tower = get_adapter(model).tower_features("VisPruner", self)
@@ -78,7 +240,7 @@ class VisPruner(ExitPolicy):
         importance = probabilities[:, :, 0, 1:].mean(dim=1)  # [images, P]
         features = F.normalize(outputs[:, 1:], dim=-1)  # [images, P, d]
         self._patches = features.shape[1]
-        count = _kept_count(self.keep_ratio, self._patches)
+        count = rounded_count(self.keep_ratio, self._patches)
         self._kept = torch.stack([self.select(importance[i], features[i], count) for i in range(len(features))])
 
     def select(self, importance: torch.Tensor, unit_features: torch.Tensor, count: int) -> torch.Tensor:
@@ -173,7 +335,7 @@ class CDPruner(ExitPolicy):
     name = "cdpruner"
 
     def __init__(self, keep_ratio: float = 64 / 576, negate_relevance: bool = False):
-        _check_share("CDPruner", "keep_ratio", keep_ratio, low_open=True)
+        check_share("CDPruner", "keep_ratio", keep_ratio, low_open=True)
         self.keep_ratio, self.negate_relevance = keep_ratio, negate_relevance
         self._text: torch.Tensor | None = None  # [B, T] the instruction tokens, this prefill
 
@@ -192,7 +354,7 @@ class CDPruner(ExitPolicy):
             if not len(slots):
                 continue
             kernel = conditional_kernel(sub.hidden[row, slots], sub.hidden[row, text[row]], self.negate_relevance)
-            keep[row, slots[greedy_map(kernel, _kept_count(self.keep_ratio, len(slots)))]] = True
+            keep[row, slots[greedy_map(kernel, rounded_count(self.keep_ratio, len(slots)))]] = True
         return Decision(keep=keep)
 
 
@@ -230,7 +392,7 @@ class DivPrune(ExitPolicy):
     name = "divprune"
 
     def __init__(self, keep_ratio: float = 0.098, layer: int = 0):
-        _check_share("DivPrune", "keep_ratio", keep_ratio, low_open=True)
+        check_share("DivPrune", "keep_ratio", keep_ratio, low_open=True)
         if layer < 0:
             raise ValueError(f"DivPrune: layer must be >= 0, got {layer}.")
         self.keep_ratio, self.layer = keep_ratio, layer
@@ -247,174 +409,3 @@ class DivPrune(ExitPolicy):
             count = min(len(slots), max(1, round(self.keep_ratio * len(slots))))
             keep[row, slots[max_min_diverse(sub.hidden[row, slots], count)]] = True
         return Decision(keep=keep)
-
-
-def cluster_and_merge(tokens: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseVLM's token recycling (density-peak clustering, DPC-KNN): `tokens` [m, d] into `clusters` merged
-    tokens. Returns each cluster's centre (index into `tokens`, [clusters], by descending centre score) and its
-    merged token [clusters, d], the sum of its members over `(count + 1e-6)` as the official code.
-
-    Distances are Euclidean over `sqrt(d)`; a token's density is `exp(-mean of its squared distances to its
-    `clusters` nearest tokens, itself included)`; its parent distance the distance to the nearest denser token
-    (the largest distance of all for the densest); centres are the `clusters` tokens with the largest
-    density x parent distance; every token joins its nearest centre. Equal densities are ordered by index (the
-    official code adds uniform noise of 1e-6 instead)."""
-    count, width = tokens.shape
-    distance = torch.cdist(tokens[None], tokens[None], compute_mode="donot_use_mm_for_euclid_dist")[0] / width**0.5
-    nearest = distance.topk(clusters, dim=-1, largest=False).values
-    density = (-(nearest**2).mean(dim=-1)).exp()
-    index = torch.arange(count, device=tokens.device)
-    denser = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (index[None] < index[:, None]))
-    parent = torch.where(denser, distance, distance.max()).min(dim=-1).values
-    centres = (parent * density).argsort(descending=True, stable=True)[:clusters]
-    member = distance[centres].argmin(dim=0)
-    member[centres] = torch.arange(clusters, device=tokens.device)
-    sizes = torch.bincount(member, minlength=clusters).to(tokens.dtype)
-    merged = tokens.new_zeros(clusters, width).index_add(0, member, tokens) / (sizes[:, None] + 1e-6)
-    return centres, merged
-
-
-def _clusters(recycled: int, cluster: float) -> int:
-    """Merged tokens made of `recycled` tokens: `int(recycled * cluster) + 1` (official: `int(m / 10) + 1`)."""
-    return int(round(recycled * cluster, 9)) + 1
-
-
-PAPER_LAYERS = (2, 6, 15)  # SparseVLM's pruning layers in LLaVA-1.5-7B's 32
-PAPER_KEEP = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}  # tokens kept after each, of 576
-
-
-def sparsevlm_layers(num_layers: int, keep_ratios: list[float]) -> tuple[list[int], list[float]]:
-    """The paper's pruning layers 2, 6, 15 of 32 scaled to `num_layers` (`round(L * l / 32)`, half up, at most
-    `L - 2`) with their keep ratios; stages that land on one layer keep the later (smaller) ratio."""
-    if len(keep_ratios) != len(PAPER_LAYERS):
-        raise ValueError(
-            f"SparseVLM: {len(keep_ratios)} keep_ratios for the paper's {len(PAPER_LAYERS)} pruning layers; give "
-            "layers explicitly for another number of stages."
-        )
-    stages = {min(_round_half_up(num_layers * layer / 32), num_layers - 2): ratio
-              for layer, ratio in zip(PAPER_LAYERS, keep_ratios)}
-    return sorted(stages), [stages[layer] for layer in sorted(stages)]
-
-
-class SparseVLM(ExitPolicy):
-    """SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model
-    Inference", ICML 2025), v1.0: text raters rank the visual tokens in chosen decoder layers, the least rated
-    leave after that layer, and part of them are recycled into a few merged tokens.
-
-    Follows Gumpest/SparseVLMs@26a5f48: `llava/model/language_model/modelling_sparse_llama.py` lines 196-205 (raters)
-    and 240-320 (pruning and recycling after the layers `pruning_loc`), `score.py` lines 9-46 (`attn_postprocess_
-    topk`, the per-layer counts) and `utils.py` lines 179-239 (`cluster_and_merge`, here `cluster_and_merge`).
-    Raters (once, on the LLM's input): the text tokens after the first visual token whose mean over the visual
-    tokens of `softmax_text(v t^T)` (input embeddings) exceeds its mean. After each layer `layers[s]` (paper: 2, 6,
-    15 of 32, scaled to the depth by default, `sparsevlm_layers`), each sample ranks its remaining visual tokens by that layer's
-    attention from the raters (mean over heads and raters, recomputed for those queries, so SDPA stays on) and
-    keeps the top `min(round(keep_ratios[s] * N), remaining - 1)` (`N`: its prompt's visual tokens; paper at 192:
-    300, 200, 110 of 576). Recycling: of the pruned tokens, the `int(0.3 * pruned) + 1` best rated are clustered
-    (`cluster_and_merge`) into `int(that / 10) + 1` merged tokens of layer `layers[s]`'s output, the rest leave. A
-    merged token stays in its cluster centre's slot and position (the official code appends the merged tokens
-    after the kept ones and renumbers positions). The official v2.0 options (attention bias correction, head
-    selection) are not implemented.
-    """
-
-    name = "sparsevlm"
-
-    def __init__(self, num_layers: int, keep_ratios=tuple(k / 576 for k in PAPER_KEEP[192]),
-                 layers: list[int] | None = None, recycle: float = 0.3, cluster: float = 0.1):
-        keep_ratios = [float(r) for r in keep_ratios]
-        if layers is None:
-            layers, keep_ratios = sparsevlm_layers(num_layers, keep_ratios)
-        layers = [int(layer) for layer in layers]
-        if len(layers) != len(keep_ratios):
-            raise ValueError(
-                f"SparseVLM: {len(layers)} pruning layers {layers} but {len(keep_ratios)} keep_ratios; give one keep "
-                "ratio per pruning layer."
-            )
-        if not layers or not all(a < b for a, b in itertools.pairwise(layers)) or not 0 <= layers[0] or \
-                layers[-1] > num_layers - 2:
-            raise ValueError(
-                f"SparseVLM: layers {layers} must be increasing in [0, {num_layers - 2}] for {num_layers} decoder "
-                "layers (tokens leave after each of them); for a shallow model give them explicitly."
-            )
-        for ratio in keep_ratios:
-            _check_share("SparseVLM", "keep_ratios", ratio)
-        _check_share("SparseVLM", "recycle", recycle)
-        _check_share("SparseVLM", "cluster", cluster, low_open=True)
-        self.num_layers, self.keep_ratios, self.layers = num_layers, keep_ratios, layers
-        self.recycle, self.cluster = recycle, cluster
-        self._text: torch.Tensor | None = None  # [B, T] text after the first visual token
-        self._raters: torch.Tensor | None = None  # [B, T] the raters, this prefill
-        self._scores: torch.Tensor | None = None  # [B, T] the last pruning layer's rating
-
-    def reset(self, state: PrefillState) -> None:
-        if state.num_layers != self.num_layers:
-            raise ValueError(
-                f"SparseVLM was built for {self.num_layers} decoder layers; the model has {state.num_layers}."
-            )
-        state.adapter.check_query_attention("SparseVLM")
-        self._text = state.adapter.text_mask(
-            state.input_ids, state.attention_mask, state.visual_mask, "after_first_visual"
-        )
-        self._raters = torch.zeros_like(self._text)
-        self._scores = None
-
-    def before_layer(self, layer_idx, sub, state) -> Decision:
-        if layer_idx == 0:
-            self._choose_raters(sub, state)
-        keep = hidden = None
-        if layer_idx - 1 in self.layers:
-            keep, hidden = self._prune(self.layers.index(layer_idx - 1), sub, state)
-        if layer_idx in self.layers:
-            ranked = sub if hidden is None else replace(sub, hidden=hidden)
-            adapter = state.adapter
-            scores = adapter.query_attention(adapter.layers[layer_idx], ranked, sub.slots_of(self._raters), keep)
-            self._scores = torch.zeros(state.visual_mask.shape, dtype=scores.dtype, device=scores.device)
-            row, slot = sub.valid.nonzero(as_tuple=True)
-            self._scores[sub.rows[row], sub.index[row, slot]] = scores[row, slot]
-        return Decision(keep=keep, hidden=hidden)
-
-    def _choose_raters(self, sub: SubBatch, state: PrefillState) -> None:
-        visual, text = sub.slots_of(state.visual_mask), sub.slots_of(self._text)
-        for row in range(len(sub)):
-            text_slots = text[row].nonzero().squeeze(1)
-            if not visual[row].any() or not len(text_slots):
-                continue
-            relation = (sub.hidden[row, visual[row]] @ sub.hidden[row, text_slots].T).softmax(dim=1).mean(dim=0)
-            raters = text_slots[relation > relation.mean()]
-            self._raters[sub.rows[row], sub.index[row, raters]] = True
-
-    def _prune(self, stage: int, sub: SubBatch, state: PrefillState) -> tuple[torch.Tensor, torch.Tensor]:
-        visual = sub.slots_of(state.visual_mask)
-        prompt_visual = state.visual_mask.sum(dim=1)[sub.rows].tolist()
-        keep, hidden = ~visual, sub.hidden.clone()
-        for row in range(len(sub)):
-            slots = visual[row].nonzero().squeeze(1)
-            if not len(slots):
-                continue
-            scores = self._scores[sub.rows[row], sub.index[row, slots]]
-            count = min(_round_half_up(self.keep_ratios[stage] * prompt_visual[row]), len(slots) - 1)
-            order = scores.argsort(descending=True, stable=True)
-            keep[row, slots[order[:count]]] = True
-            pruned = slots[order[count:]].sort().values  # position order, as the official code
-            if not len(pruned):
-                continue
-            recycled = int(len(pruned) * self.recycle) + 1
-            best = scores[torch.isin(slots, pruned)].argsort(descending=True, stable=True)[:recycled]
-            recycled_slots = pruned[best]
-            centres, merged = cluster_and_merge(sub.hidden[row, recycled_slots], _clusters(recycled, self.cluster))
-            hidden[row, recycled_slots[centres]] = merged
-            keep[row, recycled_slots[centres]] = True
-        return keep, hidden
-
-
-def sparsevlm_share(keep_ratios: list[float], layers: list[int], num_layers: int, n_visual: int = 576,
-                    recycle: float = 0.3, cluster: float = 0.1) -> float:
-    """`(1/L) sum_l v_l / N` of SparseVLM on a prompt of `n_visual` visual tokens: the counts depend on `N` only."""
-    left, total = n_visual, 0
-    for layer in range(num_layers):
-        total += left
-        if layer in layers and left:
-            kept = min(_round_half_up(keep_ratios[layers.index(layer)] * n_visual), left - 1)
-            pruned = left - kept
-            recycled = int(pruned * recycle) + 1
-            left = kept + _clusters(recycled, cluster)
-    return total / (num_layers * n_visual)
