@@ -4,11 +4,14 @@
 by exit heads.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from ..engine import Decision, ExitPolicy, PrefillState, SubBatch, feature_tokens, resolve_exit_layer
 from ..engine.features import HeadFeatures
 from ..heads import ExitHeads
+from .settings import SettingError, check_flag, check_integer, check_number
 
 
 class NoExit(ExitPolicy):
@@ -18,6 +21,31 @@ class NoExit(ExitPolicy):
 
     def before_layer(self, layer_idx, sub, state) -> Decision:
         return Decision()
+
+
+@dataclass
+class VTWSettings:
+    """VTW's settings (`vtw.*`): its exit `layer` (None: searched by `dyvte.policies.search.vtw_search`, the first
+    layer from `start_layer` whose next-token KL from the full model stays below `eta` on `n` val samples)."""
+
+    layer: int | None = None
+    eta: float = 0.003
+    start_layer: int = 5
+    n: int = 20
+
+    def __post_init__(self):
+        check_integer("VTW", "layer", self.layer, 0, optional=True)
+        check_number("VTW", "eta", self.eta, 0.0, low_open=True)
+        check_integer("VTW", "start_layer", self.start_layer, 0)
+        check_integer("VTW", "n", self.n, 1)
+
+    def check_depth(self, num_layers: int) -> None:
+        """A given exit layer is one of the model's `0..L`."""
+        if self.layer is not None and self.layer > num_layers:
+            raise SettingError(f"VTW: layer {self.layer} is outside [0, {num_layers}] (the model has {num_layers} "
+                               "decoder layers).", "layer", self.layer,
+                               f"the exit layer must be in [0, {num_layers}] (the model has "
+                               f"num_hidden_layers={num_layers})")
 
 
 class StaticExit(ExitPolicy):
@@ -37,6 +65,23 @@ class StaticExit(ExitPolicy):
         return Decision(exit=self._exits[sub.rows] == layer_idx)
 
 
+@dataclass
+class DynamicSettings:
+    """Dynamic exit's settings (`threshold` and `force`, top-level keys): the exit threshold (None: the heads'
+    calibrated one), in [0, 1] unless `force` (above 1 never exits)."""
+
+    threshold: float | None = None
+    force: bool = False
+
+    def __post_init__(self):
+        check_number("DynamicExit", "threshold", self.threshold, 0.0, optional=True)
+        check_flag("DynamicExit", "force", self.force)
+        if self.threshold is not None and self.threshold > 1.0 and not self.force:
+            raise SettingError(f"threshold {self.threshold} is outside [0, 1]; pass force=True to use it anyway "
+                               "(above 1 never exits).", "threshold", self.threshold,
+                               "must be in [0, 1]; pass force=true to use it anyway (above 1 never exits)")
+
+
 class DynamicExit(ExitPolicy):
     """DyVTE: head `i` scores each sample after layer `i`; the sample exits at the first `p_exit > threshold`.
 
@@ -49,12 +94,10 @@ class DynamicExit(ExitPolicy):
 
     name = "dynamic"
 
-    def __init__(self, heads: ExitHeads, threshold: float | None = None, force: bool = False):
-        if threshold is not None and not 0.0 <= threshold <= 1.0 and not force:
-            raise ValueError(
-                f"threshold {threshold} is outside [0, 1]; pass force=True to use it anyway (above 1 never exits)."
-            )
-        self.heads, self.threshold = heads, threshold
+    def __init__(self, heads: ExitHeads, threshold: float | None = DynamicSettings.threshold,
+                 force: bool = DynamicSettings.force):
+        settings = DynamicSettings(threshold, force)
+        self.heads, self.threshold = heads, settings.threshold
         self._features: HeadFeatures | None = None  # this prefill's feature state
 
     def reset(self, state: PrefillState) -> None:

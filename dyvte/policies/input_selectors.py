@@ -14,13 +14,14 @@ so one setting fits every image size.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..adapters import get_adapter
 from ..engine import Decision, ExitPolicy, PrefillState, SubBatch
-from .settings import check_share
+from .settings import SettingError, check_flag, check_integer, check_share
 from .tokens import round_half_up, rounded_count
 
 
@@ -37,6 +38,22 @@ def _images_of(method: str, sub: SubBatch, visual_mask: torch.Tensor, tokens_per
             f"images of {tokens_per_image} tokens (was it pruned before {method} ran?)."
         )
     return visual.nonzero(as_tuple=True)
+
+
+@dataclass
+class DownsampleSettings:
+    """Downsample's settings (`downsample.*`): the pooling window's side `factor` (2: 2x2, 576 -> 144 tokens), or
+    the share of each image's tokens to pool to, `keep_ratio` (with `factor` None)."""
+
+    factor: int | None = 2
+    keep_ratio: float | None = None
+
+    def __post_init__(self):
+        check_integer("Downsample", "factor", self.factor, 1, optional=True)
+        check_share("Downsample", "keep_ratio", self.keep_ratio, low_open=True, optional=True)
+        if self.factor is not None and self.keep_ratio is not None:
+            raise SettingError("Downsample: give either factor (pooling window side) or keep_ratio, not both.",
+                               "keep_ratio", self.keep_ratio, "set downsample.factor=null to pool to a keep_ratio")
 
 
 class Downsample(ExitPolicy):
@@ -56,15 +73,10 @@ class Downsample(ExitPolicy):
     name = "downsample"
 
     def __init__(self, factor: int | None = None, keep_ratio: float | None = None):
-        if factor is not None and keep_ratio is not None:
-            raise ValueError("Downsample: give either factor (pooling window side) or keep_ratio, not both.")
         if factor is None and keep_ratio is None:
-            factor = 2
-        if factor is not None and factor < 1:
-            raise ValueError(f"Downsample: factor must be >= 1, got {factor}.")
-        if keep_ratio is not None:
-            check_share("Downsample", "keep_ratio", keep_ratio, low_open=True)
-        self.factor, self.keep_ratio = factor, keep_ratio
+            factor = DownsampleSettings.factor
+        settings = DownsampleSettings(factor, keep_ratio)
+        self.factor, self.keep_ratio = settings.factor, settings.keep_ratio
 
     def output_grid(self, side: int) -> tuple[int, int]:
         """(rows, columns) of the pooled grid of an image of `side x side` tokens."""
@@ -94,6 +106,17 @@ class Downsample(ExitPolicy):
         return Decision(keep=keep, hidden=hidden)
 
 
+@dataclass
+class VisionZipSettings:
+    """VisionZip's settings (`visionzip.*`): the share of each image's tokens kept (64 of 576: 54 dominant + 10
+    contextual)."""
+
+    keep_ratio: float = 64 / 576
+
+    def __post_init__(self):
+        check_share("VisionZip", "keep_ratio", self.keep_ratio, low_open=True)
+
+
 class VisionZip(ExitPolicy):
     """VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR
     2025): before the LLM, each image keeps its dominant tokens and a few merged contextual tokens.
@@ -120,9 +143,8 @@ class VisionZip(ExitPolicy):
 
     name = "visionzip"
 
-    def __init__(self, model, keep_ratio: float = 64 / 576):
-        check_share("VisionZip", "keep_ratio", keep_ratio, low_open=True)
-        self.keep_ratio = keep_ratio
+    def __init__(self, model, keep_ratio: float = VisionZipSettings.keep_ratio):
+        self.keep_ratio = VisionZipSettings(keep_ratio).keep_ratio
         self.tower = get_adapter(model).tower_features("VisionZip", self)
         self.has_cls = self.tower.has_cls
         self._patches = 0  # tokens per image, this prefill
@@ -189,6 +211,21 @@ class VisionZip(ExitPolicy):
         return Decision(keep=keep, hidden=hidden)
 
 
+@dataclass
+class VisPrunerSettings:
+    """VisPruner's settings (`vispruner.*`): the share of each image's tokens kept (64 of 576), the share of those
+    chosen by [CLS] attention (`important_ratio`), and the near-duplicates removed per round (`step`)."""
+
+    keep_ratio: float = 64 / 576
+    important_ratio: float = 0.5
+    step: int = 8
+
+    def __post_init__(self):
+        check_share("VisPruner", "keep_ratio", self.keep_ratio, low_open=True)
+        check_share("VisPruner", "important_ratio", self.important_ratio)
+        check_integer("VisPruner", "step", self.step, 1, why="A tokens removed per round")
+
+
 class VisPruner(ExitPolicy):
     """VisPruner (Zhang et al., "Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in
     VLMs", ICCV 2025): before the LLM, each image keeps its important tokens by the vision tower's [CLS] attention
@@ -214,11 +251,9 @@ class VisPruner(ExitPolicy):
 
     name = "vispruner"
 
-    def __init__(self, model, keep_ratio: float = 64 / 576, important_ratio: float = 0.5, step: int = 8):
-        check_share("VisPruner", "keep_ratio", keep_ratio, low_open=True)
-        check_share("VisPruner", "important_ratio", important_ratio)
-        if step < 1:
-            raise ValueError(f"VisPruner: step (A tokens removed per round) must be >= 1, got {step}.")
+    def __init__(self, model, keep_ratio: float = VisPrunerSettings.keep_ratio,
+                 important_ratio: float = VisPrunerSettings.important_ratio, step: int = VisPrunerSettings.step):
+        settings = VisPrunerSettings(keep_ratio, important_ratio, step)
         self.tower = get_adapter(model).tower_features("VisPruner", self)
         if not self.tower.has_cls:
             raise ValueError(
@@ -226,7 +261,7 @@ class VisPruner(ExitPolicy):
                 f"tower ({self.tower.tower_name}) has no CLS token. On it use CDPruner or DivPrune "
                 "(no tower attention needed) or VisionZip (ranks by the attention patches receive)."
             )
-        self.keep_ratio, self.important_ratio, self.step = keep_ratio, important_ratio, step
+        self.keep_ratio, self.important_ratio, self.step = settings.keep_ratio, settings.important_ratio, settings.step
         self._patches = 0  # tokens per image, this prefill
         self._kept: torch.Tensor | None = None  # [images, T] patch indices each image keeps
 
@@ -264,7 +299,8 @@ class VisPruner(ExitPolicy):
             return Decision()
         row, slot = _images_of("VisPruner", sub, state.visual_mask, self._patches)
         images = self._kept.shape[0]
-        chosen = (torch.arange(images, device=row.device)[:, None] * self._patches + self._kept.to(row.device)).flatten()
+        first = torch.arange(images, device=row.device)[:, None] * self._patches
+        chosen = (first + self._kept.to(row.device)).flatten()
         keep = ~sub.slots_of(state.visual_mask)
         keep[row[chosen], slot[chosen]] = True
         return Decision(keep=keep)
@@ -314,6 +350,19 @@ def greedy_map(kernel: torch.Tensor, count: int) -> torch.Tensor:
     return torch.tensor(chosen, dtype=torch.long, device=kernel.device)
 
 
+@dataclass
+class CDPrunerSettings:
+    """CDPruner's settings (`cdpruner.*`): the share of each sample's visual tokens kept (64 of 576), and whether
+    the relevance is negated (the official code's choice for CLIP's text tower)."""
+
+    keep_ratio: float = 64 / 576
+    negate_relevance: bool = False
+
+    def __post_init__(self):
+        check_share("CDPruner", "keep_ratio", self.keep_ratio, low_open=True)
+        check_flag("CDPruner", "negate_relevance", self.negate_relevance)
+
+
 class CDPruner(ExitPolicy):
     """CDPruner (Zhang et al., "Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning
     in MLLMs", NeurIPS 2025): before the LLM, each sample keeps the visual tokens a conditional DPP selects, the
@@ -334,9 +383,10 @@ class CDPruner(ExitPolicy):
 
     name = "cdpruner"
 
-    def __init__(self, keep_ratio: float = 64 / 576, negate_relevance: bool = False):
-        check_share("CDPruner", "keep_ratio", keep_ratio, low_open=True)
-        self.keep_ratio, self.negate_relevance = keep_ratio, negate_relevance
+    def __init__(self, keep_ratio: float = CDPrunerSettings.keep_ratio,
+                 negate_relevance: bool = CDPrunerSettings.negate_relevance):
+        settings = CDPrunerSettings(keep_ratio, negate_relevance)
+        self.keep_ratio, self.negate_relevance = settings.keep_ratio, settings.negate_relevance
         self._text: torch.Tensor | None = None  # [B, T] the instruction tokens, this prefill
 
     def reset(self, state: PrefillState) -> None:
@@ -377,6 +427,19 @@ def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
     return torch.tensor(chosen, dtype=torch.long, device=features.device)
 
 
+@dataclass
+class DivPruneSettings:
+    """DivPrune's settings (`divprune.*`): the share of each sample's visual tokens kept (the paper's 0.098, 56 of
+    576), before decoder layer `layer` (0: the LLM's input)."""
+
+    keep_ratio: float = 0.098
+    layer: int = 0
+
+    def __post_init__(self):
+        check_share("DivPrune", "keep_ratio", self.keep_ratio, low_open=True)
+        check_integer("DivPrune", "layer", self.layer, 0)
+
+
 class DivPrune(ExitPolicy):
     """DivPrune (Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models", CVPR
     2025): before layer `layer` (paper: 0, the LLM's input), each sample keeps the `round(keep_ratio * n)` of its
@@ -391,11 +454,9 @@ class DivPrune(ExitPolicy):
 
     name = "divprune"
 
-    def __init__(self, keep_ratio: float = 0.098, layer: int = 0):
-        check_share("DivPrune", "keep_ratio", keep_ratio, low_open=True)
-        if layer < 0:
-            raise ValueError(f"DivPrune: layer must be >= 0, got {layer}.")
-        self.keep_ratio, self.layer = keep_ratio, layer
+    def __init__(self, keep_ratio: float = DivPruneSettings.keep_ratio, layer: int = DivPruneSettings.layer):
+        settings = DivPruneSettings(keep_ratio, layer)
+        self.keep_ratio, self.layer = settings.keep_ratio, settings.layer
 
     def before_layer(self, layer_idx, sub, state) -> Decision:
         if layer_idx != self.layer:

@@ -4,12 +4,28 @@ A merged token is written into the slot it keeps, at that slot's position (`Deci
 merged into it leave; the policy composes with exit (`ToMe() + DynamicExit(heads)`) and runs batched.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from ..engine import Decision, ExitPolicy, PrefillState
-from .settings import check_layer
+from .settings import check_integer, check_share
 from .tokens import round_half_up
+
+
+@dataclass
+class ToMeSettings:
+    """ToMe's settings (`tome.*`): the share `r` of each sample's prompt visual tokens merged before every layer from
+    `first_layer` on (16 of LLaVA-1.5's 576 per layer)."""
+
+    r: float = 16 / 576
+    first_layer: int = 0
+
+    def __post_init__(self):
+        check_share("ToMe", "r", self.r, high=0.5, why="it is the share of a sample's visual tokens merged per layer, "
+                    "and bipartite matching merges at most half of them")
+        check_integer("ToMe", "first_layer", self.first_layer, 0)
 
 
 class ToMe(ExitPolicy):
@@ -33,14 +49,9 @@ class ToMe(ExitPolicy):
 
     name = "tome"
 
-    def __init__(self, r: float = 16 / 576, first_layer: int = 0):
-        if not 0.0 <= r <= 0.5:
-            raise ValueError(
-                f"ToMe: r = {r} is outside [0, 0.5]: it is the share of a sample's visual tokens merged per layer, "
-                "and bipartite matching merges at most half of them."
-            )
-        check_layer("ToMe", first_layer, first=0)
-        self.r, self.first_layer = r, first_layer
+    def __init__(self, r: float = ToMeSettings.r, first_layer: int = ToMeSettings.first_layer):
+        settings = ToMeSettings(r, first_layer)
+        self.r, self.first_layer = settings.r, settings.first_layer
         self._size: torch.Tensor | None = None  # [B, T] prompt tokens each slot stands for, this prefill
 
     def reset(self, state: PrefillState) -> None:

@@ -8,17 +8,37 @@ queries only, `adapter.query_attention`) and leaves the KV cache of the tokens e
 never renumbers them; where a paper's code does, the class docstring says so.
 """
 
-import itertools
 import math
 import zlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from ..engine import Decision, ExitPolicy, PrefillState, SubBatch
-from .settings import check_layer, check_share
+from .settings import SettingError, check_integer, check_layers, check_share, check_shares
 from .tokens import attention_by_position, keep_most_attended, kept_count, round_half_up
+
+
+@dataclass
+class FastVSettings:
+    """FastV's settings (`fastv.*`): before decoder layer `layer`, keep the `keep_ratio` most attended visual
+    tokens."""
+
+    layer: int = 2
+    keep_ratio: float = 0.5
+
+    def __post_init__(self):
+        check_integer("FastV", "layer", self.layer, 1, why="it ranks tokens by the attention of layer `layer - 1`")
+        check_share("FastV", "keep_ratio", self.keep_ratio)
+
+    def check_depth(self, num_layers: int) -> None:
+        """`layer` is one of the model's layers: FastV before a layer past the last would never prune."""
+        if self.layer >= num_layers:
+            raise SettingError(f"FastV prunes before decoder layer `layer`; the model has layers 0...{num_layers - 1}, "
+                               f"got layer={self.layer} (fastv.layer).", "layer", self.layer,
+                               f"FastV prunes before a decoder layer in [1, {num_layers - 1}] (the model has "
+                               f"num_hidden_layers={num_layers})")
 
 
 class FastV(ExitPolicy):
@@ -27,18 +47,13 @@ class FastV(ExitPolicy):
 
     name = "fastv"
 
-    def __init__(self, layer: int = 2, keep_ratio: float = 0.5):
-        if layer < 1:
-            raise ValueError(f"FastV ranks tokens by the attention of layer `layer - 1`; layer must be >= 1, got {layer}.")
-        if not 0.0 <= keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio}.")
+    def __init__(self, layer: int = FastVSettings.layer, keep_ratio: float = FastVSettings.keep_ratio):
+        self.settings = FastVSettings(layer, keep_ratio)
         self.layer, self.keep_ratio = layer, keep_ratio
         self._scores: torch.Tensor | None = None  # [B, T] layer `layer - 1`'s attention of this prefill
 
     def reset(self, state: PrefillState) -> None:
-        if self.layer >= state.num_layers:  # it would never prune: refused, as an out-of-range exit layer is
-            raise ValueError(f"FastV prunes before decoder layer `layer`; the model has layers 0..."
-                             f"{state.num_layers - 1}, got layer={self.layer} (fastv.layer).")
+        self.settings.check_depth(state.num_layers)  # refused, as an out-of-range exit layer is
         self._scores = None
 
     def before_layer(self, layer_idx, sub, state) -> Decision:
@@ -58,6 +73,21 @@ def _visual_slots(sub: SubBatch, visual_mask: torch.Tensor, row: int) -> torch.T
     return sub.slots_of(visual_mask)[row].nonzero().squeeze(1)
 
 
+@dataclass
+class RandomPruneSettings:
+    """Random pruning's settings (`random.*`): before layer `layer`, keep a random `keep_ratio` of each sample's
+    visual tokens, drawn from `seed` and the sample's token ids."""
+
+    layer: int = 2
+    keep_ratio: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        check_integer("RandomPrune", "layer", self.layer, 0)
+        check_share("RandomPrune", "keep_ratio", self.keep_ratio)
+        check_integer("RandomPrune", "seed", self.seed, 0, 2**31 - 1)
+
+
 class RandomPrune(ExitPolicy):
     """Random pruning: before layer `layer`, each sample keeps `ceil(keep_ratio * n)` of the `n` visual tokens it
     still has, chosen uniformly at random.
@@ -72,12 +102,10 @@ class RandomPrune(ExitPolicy):
 
     name = "random"
 
-    def __init__(self, layer: int = 2, keep_ratio: float = 0.5, seed: int = 0):
-        check_layer("RandomPrune", layer, first=0)
-        check_share("RandomPrune", "keep_ratio", keep_ratio)
-        if not 0 <= seed < 2**31:
-            raise ValueError(f"RandomPrune: seed must be in [0, 2**31), got {seed}.")
-        self.layer, self.keep_ratio, self.seed = layer, keep_ratio, seed
+    def __init__(self, layer: int = RandomPruneSettings.layer, keep_ratio: float = RandomPruneSettings.keep_ratio,
+                 seed: int = RandomPruneSettings.seed):
+        settings = RandomPruneSettings(layer, keep_ratio, seed)
+        self.layer, self.keep_ratio, self.seed = settings.layer, settings.keep_ratio, settings.seed
 
     def sample_seed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
         """The generator seed of one sample ([T] ids and mask)."""
@@ -99,6 +127,37 @@ class RandomPrune(ExitPolicy):
         return Decision(keep=keep)
 
 
+@dataclass
+class PyramidDropSettings:
+    """PyramidDrop's settings (`pdrop.*`): the share kept at each stage boundary (`ratio`, compounding), and the
+    boundaries (`layers`; None: the paper's 8, 16, 24 of 32 scaled to the model's depth)."""
+
+    ratio: float = 0.5
+    layers: list[int] | None = None
+
+    def __post_init__(self):
+        check_share("PyramidDrop", "ratio", self.ratio)
+        check_layers("PyramidDrop", "layers", self.layers, 1, "must be null or an increasing list of layers >= 1")
+
+    def stage_layers(self, num_layers: int) -> list[int]:
+        """The stage boundaries on a model of `num_layers` decoder layers: `layers`, or the paper's scaled to the
+        depth (`round(L * 8/32)`, ...; coinciding ones once)."""
+        if self.layers is None:
+            scaled = {round_half_up(num_layers * stage / 32) for stage in (8, 16, 24)}
+            layers = sorted(layer for layer in scaled if 1 <= layer < num_layers)
+        else:
+            layers = [int(layer) for layer in self.layers]
+        if not layers or layers[-1] >= num_layers:
+            raise SettingError(f"PyramidDrop: layers {layers} must be increasing stage boundaries in [1, "
+                               f"{num_layers - 1}] for {num_layers} decoder layers.", "layers", self.layers,
+                               f"must be increasing stage boundaries in [1, {num_layers - 1}] (the model has "
+                               f"num_hidden_layers={num_layers})")
+        return layers
+
+    def check_depth(self, num_layers: int) -> None:
+        self.stage_layers(num_layers)
+
+
 class PyramidDrop(ExitPolicy):
     """PyramidDrop (Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual
     Redundancy Reduction", CVPR 2025): the decoder in stages; before each stage boundary `layers[s]`, each sample
@@ -115,19 +174,9 @@ class PyramidDrop(ExitPolicy):
 
     name = "pdrop"
 
-    def __init__(self, num_layers: int, ratio: float = 0.5, layers: list[int] | None = None):
-        check_share("PyramidDrop", "ratio", ratio)
-        if layers is None:  # the paper's boundaries scaled to the depth; fewer stages where they coincide
-            scaled = {round_half_up(num_layers * stage / 32) for stage in (8, 16, 24)}
-            layers = sorted(layer for layer in scaled if 1 <= layer < num_layers)
-        layers = [int(layer) for layer in layers]
-        increasing = all(a < b for a, b in itertools.pairwise(layers))
-        if not layers or not increasing or not 1 <= layers[0] <= layers[-1] < num_layers:
-            raise ValueError(
-                f"PyramidDrop: layers {layers} must be increasing stage boundaries in [1, {num_layers - 1}] for "
-                f"{num_layers} decoder layers."
-            )
-        self.num_layers, self.ratio, self.layers = num_layers, ratio, layers
+    def __init__(self, num_layers: int, ratio: float = PyramidDropSettings.ratio, layers: list[int] | None = None):
+        settings = PyramidDropSettings(ratio, layers)
+        self.num_layers, self.ratio, self.layers = num_layers, settings.ratio, settings.stage_layers(num_layers)
 
     def reset(self, state: PrefillState) -> None:
         if state.num_layers != self.num_layers:
@@ -144,6 +193,27 @@ class PyramidDrop(ExitPolicy):
         scores = state.adapter.last_query_attention(state.adapter.layers[layer_idx], sub)
         by_position = attention_by_position(scores, sub, state.visual_mask.shape)
         return Decision(keep=keep_most_attended(sub, state.visual_mask, by_position, n_keep))
+
+
+@dataclass
+class DARTSettings:
+    """DART's settings (`dart.*`): before layer `layer`, keep `keep_ratio` of each sample's visual tokens (128 of
+    576), chosen by `image_pivots` visual and `text_pivots` text pivots."""
+
+    layer: int = 2
+    keep_ratio: float = 128 / 576
+    image_pivots: int = 4
+    text_pivots: int = 4
+
+    def __post_init__(self):
+        check_integer("DART", "layer", self.layer, 1, why="its pivots come from the keys of layer `layer - 1`")
+        check_share("DART", "keep_ratio", self.keep_ratio)
+        check_integer("DART", "image_pivots", self.image_pivots, 0)
+        check_integer("DART", "text_pivots", self.text_pivots, 0)
+        if self.image_pivots + self.text_pivots == 0:
+            raise SettingError(f"DART needs pivots: image_pivots = {self.image_pivots} and text_pivots = "
+                               f"{self.text_pivots} must be >= 0 and not both 0.", "text_pivots", self.text_pivots,
+                               "must be >= 1 when dart.image_pivots is 0: DART needs pivots")
 
 
 class DART(ExitPolicy):
@@ -164,16 +234,11 @@ class DART(ExitPolicy):
 
     name = "dart"
 
-    def __init__(self, layer: int = 2, keep_ratio: float = 128 / 576, image_pivots: int = 4, text_pivots: int = 4):
-        check_layer("DART", layer)
-        check_share("DART", "keep_ratio", keep_ratio)
-        if image_pivots < 0 or text_pivots < 0 or image_pivots + text_pivots == 0:
-            raise ValueError(
-                f"DART needs pivots: image_pivots = {image_pivots} and text_pivots = {text_pivots} must be >= 0 and "
-                "not both 0."
-            )
-        self.layer, self.keep_ratio = layer, keep_ratio
-        self.image_pivots, self.text_pivots = image_pivots, text_pivots
+    def __init__(self, layer: int = DARTSettings.layer, keep_ratio: float = DARTSettings.keep_ratio,
+                 image_pivots: int = DARTSettings.image_pivots, text_pivots: int = DARTSettings.text_pivots):
+        settings = DARTSettings(layer, keep_ratio, image_pivots, text_pivots)
+        self.layer, self.keep_ratio = settings.layer, settings.keep_ratio
+        self.image_pivots, self.text_pivots = settings.image_pivots, settings.text_pivots
         self._key_norms: torch.Tensor | None = None  # [B, T] L1 norm of layer `layer - 1`'s keys, this prefill
         self._text: torch.Tensor | None = None  # [B, T] the text tokens after each sample's first visual token
 
@@ -237,7 +302,8 @@ def cluster_and_merge(tokens: torch.Tensor, clusters: int) -> tuple[torch.Tensor
     nearest = distance.topk(clusters, dim=-1, largest=False).values
     density = (-(nearest**2).mean(dim=-1)).exp()
     index = torch.arange(count, device=tokens.device)
-    denser = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (index[None] < index[:, None]))
+    tied = (density[None, :] == density[:, None]) & (index[None] < index[:, None])
+    denser = (density[None, :] > density[:, None]) | tied
     parent = torch.where(denser, distance, distance.max()).min(dim=-1).values
     centres = (parent * density).argsort(descending=True, stable=True)[:clusters]
     member = distance[centres].argmin(dim=0)
@@ -258,15 +324,59 @@ PAPER_KEEP = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}  # to
 
 def sparsevlm_layers(num_layers: int, keep_ratios: list[float]) -> tuple[list[int], list[float]]:
     """The paper's pruning layers 2, 6, 15 of 32 scaled to `num_layers` (`round(L * l / 32)`, half up, at most
-    `L - 2`) with their keep ratios; stages that land on one layer keep the later (smaller) ratio."""
-    if len(keep_ratios) != len(PAPER_LAYERS):
-        raise ValueError(
-            f"SparseVLM: {len(keep_ratios)} keep_ratios for the paper's {len(PAPER_LAYERS)} pruning layers; give "
-            "layers explicitly for another number of stages."
-        )
+    `L - 2`) with their keep ratios (one per paper layer); stages that land on one layer keep the later (smaller)
+    ratio."""
     stages = {min(round_half_up(num_layers * layer / 32), num_layers - 2): ratio
               for layer, ratio in zip(PAPER_LAYERS, keep_ratios)}
     return sorted(stages), [stages[layer] for layer in sorted(stages)]
+
+
+@dataclass
+class SparseVLMSettings:
+    """SparseVLM's settings (`sparsevlm.*`): the share of each sample's prompt visual tokens kept after each pruning
+    layer (`keep_ratios`; the paper's 192-token preset: 300, 200, 110 of 576), the pruning layers (`layers`; None:
+    the paper's 2, 6, 15 of 32 scaled to the depth), and the share of the pruned tokens recycled (`recycle`) and of
+    those, the merged tokens made (`cluster`)."""
+
+    keep_ratios: tuple[float, ...] = tuple(k / 576 for k in PAPER_KEEP[192])
+    layers: list[int] | None = None
+    recycle: float = 0.3
+    cluster: float = 0.1
+
+    def __post_init__(self):
+        check_shares("SparseVLM", "keep_ratios", self.keep_ratios)
+        count = len(self.keep_ratios)
+        if self.layers is None and count != len(PAPER_LAYERS):
+            raise SettingError(f"SparseVLM: {count} keep_ratios for the paper's {len(PAPER_LAYERS)} pruning layers; "
+                               "give layers explicitly for another number of stages.", "keep_ratios",
+                               self.keep_ratios, f"must hold {len(PAPER_LAYERS)} keep ratios, one per paper pruning "
+                               "layer, unless sparsevlm.layers names the layers")
+        expected = f"must be null or {count} increasing layers >= 0, one per sparsevlm.keep_ratios entry"
+        if isinstance(self.layers, (list, tuple)) and len(self.layers) != count:
+            raise SettingError(f"SparseVLM: {len(self.layers)} pruning layers {self.layers} but {count} keep_ratios; "
+                               "give one keep ratio per pruning layer.", "layers", self.layers, expected)
+        check_layers("SparseVLM", "layers", self.layers, 0, expected)
+        check_share("SparseVLM", "recycle", self.recycle)
+        check_share("SparseVLM", "cluster", self.cluster, low_open=True)
+
+    def stage_layers(self, num_layers: int) -> tuple[list[int], list[float]]:
+        """The pruning layers on a model of `num_layers` decoder layers and their keep ratios: as given, or the
+        paper's scaled to the depth (`sparsevlm_layers`); tokens leave after each, so the last is at most `L - 2`."""
+        keep_ratios = [float(ratio) for ratio in self.keep_ratios]
+        if self.layers is None:
+            layers, keep_ratios = sparsevlm_layers(num_layers, keep_ratios)
+        else:
+            layers = [int(layer) for layer in self.layers]
+        if layers[0] < 0 or layers[-1] > num_layers - 2:
+            raise SettingError(f"SparseVLM: layers {layers} must be increasing in [0, {num_layers - 2}] for "
+                               f"{num_layers} decoder layers (tokens leave after each of them); for a shallow model "
+                               "give them explicitly.", "layers", self.layers,
+                               f"must be increasing layers in [0, {num_layers - 2}] (the model has "
+                               f"num_hidden_layers={num_layers}; tokens leave after each)")
+        return layers, keep_ratios
+
+    def check_depth(self, num_layers: int) -> None:
+        self.stage_layers(num_layers)
 
 
 class SparseVLM(ExitPolicy):
@@ -279,8 +389,8 @@ class SparseVLM(ExitPolicy):
     topk`, the per-layer counts) and `utils.py` lines 179-239 (`cluster_and_merge`, here `cluster_and_merge`).
     Raters (once, on the LLM's input): the text tokens after the first visual token whose mean over the visual
     tokens of `softmax_text(v t^T)` (input embeddings) exceeds its mean. After each layer `layers[s]` (paper: 2, 6,
-    15 of 32, scaled to the depth by default, `sparsevlm_layers`), each sample ranks its remaining visual tokens by that layer's
-    attention from the raters (mean over heads and raters, recomputed for those queries, so SDPA stays on) and
+    15 of 32, scaled to the depth by default, `sparsevlm_layers`), each sample ranks its remaining visual tokens by
+    that layer's attention from the raters (mean over heads and raters, recomputed for those queries, so SDPA stays on) and
     keeps the top `min(round(keep_ratios[s] * N), remaining - 1)` (`N`: its prompt's visual tokens; paper at 192:
     300, 200, 110 of 576). Recycling: of the pruned tokens, the `int(0.3 * pruned) + 1` best rated are clustered
     (`cluster_and_merge`) into `int(that / 10) + 1` merged tokens of layer `layers[s]`'s output, the rest leave. A
@@ -291,29 +401,11 @@ class SparseVLM(ExitPolicy):
 
     name = "sparsevlm"
 
-    def __init__(self, num_layers: int, keep_ratios=tuple(k / 576 for k in PAPER_KEEP[192]),
-                 layers: list[int] | None = None, recycle: float = 0.3, cluster: float = 0.1):
-        keep_ratios = [float(r) for r in keep_ratios]
-        if layers is None:
-            layers, keep_ratios = sparsevlm_layers(num_layers, keep_ratios)
-        layers = [int(layer) for layer in layers]
-        if len(layers) != len(keep_ratios):
-            raise ValueError(
-                f"SparseVLM: {len(layers)} pruning layers {layers} but {len(keep_ratios)} keep_ratios; give one keep "
-                "ratio per pruning layer."
-            )
-        if not layers or not all(a < b for a, b in itertools.pairwise(layers)) or not 0 <= layers[0] or \
-                layers[-1] > num_layers - 2:
-            raise ValueError(
-                f"SparseVLM: layers {layers} must be increasing in [0, {num_layers - 2}] for {num_layers} decoder "
-                "layers (tokens leave after each of them); for a shallow model give them explicitly."
-            )
-        for ratio in keep_ratios:
-            check_share("SparseVLM", "keep_ratios", ratio)
-        check_share("SparseVLM", "recycle", recycle)
-        check_share("SparseVLM", "cluster", cluster, low_open=True)
-        self.num_layers, self.keep_ratios, self.layers = num_layers, keep_ratios, layers
-        self.recycle, self.cluster = recycle, cluster
+    def __init__(self, num_layers: int, keep_ratios=SparseVLMSettings.keep_ratios, layers: list[int] | None = None,
+                 recycle: float = SparseVLMSettings.recycle, cluster: float = SparseVLMSettings.cluster):
+        settings = SparseVLMSettings(tuple(keep_ratios), layers, recycle, cluster)
+        self.layers, self.keep_ratios = settings.stage_layers(num_layers)
+        self.num_layers, self.recycle, self.cluster = num_layers, settings.recycle, settings.cluster
         self._text: torch.Tensor | None = None  # [B, T] text after the first visual token
         self._raters: torch.Tensor | None = None  # [B, T] the raters, this prefill
         self._scores: torch.Tensor | None = None  # [B, T] the last pruning layer's rating

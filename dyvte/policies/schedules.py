@@ -5,13 +5,79 @@ prompt's text, or its last token), so the model keeps running with SDPA.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..engine import Decision, ExitPolicy, PrefillState, SubBatch
+from .settings import SettingError, check_choice, check_integer, check_number
 from .tokens import attention_by_position, keep_most_attended, kept_count
 
-QUERIES = ("text", "last")
+QUERIES = ("text", "last")  # whose attention ranks the visual tokens: the prompt's text, or its last token
+
+
+def check_first_layer(method: str, first_layer: int, num_layers: int) -> None:
+    """The first layer that may prune is one of the model's `1..L-1` (layer 0 has no earlier layer to rank by)."""
+    if not 1 <= first_layer < num_layers:
+        raise SettingError(f"{method}: first_layer must be in [1, {num_layers - 1}] for {num_layers} layers, got "
+                           f"{first_layer}.", "first_layer", first_layer,
+                           f"must be in [1, {num_layers - 1}] (the model has num_hidden_layers={num_layers})")
+
+
+@dataclass
+class GSearchSettings:
+    """G-Search's settings (`gsearch.*`): a saved search to load (`path`), or the search's own (`g_search`): its `n`
+    calibration samples (the first of the val split), the objective `E - lam * r`, a searched layer every `every`
+    from `first_layer` (the first that may prune), `trials` TPE runs per searched layer, and whose attention ranks
+    the visual tokens (`queries`)."""
+
+    path: str | None = None
+    n: int = 32
+    lam: float = 0.01
+    every: int = 3
+    first_layer: int = 2
+    trials: int = 12
+    queries: str = "text"
+
+    def __post_init__(self):
+        check_integer("G-Search", "n", self.n, 1)
+        check_number("G-Search", "lam", self.lam, 0.0)
+        check_integer("G-Search", "every", self.every, 1)
+        check_integer("G-Search", "first_layer", self.first_layer, 1)
+        check_integer("G-Search", "trials", self.trials, 2, why="the previous rate and 0 are always tried")
+        check_choice("G-Search", "queries", self.queries, QUERIES)
+
+    def check_depth(self, num_layers: int) -> None:
+        check_first_layer("G-Search", self.first_layer, num_layers)
+
+
+@dataclass
+class PSigmoidSettings:
+    """P-Sigmoid's settings (`psigmoid.*`): a saved search to load (`path`), or the search's own
+    (`p_sigmoid_search`): its `n` calibration samples, the `budget` (mean keep rate over `first_layer..L-1`), `k`
+    searched in `[0, k_max]`, the curve's midpoint `alpha` (None: the middle of `first_layer..L-1`), `trials` TPE
+    runs, and whose attention ranks the visual tokens (`queries`)."""
+
+    path: str | None = None
+    n: int = 32
+    budget: float = 0.5
+    k_max: float = 2.0
+    alpha: float | None = None
+    first_layer: int = 2
+    trials: int = 12
+    queries: str = "text"
+
+    def __post_init__(self):
+        check_integer("P-Sigmoid", "n", self.n, 1)
+        check_number("P-Sigmoid", "budget", self.budget, 0.0, 1.0)
+        check_number("P-Sigmoid", "k_max", self.k_max, 0.0, low_open=True)
+        check_number("P-Sigmoid", "alpha", self.alpha, float("-inf"), optional=True)
+        check_integer("P-Sigmoid", "first_layer", self.first_layer, 1)
+        check_integer("P-Sigmoid", "trials", self.trials, 1)
+        check_choice("P-Sigmoid", "queries", self.queries, QUERIES)
+
+    def check_depth(self, num_layers: int) -> None:
+        check_first_layer("P-Sigmoid", self.first_layer, num_layers)
 
 
 class KeepRateSchedule(ExitPolicy):
@@ -27,7 +93,7 @@ class KeepRateSchedule(ExitPolicy):
 
     name = "schedule"
 
-    def __init__(self, rates, queries: str = "text"):
+    def __init__(self, rates, queries: str = GSearchSettings.queries):
         rates = [float(r) for r in rates]
         if not rates:
             raise ValueError("rates is empty; give one keep rate per decoder layer.")
@@ -43,8 +109,7 @@ class KeepRateSchedule(ExitPolicy):
                 f"rates[0] = {rates[0]}: layer 0 has no earlier layer to rank visual tokens by; use 1.0, or 0.0 to "
                 "withdraw them all."
             )
-        if queries not in QUERIES:
-            raise ValueError(f"queries must be one of {', '.join(QUERIES)}; got {queries!r}.")
+        check_choice("KeepRateSchedule", "queries", queries, QUERIES)
         self.rates, self.queries = rates, queries
         self._queries: torch.Tensor | None = None  # [B, T] this prefill's ranking queries (`queries="text"`)
         self._scores: torch.Tensor | None = None  # [B, T] the last ranked layer's attention
@@ -96,14 +161,10 @@ class PSigmoid(KeepRateSchedule):
 
     name = "psigmoid"
 
-    def __init__(self, budget: float, k: float, num_layers: int, alpha: float | None = None, first_layer: int = 2,
-                 queries: str = "text"):
-        if not 0.0 <= budget <= 1.0:
-            raise ValueError(f"budget must be in [0, 1], got {budget}.")
-        if k < 0:
-            raise ValueError(f"k must be >= 0 (a negative k makes the rates increase with depth), got {k}.")
-        if not 1 <= first_layer < num_layers:
-            raise ValueError(f"first_layer must be in [1, {num_layers - 1}] for {num_layers} layers, got {first_layer}.")
+    def __init__(self, budget: float, k: float, num_layers: int, alpha: float | None = PSigmoidSettings.alpha,
+                 first_layer: int = PSigmoidSettings.first_layer, queries: str = PSigmoidSettings.queries):
+        PSigmoidSettings(budget=budget, alpha=alpha, first_layer=first_layer, queries=queries).check_depth(num_layers)
+        check_number("PSigmoid", "k", k, 0.0, why="a negative k makes the rates increase with depth")
         alpha = (first_layer + num_layers - 1) / 2 if alpha is None else float(alpha)
         rates = [1.0] * first_layer
         for i in range(first_layer, num_layers):
