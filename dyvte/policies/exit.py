@@ -4,7 +4,8 @@
 by exit heads.
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,7 +36,7 @@ class VTWSettings:
 
     def __post_init__(self):
         check_integer("VTW", "layer", self.layer, 0, optional=True)
-        check_number("VTW", "eta", self.eta, 0.0, low_open=True)
+        check_number("VTW", "eta", self.eta, 0.0)  # 0: no layer is below it, so no withdrawal
         check_integer("VTW", "start_layer", self.start_layer, 0)
         check_integer("VTW", "n", self.n, 1)
 
@@ -46,6 +47,13 @@ class VTWSettings:
                                "decoder layers).", "layer", self.layer,
                                f"the exit layer must be in [0, {num_layers}] (the model has "
                                f"num_hidden_layers={num_layers})")
+
+
+def vtw_at_budget(settings: VTWSettings, share: float, num_layers: int, n_visual: int
+                  ) -> tuple[VTWSettings, str]:
+    """VTW at the budget `share`: exit at layer `round(share * L)` (exit at `k` computes `k / L` of the tokens)."""
+    exit_layer = math.floor(share * num_layers + 0.5)
+    return replace(settings, layer=exit_layer), f"exit at layer {exit_layer}"
 
 
 class StaticExit(ExitPolicy):

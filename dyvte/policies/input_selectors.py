@@ -14,7 +14,7 @@ so one setting fits every image size.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..adapters import get_adapter
 from ..engine import Decision, ExitPolicy, PrefillState, SubBatch
 from .settings import SettingError, check_flag, check_integer, check_share
-from .tokens import round_half_up, rounded_count
+from .tokens import keep_ratio_after, round_half_up, rounded_count
 
 
 def _images_of(method: str, sub: SubBatch, visual_mask: torch.Tensor, tokens_per_image: int
@@ -54,6 +54,17 @@ class DownsampleSettings:
         if self.factor is not None and self.keep_ratio is not None:
             raise SettingError("Downsample: give either factor (pooling window side) or keep_ratio, not both.",
                                "keep_ratio", self.keep_ratio, "set downsample.factor=null to pool to a keep_ratio")
+
+
+def downsample_at_budget(settings: DownsampleSettings, share: float, num_layers: int, n_visual: int
+                         ) -> tuple[DownsampleSettings, str]:
+    """Downsample at the budget `share`: pooling to `keep_ratio = share` (pooling before the LLM costs its share)."""
+    return replace(settings, factor=None, keep_ratio=share), f"keep {share:.3f} (pooled grid)"
+
+
+def keep_share_at_budget(settings, share: float, num_layers: int, n_visual: int):
+    """A selection before the LLM (VisionZip, VisPruner, CDPruner) at the budget `share`: `keep_ratio = share`."""
+    return replace(settings, keep_ratio=share), f"keep {share:.3f}"
 
 
 class Downsample(ExitPolicy):
@@ -438,6 +449,16 @@ class DivPruneSettings:
     def __post_init__(self):
         check_share("DivPrune", "keep_ratio", self.keep_ratio, low_open=True)
         check_integer("DivPrune", "layer", self.layer, 0)
+
+
+def divprune_at_budget(settings: DivPruneSettings, share: float, num_layers: int, n_visual: int
+                       ) -> tuple[DivPruneSettings | None, str]:
+    """DivPrune at the budget `share`: its keep ratio before its layer (the share itself before the LLM)."""
+    layer = settings.layer
+    ratio = share if layer == 0 else keep_ratio_after(share, layer, num_layers)
+    if ratio is None or ratio <= 0:
+        return None, f"out of reach: pruning before layer {layer} costs {layer}/{num_layers} of the tokens alone"
+    return replace(settings, keep_ratio=ratio), f"layer {layer}, keep {ratio:.3f}"
 
 
 class DivPrune(ExitPolicy):

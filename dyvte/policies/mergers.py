@@ -4,14 +4,14 @@ A merged token is written into the slot it keeps, at that slot's position (`Deci
 merged into it leave; the policy composes with exit (`ToMe() + DynamicExit(heads)`) and runs batched.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from ..engine import Decision, ExitPolicy, PrefillState
 from .settings import check_integer, check_share
-from .tokens import round_half_up
+from .tokens import round_half_up, setting_for_share
 
 
 @dataclass
@@ -88,3 +88,31 @@ class ToMe(ExitPolicy):
             self._size[sub.rows[b], positions[bset]] = new_size
             keep[b, a[source]] = False
         return Decision(keep=keep, hidden=hidden)
+
+
+def tome_share(r: float, first_layer: int, num_layers: int) -> float:
+    """The share of ToMe merging `r` of the prompt's visual tokens per layer from `first_layer` on (at most half
+    of the tokens left per layer, as bipartite matching), tokens counted as a continuous share."""
+    left, total = 1.0, 0.0
+    for layer in range(num_layers):
+        if layer >= first_layer:
+            left = max(left - r, left / 2)
+        total += left
+    return total / num_layers
+
+
+def tome_rate(share: float, first_layer: int, num_layers: int) -> float | None:
+    """ToMe's `r` whose share is `share`; None when merging half of the tokens every layer still costs more."""
+    if tome_share(0.5, first_layer, num_layers) > share:
+        return None
+    return setting_for_share(lambda r: tome_share(r, first_layer, num_layers), share, 0.0, 0.5)
+
+
+def tome_at_budget(settings: ToMeSettings, share: float, num_layers: int, n_visual: int
+                   ) -> tuple[ToMeSettings | None, str]:
+    """ToMe at the budget `share`: its `r` (merged per layer from its first layer)."""
+    first_layer = settings.first_layer
+    r = tome_rate(share, first_layer, num_layers)
+    if r is None:
+        return None, f"out of reach: merging half the tokens per layer from layer {first_layer} costs more"
+    return replace(settings, r=r), f"r {r:.4f} per layer from layer {first_layer}"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..engine import Decision, ExitPolicy, PrefillState, SubBatch
 from .settings import SettingError, check_integer, check_layers, check_share, check_shares
-from .tokens import attention_by_position, keep_most_attended, kept_count, round_half_up
+from .tokens import attention_by_position, keep_most_attended, kept_count, round_half_up, setting_for_share
 
 
 @dataclass
@@ -216,6 +216,26 @@ class DARTSettings:
                                "must be >= 1 when dart.image_pivots is 0: DART needs pivots")
 
 
+def pyramid_ratio(share: float, layers: list[int], num_layers: int) -> float | None:
+    """PyramidDrop's per-stage ratio whose share is `share`; None when the first stage alone costs more."""
+    bounds = [0, *layers, num_layers]
+
+    def cost(ratio: float) -> float:
+        return sum((bounds[s + 1] - bounds[s]) * ratio**s for s in range(len(bounds) - 1)) / num_layers
+
+    return None if cost(0.0) > share else setting_for_share(cost, share, 0.0, 1.0)
+
+
+def pdrop_at_budget(settings: PyramidDropSettings, share: float, num_layers: int, n_visual: int
+                    ) -> tuple[PyramidDropSettings | None, str]:
+    """PyramidDrop at the budget `share`: its per-stage ratio at its stage boundaries."""
+    layers = settings.stage_layers(num_layers)
+    ratio = pyramid_ratio(share, layers, num_layers)
+    if ratio is None:
+        return None, f"out of reach: its first stage (layers 0-{layers[0] - 1}) keeps every token"
+    return replace(settings, ratio=ratio), f"ratio {ratio:.3f} at layers {layers}"
+
+
 class DART(ExitPolicy):
     """DART (Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters
     More", 2025): keep the visual tokens that duplicate each other least, attention-free (SDPA stays on).
@@ -390,9 +410,9 @@ class SparseVLM(ExitPolicy):
     Raters (once, on the LLM's input): the text tokens after the first visual token whose mean over the visual
     tokens of `softmax_text(v t^T)` (input embeddings) exceeds its mean. After each layer `layers[s]` (paper: 2, 6,
     15 of 32, scaled to the depth by default, `sparsevlm_layers`), each sample ranks its remaining visual tokens by
-    that layer's attention from the raters (mean over heads and raters, recomputed for those queries, so SDPA stays on) and
-    keeps the top `min(round(keep_ratios[s] * N), remaining - 1)` (`N`: its prompt's visual tokens; paper at 192:
-    300, 200, 110 of 576). Recycling: of the pruned tokens, the `int(0.3 * pruned) + 1` best rated are clustered
+    that layer's attention from the raters (mean over heads and raters, recomputed for those queries, so SDPA stays
+    on) and keeps the top `min(round(keep_ratios[s] * N), remaining - 1)` (`N`: its prompt's visual tokens; paper
+    at 192: 300, 200, 110 of 576). Recycling: of the pruned tokens, the `int(0.3 * pruned) + 1` best rated are clustered
     (`cluster_and_merge`) into `int(that / 10) + 1` merged tokens of layer `layers[s]`'s output, the rest leave. A
     merged token stays in its cluster centre's slot and position (the official code appends the merged tokens
     after the kept ones and renumbers positions). The official v2.0 options (attention bias correction, head
@@ -483,3 +503,32 @@ def sparsevlm_share(keep_ratios: list[float], layers: list[int], num_layers: int
             recycled = int(pruned * recycle) + 1
             left = kept + _clusters(recycled, cluster)
     return total / (num_layers * n_visual)
+
+
+def sparsevlm_ratios(share: float, base: list[float], layers: list[int], num_layers: int, n_visual: int
+                     ) -> list[float] | None:
+    """SparseVLM's keep ratios `min(1, x * base)` (the paper's per-layer proportions scaled by one `x`) whose share
+    on a prompt of `n_visual` visual tokens is `share`; None when keeping nothing after the first pruning layer
+    still costs more."""
+
+    def ratios(x: float) -> list[float]:
+        return [min(1.0, x * r) for r in base]
+
+    def cost(x: float) -> float:
+        return sparsevlm_share(ratios(x), layers, num_layers, n_visual)
+
+    if cost(0.0) > share:
+        return None
+    return ratios(setting_for_share(cost, share, 0.0, 1.0 / min(base)))
+
+
+def sparsevlm_at_budget(settings: SparseVLMSettings, share: float, num_layers: int, n_visual: int
+                        ) -> tuple[SparseVLMSettings | None, str]:
+    """SparseVLM at the budget `share` (on a prompt of `n_visual` visual tokens): its keep ratios, scaled together."""
+    layers, keep_ratios = settings.stage_layers(num_layers)
+    ratios = sparsevlm_ratios(share, keep_ratios, layers, num_layers, n_visual)
+    if ratios is None:
+        return None, (f"out of reach: its first pruning comes after layer {layers[0]}, so {layers[0] + 1}/"
+                      f"{num_layers} of the tokens stay alone")
+    return (replace(settings, keep_ratios=tuple(ratios), layers=layers),
+            f"keep {', '.join(f'{r:.3f}' for r in ratios)} after layers {layers}")
