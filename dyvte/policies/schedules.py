@@ -48,7 +48,9 @@ class GSearchSettings:
         check_choice("G-Search", "queries", self.queries, QUERIES)
 
     def check_depth(self, num_layers: int) -> None:
-        check_first_layer("G-Search", self.first_layer, num_layers)
+        """The search's first layer fits the model (a saved search to load has its own)."""
+        if self.path is None:
+            check_first_layer("G-Search", self.first_layer, num_layers)
 
 
 @dataclass
@@ -77,7 +79,9 @@ class PSigmoidSettings:
         check_choice("P-Sigmoid", "queries", self.queries, QUERIES)
 
     def check_depth(self, num_layers: int) -> None:
-        check_first_layer("P-Sigmoid", self.first_layer, num_layers)
+        """The search's first layer fits the model (a saved search to load has its own)."""
+        if self.path is None:
+            check_first_layer("P-Sigmoid", self.first_layer, num_layers)
 
 
 class KeepRateSchedule(ExitPolicy):
@@ -163,7 +167,8 @@ class PSigmoid(KeepRateSchedule):
 
     def __init__(self, budget: float, k: float, num_layers: int, alpha: float | None = PSigmoidSettings.alpha,
                  first_layer: int = PSigmoidSettings.first_layer, queries: str = PSigmoidSettings.queries):
-        PSigmoidSettings(budget=budget, alpha=alpha, first_layer=first_layer, queries=queries).check_depth(num_layers)
+        PSigmoidSettings(budget=budget, alpha=alpha, first_layer=first_layer, queries=queries)  # refuses bad ones
+        check_first_layer("PSigmoid", first_layer, num_layers)
         check_number("PSigmoid", "k", k, 0.0, why="a negative k makes the rates increase with depth")
         alpha = (first_layer + num_layers - 1) / 2 if alpha is None else float(alpha)
         rates = [1.0] * first_layer

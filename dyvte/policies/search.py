@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ..engine import ExitPolicy, VisualExit, generation_eos_ids, greedy_answers
 from ..extras import require
 from .exit import NoExit, VTWSettings
-from .schedules import GSearchSettings, KeepRateSchedule, PSigmoid, PSigmoidSettings
+from .schedules import GSearchSettings, KeepRateSchedule, PSigmoid, PSigmoidSettings, check_first_layer
 from .tokens import kept_count
 
 
@@ -143,8 +143,8 @@ def g_search(engine: VisualExit, batches: list[dict], lam: float = GSearchSettin
     layer. `E` is measured by `AnswerScore` on the calibration `batches` (processor batches).
     """
     num_layers = engine.num_layers
-    settings = GSearchSettings(lam=lam, every=every, first_layer=first_layer, trials=trials, queries=queries)
-    settings.check_depth(num_layers)  # bad settings are refused before any run
+    GSearchSettings(lam=lam, every=every, first_layer=first_layer, trials=trials, queries=queries)
+    check_first_layer("g_search", first_layer, num_layers)  # bad settings are refused before any run
     check_visual(engine, batches, "g_search")
     optuna = _optuna("g_search (G-Search's keep rates)")
     score = AnswerScore(engine, batches, max_new_tokens, references)
@@ -201,9 +201,8 @@ def p_sigmoid_search(engine: VisualExit, batches: list[dict], budget: float, tri
     """P-Sigmoid: the `k` in `[0, k_max]` that maximises E of `PSigmoid(budget, k)` by Bayesian optimisation
     (Optuna's TPE; `k = 0`, the flat rate `budget`, is always tried first and wins ties)."""
     num_layers = engine.num_layers
-    settings = PSigmoidSettings(budget=budget, k_max=k_max, alpha=alpha, first_layer=first_layer, trials=trials,
-                                queries=queries)
-    settings.check_depth(num_layers)  # bad settings are refused before any run
+    PSigmoidSettings(budget=budget, k_max=k_max, alpha=alpha, first_layer=first_layer, trials=trials, queries=queries)
+    check_first_layer("p_sigmoid_search", first_layer, num_layers)  # bad settings are refused before any run
     flat = PSigmoid(budget, 0.0, num_layers, alpha, first_layer, queries)
     check_visual(engine, batches, "p_sigmoid_search")
     optuna = _optuna("p_sigmoid_search (P-Sigmoid's keep rates)")
