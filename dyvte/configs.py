@@ -6,7 +6,7 @@ the value and what it may be, instead of a torch error deep inside a stage. A po
 own settings dataclass (`dyvte.policies.registry`), worded by the key the user typed.
 """
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from numbers import Integral, Real
 
 from hydra.core.config_store import ConfigStore
@@ -252,8 +252,8 @@ store_policy_settings()  # before any config is composed: every entry point and 
 
 def _policy_settings(cfg: DictConfig, spec: PolicySpec):
     """`spec`'s settings dataclass from its keys in `cfg`; a bad value is a `ConfigError` naming the key."""
-    keys = spec.settings.__dataclass_fields__ if spec.top_level else cfg[spec.name].keys()
-    values = {key: cfg[key] if spec.top_level else cfg[spec.name][key] for key in keys}
+    section = cfg if spec.top_level else cfg[spec.name]
+    values = {setting.name: section[setting.name] for setting in fields(spec.settings)}
     values = {key: OmegaConf.to_object(value) if isinstance(value, (DictConfig, ListConfig)) else value
               for key, value in values.items()}
     try:

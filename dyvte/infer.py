@@ -71,7 +71,7 @@ def policy_settings(cfg, engine: VisualExit, processor, names: list[str]) -> Pol
     parts = {part for name in names for part in name.split("+")}
     settings = PolicySettings(threshold=cfg.threshold, force=cfg.force, vtw_layer=options["vtw"].layer,
                               model=engine.model, options=options)
-    if any(needs_heads(part) for part in parts):
+    if any(needs_heads(name) for name in names):
         settings.heads = ExitHeads.from_pretrained(cfg.heads)
         settings.heads.check_fits(engine.model, cfg.model.name_or_path, cfg.model.revision)
     if "vtw" in parts and settings.vtw_layer is None:

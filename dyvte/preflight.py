@@ -166,11 +166,11 @@ def check_policy_needs(cfg, parts: set[str], config) -> None:
     tower = getattr(getattr(config, "vision_config", None), "model_type", None)
     for name in sorted(parts, key=POLICY_NAMES.index):
         spec, settings = REGISTRY[name], options.get(name)
-        try:
-            if hasattr(settings, "check_depth"):
+        if hasattr(settings, "check_depth"):  # the settings whose rules depend on the depth
+            try:
                 settings.check_depth(num_layers)
-        except SettingError as error:
-            raise ConfigError(f"{spec.key(error.name)}={error.value!r}: {error.expected}") from None
+            except SettingError as error:
+                raise ConfigError(f"{spec.key(error.name)}={error.value!r}: {error.expected}") from None
         if spec.needs.families is not None and config.model_type not in spec.needs.families:
             raise ConfigError(f"policy {name!r} runs on model_type {', '.join(spec.needs.families)} only; "
                               f"model.name_or_path={cfg.model.name_or_path!r} is {config.model_type!r}: pick another "

@@ -3,7 +3,8 @@ exit policies (`exit.py`: NoExit, StaticExit, DynamicExit), input selectors (`in
 VisionZip, VisPruner, CDPruner, DivPrune), in-LLM pruners (`pruners.py`: FastV, RandomPrune, PyramidDrop, DART,
 SparseVLM), mergers (`mergers.py`: ToMe) and keep-rate schedules (`schedules.py`: KeepRateSchedule, PSigmoid); the
 searches that choose static settings from a few samples (`search.py`: VTW's layer, G-Search's and P-Sigmoid's keep
-rates); what they share (`tokens.py`, `settings.py`)."""
+rates); what they share (`tokens.py`, `settings.py`); and the registry of the names users type, with what each
+policy is, needs and is built from (`registry.py`: `build_policy`, `budget_policy`, `PolicySettings`)."""
 
 from ..engine import Compose, Decision, ExitPolicy, PrefillState
 from .exit import DynamicExit, NoExit, StaticExit

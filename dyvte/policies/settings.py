@@ -92,10 +92,10 @@ def check_integer(method: str, name: str, value, minimum: int, maximum: int | No
         raise SettingError(f"{method}: {name} must be {bound}, got {value}{because}.", name, value, expected)
 
 
-def check_layers(method: str, name: str, layers, minimum: int, expected: str, optional: bool = True) -> None:
-    """`layers` is an increasing list of integer layers >= `minimum` (None too with `optional`); `expected` is the
-    rule in a config's words."""
-    if layers is None and optional:
+def check_layers(method: str, name: str, layers, minimum: int, expected: str) -> None:
+    """`layers` is None (the method's own default layers) or an increasing list of integer layers >= `minimum`;
+    `expected` is the rule in a config's words."""
+    if layers is None:
         return
     integers = isinstance(layers, (list, tuple)) and all(_is_integer(layer) for layer in layers)
     if not integers or not layers or layers[0] < minimum or not all(a < b for a, b in itertools.pairwise(layers)):
