@@ -1,17 +1,23 @@
-"""Checks of the Hydra configs of `train.py`, `infer.py` and `analyze.py`, run at start-up before any model time.
+"""Checks of the Hydra configs of `train.py`, `infer.py` and `analyze.py`, run at start-up before any model time,
+and the config node of the policies' settings, derived from the policy registry (`store_policy_settings`).
 
 Every value a user can set is checked here, and a bad one stops the run with a `ConfigError` that names the key,
-the value and what it may be, instead of a torch error deep inside a stage.
+the value and what it may be, instead of a torch error deep inside a stage. A policy's settings are checked by its
+own settings dataclass (`dyvte.policies.registry`), worded by the key the user typed.
 """
 
+from dataclasses import asdict, fields
 from numbers import Integral, Real
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .adapters.base import TEXT_SPANS, WITHDRAW_CHOICES
 from .engine.features import FEATURE_GROUPS
-from .evaluation.budget import BUDGET_BY, BUDGET_METHODS
+from .evaluation.budget import BUDGET_BY
 from .heads import ARCHITECTURES, INPUT_PARTS, LABEL_SHAPES, LABEL_TARGETS
+from .policies.registry import BUDGET_METHODS, EXIT, REGISTRY, PolicySpec
+from .policies.settings import SettingError
 
 STAGES = ("labels", "heads", "validate")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -252,53 +258,54 @@ def check_logger(cfg: DictConfig) -> None:
                   "allow_any_logger=true to instantiate your own class (it runs the code the config names)")
 
 
-def _layers(cfg, key: str) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value is None:
-        return
-    layers = OmegaConf.to_object(value) if isinstance(value, ListConfig) else value
-    integers = isinstance(layers, list) and all(isinstance(k, Integral) and not isinstance(k, bool) for k in layers)
-    if not integers or not layers or layers[0] < 1 or layers != sorted(set(layers)):
-        _fail(key, layers, "must be null or an increasing list of layers >= 1")
+def store_policy_settings() -> None:
+    """Store the config node `policy_settings` that `conf/infer.yaml` (and so `conf/serve.yaml`) names in its
+    defaults: one section per registered policy with its settings dataclass's defaults (`fastv.layer`, `tome.r`,
+    ...), dynamic exit's at the top level (`threshold`, `force`), and `budget_methods` (every budget method). The
+    values are plain, not typed by Hydra, so a check sees what the user typed (`check_policy_settings`)."""
+    node = {}
+    for spec in REGISTRY.values():
+        if spec.settings is not None:
+            defaults = asdict(spec.settings())
+            if spec.top_level:
+                node.update(defaults)
+            else:
+                node[spec.name] = defaults
+    node["budget_methods"] = list(BUDGET_METHODS)
+    ConfigStore.instance().store(name="policy_settings", node=node)
 
 
-def check_baselines(cfg: DictConfig) -> None:
-    """The token-reduction baselines' settings and the equal-budget comparison of `conf/infer.yaml`."""
-    _integer(cfg, "random.layer", 0)
-    _number(cfg, "random.keep_ratio", 0.0, 1.0)
-    _integer(cfg, "random.seed", 0)
-    _integer(cfg, "downsample.factor", 1, optional=True)
-    _number(cfg, "downsample.keep_ratio", 0.0, 1.0, low_open=True, optional=True)
-    if cfg.downsample.factor is not None and cfg.downsample.keep_ratio is not None:
-        _fail("downsample.keep_ratio", cfg.downsample.keep_ratio, "set downsample.factor=null to pool to a keep_ratio")
-    _number(cfg, "tome.r", 0.0, 0.5)
-    _integer(cfg, "tome.first_layer", 0)
-    _number(cfg, "visionzip.keep_ratio", 0.0, 1.0, low_open=True)
-    _number(cfg, "pdrop.ratio", 0.0, 1.0)
-    _layers(cfg, "pdrop.layers")
-    _integer(cfg, "dart.layer", 1)
-    _number(cfg, "dart.keep_ratio", 0.0, 1.0)
-    _integer(cfg, "dart.image_pivots", 0)
-    _integer(cfg, "dart.text_pivots", 0)
-    _number(cfg, "vispruner.keep_ratio", 0.0, 1.0, low_open=True)
-    _number(cfg, "vispruner.important_ratio", 0.0, 1.0)
-    _integer(cfg, "vispruner.step", 1)
-    _number(cfg, "cdpruner.keep_ratio", 0.0, 1.0, low_open=True)
-    _choice(cfg, "cdpruner.negate_relevance", (True, False))
-    _number(cfg, "divprune.keep_ratio", 0.0, 1.0, low_open=True)
-    _integer(cfg, "divprune.layer", 0)
-    ratios = cfg.sparsevlm.keep_ratios
-    values = OmegaConf.to_object(ratios) if isinstance(ratios, ListConfig) else ratios
-    if not isinstance(values, list) or not values or not all(
-            isinstance(r, Real) and not isinstance(r, bool) and 0 <= r <= 1 for r in values):
-        _fail("sparsevlm.keep_ratios", values, "must be a non-empty list of shares in [0, 1], one per pruning layer")
-    sparse_layers = cfg.sparsevlm.layers
-    if sparse_layers is not None:
-        given = OmegaConf.to_object(sparse_layers) if isinstance(sparse_layers, ListConfig) else sparse_layers
-        if not isinstance(given, list) or len(given) != len(values) or given != sorted(set(given)) or not all(
-                isinstance(k, Integral) and not isinstance(k, bool) and k >= 0 for k in given):
-            _fail("sparsevlm.layers", given, f"must be null or {len(values)} increasing layers >= 0, one per "
-                                             "sparsevlm.keep_ratios entry")
+store_policy_settings()  # before any config is composed: every entry point and test composing one imports this module
+
+
+def _policy_settings(cfg: DictConfig, spec: PolicySpec):
+    """`spec`'s settings dataclass from its keys in `cfg`; a bad value is a `ConfigError` naming the key."""
+    section = cfg if spec.top_level else cfg[spec.name]
+    values = {setting.name: section[setting.name] for setting in fields(spec.settings)}
+    values = {key: OmegaConf.to_object(value) if isinstance(value, (DictConfig, ListConfig)) else value
+              for key, value in values.items()}
+    try:
+        return spec.settings(**values)
+    except SettingError as error:
+        raise ConfigError(f"{spec.key(error.name)}={error.value!r}: {error.expected}") from None
+
+
+def policy_options(cfg: DictConfig) -> dict[str, object]:
+    """Each registered policy's settings dataclass from its config section (`fastv.*`, `tome.*`, ...), by name
+    (`PolicySettings.options`; dynamic exit's top-level `threshold` and `force` are `PolicySettings` fields)."""
+    return {spec.name: _policy_settings(cfg, spec) for spec in REGISTRY.values()
+            if spec.settings is not None and not spec.top_level}
+
+
+def check_policy_settings(cfg: DictConfig) -> None:
+    """Every registered policy's settings, by its settings dataclass's checks."""
+    for spec in REGISTRY.values():
+        if spec.settings is not None:
+            _policy_settings(cfg, spec)
+
+
+def check_budget(cfg: DictConfig) -> None:
+    """The equal-budget comparison's keys of `conf/infer.yaml`."""
     _integer(cfg, "budget_unit", 1)
     _choice(cfg, "budget_by", BUDGET_BY)
     _integer(cfg, "budget_calibration", 1)
@@ -309,10 +316,12 @@ def check_baselines(cfg: DictConfig) -> None:
               f"must be null or a list of budgets in (0, budget_unit={cfg.budget_unit}]: no method keeps more "
               "visual tokens than the image has")
     methods = list(cfg.budget_methods)
-    known = set(BUDGET_METHODS) | {f"{m}+dynamic" for m in BUDGET_METHODS if m not in ("vtw", "dynamic")}
+    exits = [name for name in BUDGET_METHODS if REGISTRY[name].kind == EXIT]
+    known = set(BUDGET_METHODS) | {f"{name}+dynamic" for name in BUDGET_METHODS if name not in exits}
     if not methods or set(methods) - known:
         _fail("budget_methods", methods, f"must be a non-empty list of {', '.join(BUDGET_METHODS)} (or one of them "
-                                         "but vtw and dynamic composed with dynamic exit, e.g. cdpruner+dynamic)")
+                                         f"but {' and '.join(exits)} composed with dynamic exit, e.g. "
+                                         "cdpruner+dynamic)")
 
 
 def check_infer_config(cfg: DictConfig) -> None:
@@ -320,25 +329,8 @@ def check_infer_config(cfg: DictConfig) -> None:
     _choice(cfg, "task", ("sample", "eval"))
     check_model(cfg)
     check_data(cfg)
-    _number(cfg, "threshold", 0.0, float("inf"), optional=True)
-    if cfg.threshold is not None and cfg.threshold > 1 and not cfg.force:
-        _fail("threshold", cfg.threshold, "must be in [0, 1]; pass force=true to use it anyway (above 1 never exits)")
-    _integer(cfg, "vtw.layer", 0, optional=True)
-    _number(cfg, "vtw.eta", 0.0, float("inf"), low_open=True)
-    _integer(cfg, "vtw.start_layer", 0)
-    _integer(cfg, "vtw.n", 1)
-    _integer(cfg, "fastv.layer", 1)
-    _number(cfg, "fastv.keep_ratio", 0.0, 1.0)
-    for method in ("gsearch", "psigmoid"):
-        _integer(cfg, f"{method}.n", 1)
-        _integer(cfg, f"{method}.trials", 1)
-        _integer(cfg, f"{method}.first_layer", 1)
-        _choice(cfg, f"{method}.queries", ("text", "last"))
-    _number(cfg, "gsearch.lam", 0.0, float("inf"))
-    _integer(cfg, "gsearch.every", 1)
-    _number(cfg, "psigmoid.budget", 0.0, 1.0)
-    _number(cfg, "psigmoid.k_max", 0.0, float("inf"), low_open=True)
-    check_baselines(cfg)
+    check_policy_settings(cfg)
+    check_budget(cfg)
     _integer(cfg, "limit", 1, optional=True)
     _integer(cfg, "batch_size", 1)
     _integer(cfg, "max_new_tokens", 1)

@@ -9,21 +9,23 @@
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dyvte import VisualExit, cli, flops
-from dyvte.configs import check_infer_config
+from dyvte.configs import check_infer_config, policy_options
 from dyvte.data import PromptCollator, Sample, load_image, load_splits
-from dyvte.evaluation import BASELINES, MODEL_BASELINES, PolicySettings, build_policy, evaluate, write_report
+from dyvte.evaluation import evaluate, write_report
 from dyvte.heads import ExitHeads
 from dyvte.loading import load_mllm
 from dyvte.policies import KeepRateSchedule
+from dyvte.policies.registry import POLICY_NAMES, REGISTRY, SCHEDULE, PolicySettings, build_policy, needs_heads
 from dyvte.policies.search import GSearch, PSigmoidSearch, g_search, p_sigmoid_search, vtw_search
 from dyvte.preflight import check_infer_inputs
 from dyvte.prompts import chat_prompt
@@ -40,10 +42,9 @@ def calibration_batches(cfg, processor, n: int) -> list[dict]:
     return [{k: v for k, v in b.items() if k not in ("samples", "skipped")} for b in batches if b["samples"]]
 
 
-def searched_schedule(cfg, method: str, engine: VisualExit, processor) -> KeepRateSchedule:
-    """`method` ("gsearch" or "psigmoid") loaded from `{method}.path`, or searched on the val split and saved as
-    `{method}.json` in the run's output dir (reload it with `{method}.path=...`)."""
-    options = cfg[method]
+def searched_schedule(cfg, method: str, options, engine: VisualExit, processor) -> KeepRateSchedule:
+    """`method` ("gsearch" or "psigmoid", with its settings `options`) loaded from `{method}.path`, or searched on
+    the val split and saved as `{method}.json` in the run's output dir (reload it with `{method}.path=...`)."""
     if options.path:
         result = (GSearch if method == "gsearch" else PSigmoidSearch).load(options.path)
         log.info("%s: keep rates %s from %s", method, [round(r, 4) for r in result.rates], options.path)
@@ -63,24 +64,24 @@ def searched_schedule(cfg, method: str, engine: VisualExit, processor) -> KeepRa
 
 
 def policy_settings(cfg, engine: VisualExit, processor, names: list[str]) -> PolicySettings:
-    settings = PolicySettings(threshold=cfg.threshold, vtw_layer=cfg.vtw.layer, fastv_layer=cfg.fastv.layer,
-                              fastv_keep_ratio=cfg.fastv.keep_ratio, model=engine.model, force=cfg.force,
-                              baselines={name: OmegaConf.to_object(cfg[name])
-                                         for name in (*BASELINES, *MODEL_BASELINES)})
-    if any("dynamic" in name for name in names):
-        heads = ExitHeads.from_pretrained(cfg.heads)
-        heads.check_fits(engine.model, cfg.model.name_or_path, cfg.model.revision)
-        if cfg.threshold is not None and not 0 <= cfg.threshold <= 1 and not cfg.force:
-            raise ValueError(f"threshold {cfg.threshold} is outside [0, 1]; pass force=true to use it anyway.")
-        settings.heads = heads
-    if any("vtw" in name for name in names) and settings.vtw_layer is None:
-        batches = calibration_batches(cfg, processor, cfg.vtw.n)
-        search = vtw_search(engine, batches, cfg.vtw.eta, cfg.vtw.start_layer, cfg.vtw.n)
+    """What `build_policy` needs for the policies `names` (and their `+` parts): every policy's settings from the
+    config, the model, and what they need resolved: the heads (checked against the model), VTW's layer searched
+    where `vtw.layer` is null, the keep-rate schedules loaded or searched."""
+    options = policy_options(cfg)
+    parts = {part for name in names for part in name.split("+")}
+    settings = PolicySettings(threshold=cfg.threshold, force=cfg.force, vtw_layer=options["vtw"].layer,
+                              model=engine.model, options=options)
+    if any(needs_heads(name) for name in names):
+        settings.heads = ExitHeads.from_pretrained(cfg.heads)
+        settings.heads.check_fits(engine.model, cfg.model.name_or_path, cfg.model.revision)
+    if "vtw" in parts and settings.vtw_layer is None:
+        vtw = options["vtw"]
+        search = vtw_search(engine, calibration_batches(cfg, processor, vtw.n), vtw.eta, vtw.start_layer, vtw.n)
         log.info("vtw_search: k=%d, KL per layer %s", search.k, [round(v, 5) for v in search.kl])
         settings.vtw_layer = search.k
-    for method in ("gsearch", "psigmoid"):
-        if any(method in name for name in names):
-            setattr(settings, method, searched_schedule(cfg, method, engine, processor))
+    for method in sorted(parts, key=POLICY_NAMES.index):
+        if REGISTRY[method].kind == SCHEDULE:
+            setattr(settings, method, searched_schedule(cfg, method, options[method], engine, processor))
     return settings
 
 
@@ -151,17 +152,17 @@ def main(cfg: DictConfig) -> None:
     samples = splits[cfg.split]
     samples = samples[: cfg.limit] if cfg.limit else samples
     sweep_dynamic = cfg.sweeps and Path(cfg.heads).exists()  # the threshold sweep needs heads
-    budget_names = [m for m in cfg.budget_methods if "dynamic" in m] if cfg.budget else []
+    budget_names = [method for method in cfg.budget_methods if needs_heads(method)] if cfg.budget else []
     settings = policy_settings(cfg, engine, processor, names + budget_names + (["dynamic"] if sweep_dynamic else []))
     results = evaluate(engine, processor, samples, names, settings, cfg.batch_size, cfg.max_new_tokens, cfg.sweeps,
                        list(cfg.sweep_thresholds), cfg.data.on_bad_sample, list(cfg.budget or []), cfg.budget_unit,
                        list(cfg.budget_methods), cfg.budget_by, cfg.budget_calibration)
-    results["settings"] = {"vtw_layer": settings.vtw_layer, "threshold": settings.threshold
-                           if settings.threshold is not None else (settings.heads.threshold if settings.heads else None),
-                           "fastv": dict(cfg.fastv), "split": cfg.split, "model": cfg.model.name_or_path,
+    threshold = settings.heads.threshold if settings.threshold is None and settings.heads else settings.threshold
+    results["settings"] = {"vtw_layer": settings.vtw_layer, "threshold": threshold, "split": cfg.split,
+                           "model": cfg.model.name_or_path,
                            "gsearch_rates": settings.gsearch.rates if settings.gsearch else None,
                            "psigmoid_rates": settings.psigmoid.rates if settings.psigmoid else None,
-                           "baselines": settings.baselines}
+                           "policy_settings": {name: asdict(options) for name, options in settings.options.items()}}
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     print(write_report(results, output_dir))
     log.info("results, table and plots in %s", output_dir)

@@ -13,10 +13,11 @@ from huggingface_hub.utils import validate_repo_id
 from omegaconf import ListConfig
 from transformers import AutoConfig
 
-from .configs import ConfigError
+from .configs import ConfigError, policy_options
 from .data import DataFileError, Sample, load_splits
-from .evaluation.compare import POLICY_NAMES
 from .loading import resolve_model_path
+from .policies.registry import POLICY_NAMES, REGISTRY, check_composition, needs_heads
+from .policies.settings import SettingError
 
 
 def _is_hub_id(value: str) -> bool:
@@ -51,14 +52,18 @@ def check_model_path(cfg) -> Path | str:
     return name
 
 
-def model_num_layers(cfg, model_path: Path | str) -> int:
-    """The decoder's `num_hidden_layers`, read from the model's config alone (no weights)."""
+def model_config(cfg, model_path: Path | str):
+    """The model's config alone (`AutoConfig`, no weights)."""
     try:
-        config = AutoConfig.from_pretrained(str(model_path), revision=cfg.model.revision)
+        return AutoConfig.from_pretrained(str(model_path), revision=cfg.model.revision)
     except (OSError, ValueError) as error:
         raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: its config cannot be read "
                           f"({error})") from None
-    return config.get_text_config(decoder=True).num_hidden_layers
+
+
+def model_num_layers(cfg, model_path: Path | str) -> int:
+    """The decoder's `num_hidden_layers`, read from the model's config alone (no weights)."""
+    return model_config(cfg, model_path).get_text_config(decoder=True).num_hidden_layers
 
 
 def check_heads_path(cfg) -> None:
@@ -136,24 +141,52 @@ def policy_names(cfg) -> list[str]:
     return [cfg.policy] if cfg.task == "sample" else list(cfg.policies)
 
 
+def check_policy_names(names: list[str], key: str) -> set[str]:
+    """The policy names of config key `key` are registered policies, or `+` compositions of them whose parts agree
+    (`check_composition`); returns the parts."""
+    shown = f"{key}={list(names) if key == 'policies' else names[0]!r}"
+    parts = {part for name in names for part in str(name).split("+")}
+    unknown = sorted(parts - set(POLICY_NAMES))
+    if unknown:
+        raise ConfigError(f"{shown}: unknown policy {', '.join(unknown)}; policies: {', '.join(POLICY_NAMES)} and "
+                          "'+' compositions")
+    for name in names:
+        try:
+            check_composition(str(name).split("+"))
+        except ValueError as error:
+            raise ConfigError(f"{shown}: {error}") from None
+    return parts
+
+
+def check_policy_needs(cfg, parts: set[str], config) -> None:
+    """What the policies named (`parts`) need of the model, read from its config (`config`, no weights): their
+    settings fit its depth, and it is a family and has a vision tower they run on."""
+    num_layers = config.get_text_config(decoder=True).num_hidden_layers
+    options = policy_options(cfg)
+    tower = getattr(getattr(config, "vision_config", None), "model_type", None)
+    for name in sorted(parts, key=POLICY_NAMES.index):
+        spec, settings = REGISTRY[name], options.get(name)
+        if hasattr(settings, "check_depth"):  # the settings whose rules depend on the depth
+            try:
+                settings.check_depth(num_layers)
+            except SettingError as error:
+                raise ConfigError(f"{spec.key(error.name)}={error.value!r}: {error.expected}") from None
+        if spec.needs.families is not None and config.model_type not in spec.needs.families:
+            raise ConfigError(f"policy {name!r} runs on model_type {', '.join(spec.needs.families)} only; "
+                              f"model.name_or_path={cfg.model.name_or_path!r} is {config.model_type!r}: pick another "
+                              "policy or model")
+        if spec.needs.towers is not None and tower not in spec.needs.towers:
+            raise ConfigError(f"policy {name!r} needs a vision tower of model_type {', '.join(spec.needs.towers)}; "
+                              f"model.name_or_path={cfg.model.name_or_path!r} has {tower!r}: pick another policy or "
+                              "model")
+
+
 def check_infer_inputs(cfg) -> dict[str, list[Sample]] | None:
     """Everything `infer.py` reads before it loads the model; returns the data splits for task=eval."""
     names = policy_names(cfg)
-    key = "policy" if cfg.task == "sample" else "policies"
-    unknown = sorted({part for name in names for part in str(name).split("+")} - set(POLICY_NAMES))
-    if unknown:
-        raise ConfigError(f"{key}={names if key == 'policies' else names[0]!r}: unknown policy {', '.join(unknown)}; "
-                          f"policies: {', '.join(POLICY_NAMES)} and '+' compositions")
-    parts = {part for name in names for part in str(name).split("+")}
-    model_path = check_model_path(cfg)
-    num_layers = model_num_layers(cfg, model_path)
-    if "fastv" in parts and not 1 <= cfg.fastv.layer < num_layers:
-        raise ConfigError(f"fastv.layer={cfg.fastv.layer}: FastV prunes before a decoder layer in [1, "
-                          f"{num_layers - 1}] (the model has num_hidden_layers={num_layers})")
-    if "vtw" in parts and cfg.vtw.layer is not None and not 0 <= cfg.vtw.layer <= num_layers:
-        raise ConfigError(f"vtw.layer={cfg.vtw.layer}: the exit layer must be in [0, {num_layers}] (the model has "
-                          f"num_hidden_layers={num_layers})")
-    if "dynamic" in parts:
+    parts = check_policy_names(names, "policy" if cfg.task == "sample" else "policies")
+    check_policy_needs(cfg, parts, model_config(cfg, check_model_path(cfg)))
+    if any(needs_heads(name) for name in names):
         check_heads_path(cfg)
     if cfg.task == "sample":
         if cfg.image is not None:

@@ -44,9 +44,11 @@ from transformers import AutoConfig, StoppingCriteria, StoppingCriteriaList
 from dyvte import VisualExit, cli, flops
 from dyvte.configs import check_serve_config
 from dyvte.engine.visual_exit import generation_eos_ids
-from dyvte.evaluation import ExitStats, build_policy
+from dyvte.evaluation import ExitStats
 from dyvte.heads import ExitHeads
 from dyvte.loading import load_mllm, resolve_model_path
+from dyvte.policies.registry import POLICY_NAMES, REGISTRY, SCHEDULE, build_policy, needs_heads
+from dyvte.preflight import check_policy_names, check_policy_needs
 from dyvte.prompts import assistant_message, chat_prompt
 
 cli.register_resolvers()
@@ -495,10 +497,10 @@ def check_port(host: str, port: int) -> None:
 
 
 def check_heads(cfg, policies: tuple[str, ...], config) -> None:
-    """A served policy with `dynamic` needs heads that exist and were trained on this model."""
-    if not any("dynamic" in name for name in policies):
+    """A served policy that needs heads (dynamic exit) needs heads that exist and were trained on this model."""
+    needing = [name for name in policies if needs_heads(name)]
+    if not needing:
         return
-    needing = [name for name in policies if "dynamic" in name]
     try:
         heads = ExitHeads.from_pretrained(cfg.heads)
     except (OSError, ValueError) as error:  # no such folder, no heads in it, or not a Hub id either
@@ -513,8 +515,9 @@ def check_heads(cfg, policies: tuple[str, ...], config) -> None:
 
 def check_searched_schedules(cfg, policies: tuple[str, ...]) -> None:
     """Searched schedules are loaded, not searched, by a server: the search belongs to `infer.py task=eval`."""
-    for method in ("gsearch", "psigmoid"):
-        if any(method in name.split("+") for name in policies) and not cfg[method].path:
+    parts = {part for name in policies for part in name.split("+")}
+    for method in sorted(parts, key=POLICY_NAMES.index):
+        if REGISTRY[method].kind == SCHEDULE and not cfg[method].path:
             raise SystemExit(f"policy {method} needs its saved keep rates when served: {method}.path=FILE (search "
                              f"them with `dyvte-infer task=eval policies=[{method}]`, which saves {method}.json).")
 
@@ -548,10 +551,12 @@ def main(cfg: DictConfig) -> None:
     check_serve_config(cfg)
     cli.quiet_libraries(cfg.verbose)
     policies = tuple(dict.fromkeys([cfg.policy, *cfg.policies]))
+    parts = check_policy_names(list(policies), "policies")
     check_port(cfg.host, cfg.port)
     check_searched_schedules(cfg, policies)
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path), revision=cfg.model.revision)
     check_heads(cfg, policies, config)
+    check_policy_needs(cfg, parts, config)
     limits = RequestLimits(policies=policies, default_policy=cfg.policy, max_new_tokens=cfg.max_new_tokens,
                            max_tokens=cfg.max_tokens, max_images=cfg.max_images,
                            max_image_pixels=cfg.max_image_pixels, require_image=cfg.require_image,

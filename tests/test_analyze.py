@@ -144,8 +144,7 @@ class QueryProbe(ExitPolicy):
 
     def observe(self, layer_idx, sub, state) -> None:
         visual = sub.slots_of(state.visual_mask)
-        probabilities, _, used = state.engine.adapter.query_probabilities(state.engine.adapter.layers[layer_idx],
-                                                                          sub, sub.valid)
+        probabilities, _, used = state.adapter.query_probabilities(state.adapter.layers[layer_idx], sub, sub.valid)
         on_visual = (probabilities * visual[:, None, None, :]).sum(dim=-1)
         on_text = (probabilities * (sub.valid & ~visual)[:, None, None, :]).sum(dim=-1)
         self.masses.append((on_visual, on_text, used))

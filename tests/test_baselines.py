@@ -678,7 +678,7 @@ def test_hidden_states_of_another_shape_are_refused(engine, batch):
 def test_greedy_map_fills_by_relevance_once_the_chosen_tokens_span_the_rest():
     """Duplicated tokens: after the two distinct directions, no token adds volume; the rest come by relevance (the
     kernel's diagonal), never a chosen one again and never NaN."""
-    from dyvte.policies.selection import greedy_map
+    from dyvte.policies.input_selectors import greedy_map
 
     unit = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     relevance = torch.tensor([0.5, 0.9, 0.7, 0.2])

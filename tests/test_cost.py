@@ -6,10 +6,9 @@ from tiny_models import IMAGE_TOKEN, Sample, build_batch, build_model
 
 from dyvte import VisualExit
 from dyvte.evaluation import PolicySettings, build_policy
-from dyvte.evaluation.budget import sparsevlm_ratios
 from dyvte.evaluation.cost import SelectionMeter, solve_setting
 from dyvte.policies import CDPruner, SparseVLM, StaticExit
-from dyvte.policies.selection import sparsevlm_share
+from dyvte.policies.pruners import sparsevlm_ratios, sparsevlm_share
 
 L = 4
 

@@ -28,8 +28,8 @@ import pytest
 import torch
 from fixtures.tiny_testbed import save_tiny_testbed
 
-from dyvte.cache import main as cache_main
 from dyvte.data import BadSample, Sample, read_llava_json
+from dyvte.label_cache import main as cache_main
 from dyvte.testbed import DATA_DIR as TESTBED_DATA_DIR
 from dyvte.training import label_store
 from dyvte.training.dense_labels import LabelConfig
@@ -305,7 +305,7 @@ def test_manifest_counts_every_shard(tiny, tmp_path):
     assert manifest["samples"] == len(samples) and rows == len(reference) == len(samples) - 1
     shard = sorted(store.dir.glob("shard-*"))[2]
     shutil.rmtree(shard)
-    repair = f"python -m dyvte.cache repair {store.dir}"
+    repair = f"python -m dyvte.label_cache repair {store.dir}"
     with pytest.raises(CacheError, match=rf"{re.escape(str(shard))} is missing.*{re.escape(repair)}"):
         LabelStore(tmp_path, KEY).load()
 
@@ -339,7 +339,7 @@ def test_cache_command_verifies_and_repairs_one_shard(tiny, tmp_path, caplog, ca
     arrow.write_bytes(arrow.read_bytes()[:-100])
     assert cache_main(["verify", str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    assert f"{shard} has {arrow.name} of" in out and f"repair: python -m dyvte.cache repair {store.dir}" in out
+    assert f"{shard} has {arrow.name} of" in out and f"repair: python -m dyvte.label_cache repair {store.dir}" in out
     assert cache_main(["repair", str(store.dir)]) == 0
     assert f"removed {shard}" in capsys.readouterr().out and not shard.exists()
     with caplog.at_level(logging.INFO):

@@ -51,7 +51,7 @@ class Probe(ExitPolicy):
         present[sub.rows[row], sub.index[row, slot]] = True
         self.present[layer_idx] = present
         if layer_idx == self.layer:
-            adapter = state.engine.adapter
+            adapter = state.adapter
             layer = adapter.layers[layer_idx]
             if self.queries is None:
                 scores = adapter.last_query_attention(layer, sub)

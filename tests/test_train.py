@@ -55,7 +55,7 @@ def train(*overrides: str, cwd: Path = ROOT, wait: bool = True, **popen) -> subp
 
 
 def load_shards(cache_dir: Path) -> datasets.Dataset:
-    """Every shard of one label cache, by id (read directly, not through the `LabelCache` under test)."""
+    """Every shard of one label cache, by id (read directly, not through the `LabelStore` under test)."""
     shards = sorted(cache_dir.glob("shard-*"))
     return datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards]).sort("id")
 
@@ -314,7 +314,8 @@ def test_validate_stage_alone_validates_given_heads_quietly(checkpoint, tmp_path
                               f"heads={tmp_path / 'full' / 'heads'}", f"hydra.run.dir={tmp_path / 'refused'}"],
                              cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode != 0
-    assert f"{shard} is missing" in refused.stderr and f"python -m dyvte.cache repair {test_cache}" in refused.stderr
+    assert f"{shard} is missing" in refused.stderr
+    assert f"python -m dyvte.label_cache repair {test_cache}" in refused.stderr
     train(*common, "stages=[labels,validate]", f"heads={tmp_path / 'full' / 'heads'}",
           f"hydra.run.dir={tmp_path / 'relabelled'}")
     log = (tmp_path / "relabelled" / "train.log").read_text()

@@ -212,6 +212,20 @@ class FamilyAdapter:
             masks = masks[0 if modality == "image" else 1]
         return inputs_embeds.masked_scatter(masks, features)
 
+    # --- what policies read from a decoder layer (recomputed from its own modules, so it keeps running with SDPA) --
+    def layer_keys(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """[b, n, kv_heads, head_dim] keys that decoder layer `layer` computes from its input `hidden` [b, n, d],
+        before rotary (its own `input_layernorm` and `k_proj`)."""
+        attention = layer.self_attn
+        keys = attention.k_proj(layer.input_layernorm(hidden))
+        return keys.view(*hidden.shape[:2], -1, attention.head_dim)
+
+    def rotate(self, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Queries or keys [b, heads, n, head_dim] with the decoder's rotary applied at the slots' `cos`, `sin`
+        [b, n, head_dim] (a sub-batch's, gathered from the whole prompt's positions)."""
+        rotated, _ = apply_rotary_pos_emb(states, states, cos, sin)
+        return rotated
+
     def last_query_attention(self, layer: nn.Module, sub, keys: torch.Tensor | None = None) -> torch.Tensor:
         """[b, n] attention of each row's last token over its slots in `layer`, averaged over heads (FastV's score)."""
         last = torch.zeros_like(sub.valid)
@@ -260,18 +274,31 @@ class FamilyAdapter:
         used = torch.arange(width, device=slot.device)[None] < counts[:, None]
         row = torch.arange(batch, device=slot.device)[:, None]
         query = attention.q_proj(layer.input_layernorm(sub.hidden[row, slot]))
-        query = query.view(batch, width, -1, head_dim).transpose(1, 2)
+        query = self.rotate(query.view(batch, width, -1, head_dim).transpose(1, 2), sub.cos[row, slot],
+                            sub.sin[row, slot])
         if projected_keys is None:
-            projected_keys = attention.k_proj(layer.input_layernorm(sub.hidden))
-        key = projected_keys.view(batch, length, -1, head_dim).transpose(1, 2)
-        query, _ = apply_rotary_pos_emb(query, query, sub.cos[row, slot], sub.sin[row, slot])
-        _, key = apply_rotary_pos_emb(key, key, sub.cos, sub.sin)
+            key = self.layer_keys(layer, sub.hidden)
+        else:
+            key = projected_keys.view(batch, length, -1, head_dim)
+        key = self.rotate(key.transpose(1, 2), sub.cos, sub.sin)
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         scores = (query @ key.transpose(-1, -2)) * attention.scaling  # [b, heads, width, n]
         allowed = keys[:, None, :] & (torch.arange(length, device=slot.device)[None, None, :] <= slot[:, :, None])
         scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
         probabilities = scores.softmax(dim=-1) * used[:, None, :, None]  # [b, heads, width, n]
         return probabilities, slot, used
+
+    # --- what the methods that select before the LLM read from the vision tower ---------------------------------
+    def patch_grid(self, method: str) -> tuple[int, bool]:
+        """(side of one image's square grid of patch tokens, whether the vision tower has a CLS token), for a method
+        that reads each image's visual tokens as the tower's patches, one to one (`method` names it in errors).
+        Families whose visual tokens are not that (tiled, pooled or merged patches, newline tokens) refuse."""
+        raise ValueError(no_patch_grid(method, self.model.config.model_type))
+
+    def tower_features(self, method: str, owner: object):
+        """The vision tower's feature layer as `method` reads it while `owner` lives (`TowerFeatures` of the
+        families with one patch grid per image); the others refuse, as `patch_grid`."""
+        raise ValueError(no_patch_grid(method, self.model.config.model_type))
 
     def check_query_attention(self, method: str) -> None:
         """Refuse, naming `method` and the reason, a decoder whose attention weights `query_probabilities` cannot
@@ -291,6 +318,15 @@ class FamilyAdapter:
                     f"{self.model.config.model_type}'s layer {index} attention ({type(attention).__name__}) {found}, "
                     f"so the recomputed weights would not be the model's and {method} cannot run on this model."
                 )
+
+
+def no_patch_grid(method: str, model_type: str) -> str:
+    """Why `method`, which reads each image's visual tokens as the tower's patch grid, cannot run on `model_type`."""
+    return (
+        f"{method} needs each image's visual tokens to be the vision tower's patches, one square grid per image "
+        f"(LLaVA-1.5, model_type 'llava'); {model_type!r} tiles, pools or merges patches or adds newline tokens "
+        "before the LLM, which this method does not support."
+    )
 
 
 def image_token_runs(placeholders: torch.Tensor) -> list[tuple[int, int]]:

@@ -5,9 +5,17 @@ from .cache import WithdrawalCache
 from .features import feature_tokens, head_features
 from .policy import Compose, Decision, ExitPolicy, PrefillState
 from .subbatch import SubBatch
-from .visual_exit import VisualExit, VisualExitGenerateOutput, VisualExitOutput, generation_eos_ids, greedy_answers
+from .visual_exit import (
+    VisualExit,
+    VisualExitGenerateOutput,
+    VisualExitOutput,
+    generation_eos_ids,
+    greedy_answers,
+    resolve_exit_layer,
+)
 
 __all__ = [
     "Compose", "Decision", "ExitPolicy", "PrefillState", "SubBatch", "VisualExit", "VisualExitGenerateOutput",
     "VisualExitOutput", "WithdrawalCache", "feature_tokens", "generation_eos_ids", "greedy_answers", "head_features",
+    "resolve_exit_layer",
 ]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..adapters import FamilyAdapter
 from .subbatch import SubBatch
 
 
@@ -32,12 +33,19 @@ class Decision:
 
 @dataclass
 class PrefillState:
-    """What a policy may read about the current prefill call."""
+    """What a policy may read about the current prefill call: the prompt, and the model through its family adapter,
+    the only place that knows a model (its decoder layers and depth, attention recomputed for chosen queries, a
+    layer's keys, rotary, text masks, the vision tower). The layer's inputs come with each call (`SubBatch`)."""
 
-    engine: object  # the `VisualExit` running the prefill
+    adapter: FamilyAdapter  # the family adapter of the model being run
     input_ids: torch.Tensor  # [B, T] the prompt
     attention_mask: torch.Tensor  # [B, T]
     visual_mask: torch.Tensor  # [B, T] visual tokens that may leave
+
+    @property
+    def num_layers(self) -> int:
+        """The decoder's depth `L`."""
+        return self.adapter.num_layers
 
 
 class ExitPolicy:

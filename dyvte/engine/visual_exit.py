@@ -65,6 +65,29 @@ class _KVCapture:
         return key_states, value_states
 
 
+def resolve_exit_layer(exit_layer, batch_size: int, num_layers: int, device: torch.device) -> torch.Tensor:
+    """`None`, an int, or one value per sample, checked against `[0, num_layers]`; returns LongTensor [B]."""
+    if exit_layer is None:
+        exit_layer = num_layers
+    exit_layer = torch.as_tensor(exit_layer, device=device)
+    if exit_layer.is_floating_point():
+        raise ValueError(f"exit_layer must hold integers, got dtype {exit_layer.dtype}.")
+    if exit_layer.dim() == 0:
+        exit_layer = exit_layer.expand(batch_size)
+    if exit_layer.shape != (batch_size,):
+        raise ValueError(
+            f"exit_layer must be one int or one per sample (shape [{batch_size}]), got shape "
+            f"{list(exit_layer.shape)}."
+        )
+    bad = ((exit_layer < 0) | (exit_layer > num_layers)).nonzero().squeeze(1).tolist()
+    if bad:
+        raise ValueError(
+            f"exit_layer of sample {bad[0]} is {int(exit_layer[bad[0]])}, outside [0, {num_layers}] "
+            f"(0 = text only, {num_layers} = the full model)."
+        )
+    return exit_layer.long()
+
+
 class VisualExit:
     """Wraps a stock transformers MLLM; `engine(**inputs, exit_layer=...)` and `engine.generate(...)`.
 
@@ -80,28 +103,6 @@ class VisualExit:
     @property
     def num_layers(self) -> int:
         return self.adapter.num_layers
-
-    def resolve_exit_layer(self, exit_layer, batch_size: int, device: torch.device) -> torch.Tensor:
-        """`None`, an int, or one value per sample, checked against `[0, num_layers]`; returns LongTensor [B]."""
-        if exit_layer is None:
-            exit_layer = self.num_layers
-        exit_layer = torch.as_tensor(exit_layer, device=device)
-        if exit_layer.is_floating_point():
-            raise ValueError(f"exit_layer must hold integers, got dtype {exit_layer.dtype}.")
-        if exit_layer.dim() == 0:
-            exit_layer = exit_layer.expand(batch_size)
-        if exit_layer.shape != (batch_size,):
-            raise ValueError(
-                f"exit_layer must be one int or one per sample (shape [{batch_size}]), got shape "
-                f"{list(exit_layer.shape)}."
-            )
-        bad = ((exit_layer < 0) | (exit_layer > self.num_layers)).nonzero().squeeze(1).tolist()
-        if bad:
-            raise ValueError(
-                f"exit_layer of sample {bad[0]} is {int(exit_layer[bad[0]])}, outside [0, {self.num_layers}] "
-                f"(0 = text only, {self.num_layers} = the full model)."
-            )
-        return exit_layer.long()
 
     @torch.no_grad()
     def __call__(
@@ -163,9 +164,9 @@ class VisualExit:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with_visual, visual_mask = self.embed_batch(input_ids, attention_mask, position_ids, **vision_inputs)
-        state = PrefillState(self, input_ids, attention_mask, visual_mask)
+        state = PrefillState(self.adapter, input_ids, attention_mask, visual_mask)
         if policy is None:
-            static_exit = self.resolve_exit_layer(exit_layer, batch, input_ids.device)
+            static_exit = resolve_exit_layer(exit_layer, batch, self.num_layers, input_ids.device)
         else:
             policy.reset(state)
         exited_at = torch.full((batch,), self.num_layers, dtype=torch.long, device=input_ids.device)

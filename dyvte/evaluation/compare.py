@@ -9,7 +9,7 @@ full exits; vision FLOPs (tower and projector, the same under every policy) from
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,118 +17,12 @@ import torch
 from .. import flops
 from ..data import PromptCollator, Sample, normalize_answer
 from ..engine import ExitPolicy, VisualExit
-from ..heads import ExitHeads
-from ..policies import (
-    DART,
-    CDPruner,
-    DivPrune,
-    Downsample,
-    DynamicExit,
-    FastV,
-    KeepRateSchedule,
-    NoExit,
-    PyramidDrop,
-    RandomPrune,
-    SparseVLM,
-    StaticExit,
-    ToMe,
-    VisionZip,
-    VisPruner,
-)
-from .budget import budget_policy, format_budget_table, visual_share
+from ..policies import DynamicExit, NoExit, RandomPrune, StaticExit
+from ..policies.registry import REGISTRY, PolicySettings, budget_policy, build_policy
+from .budget import format_budget_table, visual_share
 from .cost import SelectionMeter, prefill_cost, solve_setting
 from .plots import plot_exit_histograms, plot_pareto
 from .tables import markdown_table, number
-
-
-@dataclass
-class PolicySettings:
-    heads: ExitHeads | None = None
-    threshold: float | None = None  # None: the heads' calibrated default
-    vtw_layer: int | None = None
-    fastv_layer: int = 2
-    fastv_keep_ratio: float = 0.5
-    gsearch: KeepRateSchedule | None = None  # from `calibrate.g_search` (or its saved JSON)
-    psigmoid: KeepRateSchedule | None = None  # from `calibrate.p_sigmoid_search` (or its saved JSON)
-    baselines: dict = field(default_factory=dict)  # per baseline name, its constructor's keyword arguments
-    model: object = None  # the MLLM: VisionZip reads its vision tower, PyramidDrop its depth
-    force: bool = False  # allow a `threshold` outside [0, 1] (`DynamicExit`)
-
-
-BASELINES = {"random": RandomPrune, "downsample": Downsample, "tome": ToMe, "dart": DART, "cdpruner": CDPruner,
-             "divprune": DivPrune}
-MODEL_BASELINES = ("visionzip", "pdrop", "vispruner", "sparsevlm")  # built from the model itself
-#: Every name `build_policy` knows (a `+` composition joins them); start-up checks compare against these.
-POLICY_NAMES = ("none", "vtw", "fastv", "dynamic", "gsearch", "psigmoid", *BASELINES, *MODEL_BASELINES)
-# methods that choose which visual tokens enter the LLM, each to its own budget: two of them composed keep only
-# the tokens both choose, so neither budget holds
-INPUT_SELECTORS = ("downsample", "visionzip", "vispruner", "cdpruner", "divprune")
-
-
-def check_composition(parts: list[str]) -> None:
-    """Refuse a `+` composition whose parts contradict, naming them and the fix."""
-    repeated = sorted({part for part in parts if parts.count(part) > 1})
-    if repeated:
-        raise ValueError(
-            f"policy {'+'.join(parts)!r} names {repeated[0]!r} twice; each policy may appear once in a composition."
-        )
-    selectors = [part for part in parts if part in INPUT_SELECTORS]
-    if len(selectors) > 1:
-        raise ValueError(
-            f"policy {'+'.join(parts)!r}: {selectors[0]!r} and {selectors[1]!r} both choose the visual tokens that "
-            "enter the LLM, each to its own budget; composed, only the tokens both choose stay, so neither budget "
-            f"holds. Use one of them, e.g. {selectors[0]}+dynamic."
-        )
-    exits = [part for part in parts if part in ("vtw", "dynamic")]
-    if len(exits) > 1:
-        raise ValueError(
-            f"policy {'+'.join(parts)!r}: {exits[0]!r} and {exits[1]!r} both decide the exit layer; the earlier "
-            "exit always wins, so one of them does nothing. Use one exit policy."
-        )
-
-
-def build_policy(name: str, settings: PolicySettings) -> ExitPolicy:
-    """`none`, `vtw`, `fastv`, `dynamic`, `gsearch`, `psigmoid`, the baselines `random`, `downsample`, `tome`,
-    `visionzip`, `pdrop`, `dart`, `vispruner`, `cdpruner`, `divprune`, `sparsevlm`, or a `+` composition such as
-    `cdpruner+dynamic` (`check_composition` refuses parts that contradict)."""
-    parts = name.split("+")
-    if len(parts) > 1:
-        check_composition(parts)
-        policy = build_policy(parts[0], settings)
-        for part in parts[1:]:
-            policy = policy + build_policy(part, settings)
-        return policy
-    if name == "none":
-        return NoExit()
-    if name == "vtw":
-        if settings.vtw_layer is None:
-            raise ValueError("policy 'vtw' needs a withdrawal layer (vtw_layer, or run vtw_search).")
-        return StaticExit(settings.vtw_layer)
-    if name == "fastv":
-        return FastV(settings.fastv_layer, settings.fastv_keep_ratio)
-    if name == "dynamic":
-        if settings.heads is None:
-            raise ValueError("policy 'dynamic' needs trained exit heads (heads=DIR).")
-        return DynamicExit(settings.heads, settings.threshold, force=settings.force)
-    if name in ("gsearch", "psigmoid"):
-        schedule = getattr(settings, name)
-        if schedule is None:
-            raise ValueError(f"policy {name!r} needs keep rates ({name}.path=FILE, or run its search).")
-        return schedule
-    if name in BASELINES:
-        return BASELINES[name](**settings.baselines.get(name, {}))
-    if name in MODEL_BASELINES:
-        if settings.model is None:
-            raise ValueError(f"policy {name!r} needs the model (PolicySettings.model).")
-        options = settings.baselines.get(name, {})
-        if name == "visionzip":
-            return VisionZip(settings.model, **options)
-        if name == "vispruner":
-            return VisPruner(settings.model, **options)
-        if name == "sparsevlm":
-            return SparseVLM(settings.model.config.get_text_config(decoder=True).num_hidden_layers, **options)
-        return PyramidDrop(settings.model.config.get_text_config(decoder=True).num_hidden_layers, **options)
-    raise ValueError(f"unknown policy {name!r}; policies: {', '.join(POLICY_NAMES)} and '+' compositions.")
 
 
 @dataclass
@@ -275,12 +169,13 @@ def matched_policy(engine: VisualExit, method: str, budget: float, unit: int, se
     base, *rest = method.split("+")
     if rest and rest != ["dynamic"]:
         raise ValueError(f"budget method {method!r}: only a method composed with dynamic exit ('{base}+dynamic').")
-    if (base == "dynamic" or rest) and settings.heads is None:
+    spec = REGISTRY[base]
+    if (spec.needs.heads or rest) and settings.heads is None:
         raise ValueError(f"budget method {method!r} needs trained exit heads (heads=DIR).")
     share = budget / unit
-    if base == "dynamic":
-        def make(threshold: float) -> ExitPolicy:
-            return DynamicExit(settings.heads, threshold)
+    if spec.at_budget is None:  # a knob of the run's settings (dynamic exit's threshold), solved on its measured cost
+        def make(x: float) -> ExitPolicy:
+            return build_policy(base, replace(settings, **{spec.budget_knob: x}))
         cost_by, target, low = by, budget if by == "tokens" else target, 0.0
     else:
         def make(x: float) -> ExitPolicy | None:
@@ -297,8 +192,8 @@ def matched_policy(engine: VisualExit, method: str, budget: float, unit: int, se
     if solved is None:
         return None, f"out of reach: its cheapest setting costs more than the target {target:.4g} {what}"
     x, cost = solved
-    setting = (f"threshold {x:.3f}" if base == "dynamic" else budget_policy(base, x, engine.num_layers, settings)[1]
-               + (" + dynamic exit" if rest else ""))
+    setting = (f"{spec.budget_knob} {x:.3f}" if spec.at_budget is None
+               else budget_policy(base, x, engine.num_layers, settings)[1] + (" + dynamic exit" if rest else ""))
     return make(x), f"{setting}; {what} {cost:.4g} of {target:.4g}"
 
 

@@ -89,8 +89,8 @@ class AttentionRecorder(ExitPolicy):
         self._text_queries: torch.Tensor | None = None  # [B, T] this prefill's text queries
 
     def reset(self, state: PrefillState) -> None:
-        batch, num_layers = state.input_ids.shape[0], state.engine.num_layers
-        self._text_queries = state.engine.adapter.text_mask(
+        batch, num_layers = state.input_ids.shape[0], state.num_layers
+        self._text_queries = state.adapter.text_mask(
             state.input_ids, state.attention_mask, state.visual_mask, "after_first_visual"
         )
         names = [*PARTS, *(f"entropy_{name}" for name in ENTROPIES)]
@@ -100,7 +100,7 @@ class AttentionRecorder(ExitPolicy):
         return Decision()
 
     def observe(self, layer_idx: int, sub: SubBatch, state: PrefillState) -> None:
-        adapter = state.engine.adapter
+        adapter = state.adapter
         layer = adapter.layers[layer_idx]
         visual_keys = sub.slots_of(state.visual_mask)
         rows = sub.rows.cpu()

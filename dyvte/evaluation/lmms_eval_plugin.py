@@ -14,7 +14,8 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from ..engine import VisualExit
 from ..heads import ExitHeads
 from ..loading import load_mllm
-from .compare import PolicySettings, build_policy
+from ..policies.pruners import FastVSettings
+from ..policies.registry import PolicySettings, build_policy
 from .harness import ExitRunner, generation_settings
 
 
@@ -26,8 +27,8 @@ class DyvteModel(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str = "testbed", heads: str | None = None, policy: str = "dynamic",
-                 threshold: float | None = None, vtw_layer: int | None = None, fastv_layer: int = 2,
-                 fastv_keep_ratio: float = 0.5, batch_size: int = 8, dtype: str = "float16",
+                 threshold: float | None = None, vtw_layer: int | None = None, fastv_layer: int = FastVSettings.layer,
+                 fastv_keep_ratio: float = FastVSettings.keep_ratio, batch_size: int = 8, dtype: str = "float16",
                  attn_implementation: str = "sdpa", device_map: str = "auto", revision: str = "main", **unused):
         super().__init__()
         model, processor = load_mllm(pretrained, dtype=dtype, attn_implementation=attn_implementation,
@@ -35,7 +36,7 @@ class DyvteModel(lmms):
         engine = VisualExit(model)
         settings = PolicySettings(threshold=None if threshold is None else float(threshold),
                                   vtw_layer=None if vtw_layer is None else int(vtw_layer),
-                                  fastv_layer=int(fastv_layer), fastv_keep_ratio=float(fastv_keep_ratio))
+                                  options={"fastv": FastVSettings(int(fastv_layer), float(fastv_keep_ratio))})
         if heads:
             settings.heads = ExitHeads.from_pretrained(heads)
             settings.heads.check_fits(model, pretrained, revision)

@@ -1,13 +1,18 @@
-"""Policies: who decides, before each decoder layer, which visual tokens a sample still keeps; the token-reduction
-baselines (random pruning, pooling, ToMe, VisionZip, PyramidDrop, DART; VisPruner, CDPruner, DivPrune and
-SparseVLM); and the searches that choose static settings from a few samples (VTW's layer, G-Search's and
-P-Sigmoid's keep rates)."""
+"""Policies: who decides, before each decoder layer, which visual tokens a sample still keeps. One module per kind:
+exit policies (`exit.py`: NoExit, StaticExit, DynamicExit), input selectors (`input_selectors.py`: Downsample,
+VisionZip, VisPruner, CDPruner, DivPrune), in-LLM pruners (`pruners.py`: FastV, RandomPrune, PyramidDrop, DART,
+SparseVLM), mergers (`mergers.py`: ToMe) and keep-rate schedules (`schedules.py`: KeepRateSchedule, PSigmoid); the
+searches that choose static settings from a few samples (`search.py`: VTW's layer, G-Search's and P-Sigmoid's keep
+rates); what they share (`tokens.py`, `settings.py`); and the registry of the names users type, with what each
+policy is, needs and is built from (`registry.py`: `build_policy`, `budget_policy`, `PolicySettings`)."""
 
 from ..engine import Compose, Decision, ExitPolicy, PrefillState
-from .baselines import DART, Downsample, PyramidDrop, RandomPrune, ToMe, VisionZip
 from .exit import DynamicExit, NoExit, StaticExit
-from .pruning import FastV, KeepRateSchedule, PSigmoid, attention_by_position, keep_most_attended, kept_count
-from .selection import CDPruner, DivPrune, SparseVLM, VisPruner
+from .input_selectors import CDPruner, DivPrune, Downsample, VisionZip, VisPruner
+from .mergers import ToMe
+from .pruners import DART, FastV, PyramidDrop, RandomPrune, SparseVLM
+from .schedules import KeepRateSchedule, PSigmoid
+from .tokens import attention_by_position, keep_most_attended, kept_count
 
 __all__ = [
     "CDPruner", "DART", "Compose", "Decision", "DivPrune", "Downsample", "DynamicExit", "ExitPolicy", "FastV",

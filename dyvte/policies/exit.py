@@ -4,11 +4,15 @@
 by exit heads.
 """
 
+import math
+from dataclasses import dataclass, replace
+
 import torch
 
-from ..engine import Decision, ExitPolicy, PrefillState, SubBatch, feature_tokens
+from ..engine import Decision, ExitPolicy, PrefillState, SubBatch, feature_tokens, resolve_exit_layer
 from ..engine.features import HeadFeatures
 from ..heads import ExitHeads
+from .settings import SettingError, check_flag, check_integer, check_number
 
 
 class NoExit(ExitPolicy):
@@ -18,6 +22,38 @@ class NoExit(ExitPolicy):
 
     def before_layer(self, layer_idx, sub, state) -> Decision:
         return Decision()
+
+
+@dataclass
+class VTWSettings:
+    """VTW's settings (`vtw.*`): its exit `layer` (None: searched by `dyvte.policies.search.vtw_search`, the first
+    layer from `start_layer` whose next-token KL from the full model stays below `eta` on `n` val samples)."""
+
+    layer: int | None = None
+    eta: float = 0.003
+    start_layer: int = 5
+    n: int = 20
+
+    def __post_init__(self):
+        check_integer("VTW", "layer", self.layer, 0, optional=True)
+        check_number("VTW", "eta", self.eta, 0.0)  # 0: no layer is below it, so no withdrawal
+        check_integer("VTW", "start_layer", self.start_layer, 0)
+        check_integer("VTW", "n", self.n, 1)
+
+    def check_depth(self, num_layers: int) -> None:
+        """A given exit layer is one of the model's `0..L`."""
+        if self.layer is not None and self.layer > num_layers:
+            raise SettingError(f"VTW: layer {self.layer} is outside [0, {num_layers}] (the model has {num_layers} "
+                               "decoder layers).", "layer", self.layer,
+                               f"the exit layer must be in [0, {num_layers}] (the model has "
+                               f"num_hidden_layers={num_layers})")
+
+
+def vtw_at_budget(settings: VTWSettings, share: float, num_layers: int, n_visual: int
+                  ) -> tuple[VTWSettings, str]:
+    """VTW at the budget `share`: exit at layer `round(share * L)` (exit at `k` computes `k / L` of the tokens)."""
+    exit_layer = math.floor(share * num_layers + 0.5)
+    return replace(settings, layer=exit_layer), f"exit at layer {exit_layer}"
 
 
 class StaticExit(ExitPolicy):
@@ -30,12 +66,28 @@ class StaticExit(ExitPolicy):
         self._exits: torch.Tensor | None = None  # [B] this prefill's exit layers
 
     def reset(self, state: PrefillState) -> None:
-        self._exits = state.engine.resolve_exit_layer(
-            self.exit_layer, state.input_ids.shape[0], state.input_ids.device
-        )
+        self._exits = resolve_exit_layer(self.exit_layer, state.input_ids.shape[0], state.num_layers,
+                                         state.input_ids.device)
 
     def before_layer(self, layer_idx, sub, state) -> Decision:
         return Decision(exit=self._exits[sub.rows] == layer_idx)
+
+
+@dataclass
+class DynamicSettings:
+    """Dynamic exit's settings (`threshold` and `force`, top-level keys): the exit threshold (None: the heads'
+    calibrated one), in [0, 1] unless `force` (above 1 never exits)."""
+
+    threshold: float | None = None
+    force: bool = False
+
+    def __post_init__(self):
+        check_number("DynamicExit", "threshold", self.threshold, 0.0, optional=True)
+        check_flag("DynamicExit", "force", self.force)
+        if self.threshold is not None and self.threshold > 1.0 and not self.force:
+            raise SettingError(f"threshold {self.threshold} is outside [0, 1]; pass force=True to use it anyway "
+                               "(above 1 never exits).", "threshold", self.threshold,
+                               "must be in [0, 1]; pass force=true to use it anyway (above 1 never exits)")
 
 
 class DynamicExit(ExitPolicy):
@@ -50,19 +102,17 @@ class DynamicExit(ExitPolicy):
 
     name = "dynamic"
 
-    def __init__(self, heads: ExitHeads, threshold: float | None = None, force: bool = False):
-        if threshold is not None and not 0.0 <= threshold <= 1.0 and not force:
-            raise ValueError(
-                f"threshold {threshold} is outside [0, 1]; pass force=True to use it anyway (above 1 never exits)."
-            )
-        self.heads, self.threshold = heads, threshold
+    def __init__(self, heads: ExitHeads, threshold: float | None = DynamicSettings.threshold,
+                 force: bool = DynamicSettings.force):
+        settings = DynamicSettings(threshold, force)
+        self.heads, self.threshold = heads, settings.threshold
         self._features: HeadFeatures | None = None  # this prefill's feature state
 
     def reset(self, state: PrefillState) -> None:
-        text = state.engine.adapter.text_mask(
+        text = state.adapter.text_mask(
             state.input_ids, state.attention_mask, state.visual_mask, self.heads.config.feature_span
         )
-        self._features = HeadFeatures(state.engine.adapter, self.heads.feature_groups, feature_tokens(text),
+        self._features = HeadFeatures(state.adapter, self.heads.feature_groups, feature_tokens(text),
                                       state.visual_mask, state.input_ids.shape[1])
 
     def before_layer(self, layer_idx: int, sub: SubBatch, state: PrefillState) -> Decision:
@@ -77,5 +127,5 @@ class DynamicExit(ExitPolicy):
     def observe(self, layer_idx: int, sub: SubBatch, state: PrefillState) -> None:
         # the features read after this layer, from the sub-batch it runs on (the last head never decides: its exit
         # is the full model)
-        if layer_idx + 1 < state.engine.num_layers:
-            self._features.observe(state.engine.adapter.layers[layer_idx], sub)
+        if layer_idx + 1 < state.num_layers:
+            self._features.observe(state.adapter.layers[layer_idx], sub)

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from ..engine import ExitPolicy, VisualExit, generation_eos_ids, greedy_answers
 from ..extras import require
-from .exit import NoExit
-from .pruning import KeepRateSchedule, PSigmoid, kept_count
+from .exit import NoExit, VTWSettings
+from .schedules import GSearchSettings, KeepRateSchedule, PSigmoid, PSigmoidSettings, check_first_layer
+from .tokens import kept_count
 
 
 def check_visual(engine: VisualExit, batches: list[dict], search: str) -> None:
@@ -27,10 +28,11 @@ class VTWSearch:
 
 
 @torch.no_grad()
-def vtw_search(engine: VisualExit, batches: list[dict], eta: float = 0.003, start_layer: int = 5, n: int = 20
-               ) -> VTWSearch:
+def vtw_search(engine: VisualExit, batches: list[dict], eta: float = VTWSettings.eta,
+               start_layer: int = VTWSettings.start_layer, n: int = VTWSettings.n) -> VTWSearch:
     """VTW's search: exit at the first layer whose next-token distribution stays within `eta` (KL) of the full
     model's, measured at the first answer token over `n` calibration samples (processor batches)."""
+    VTWSettings(eta=eta, start_layer=start_layer, n=n)  # bad settings are refused before any run
     check_visual(engine, batches, "vtw_search")
     totals = torch.zeros(engine.num_layers + 1, dtype=torch.float64)
     seen = 0
@@ -129,9 +131,10 @@ class GSearch(SavedSearch):
 
 
 @torch.no_grad()
-def g_search(engine: VisualExit, batches: list[dict], lam: float = 0.01, every: int = 3, trials: int = 12,
-             first_layer: int = 2, queries: str = "text", max_new_tokens: int = 16,
-             references: list[list[int]] | None = None, seed: int = 0) -> GSearch:
+def g_search(engine: VisualExit, batches: list[dict], lam: float = GSearchSettings.lam,
+             every: int = GSearchSettings.every, trials: int = GSearchSettings.trials,
+             first_layer: int = GSearchSettings.first_layer, queries: str = GSearchSettings.queries,
+             max_new_tokens: int = 16, references: list[list[int]] | None = None, seed: int = 0) -> GSearch:
     """G-Search: greedily from shallow to deep layers (`first_layer`, then every `every` layers), choose the rate
     `r <= ` the previous layer's that maximises `E(r | earlier rates) - lam * r` by Bayesian optimisation (Optuna's
     TPE, `trials` runs per layer, the previous rate and 0 among them).
@@ -140,15 +143,8 @@ def g_search(engine: VisualExit, batches: list[dict], lam: float = 0.01, every: 
     layer. `E` is measured by `AnswerScore` on the calibration `batches` (processor batches).
     """
     num_layers = engine.num_layers
-    if lam < 0:
-        raise ValueError(f"lam must be >= 0, got {lam}.")
-    if every < 1:
-        raise ValueError(f"every must be >= 1, got {every}.")
-    if trials < 2:
-        raise ValueError(f"trials must be >= 2 (the previous rate and 0 are always tried), got {trials}.")
-    if not 1 <= first_layer < num_layers:
-        raise ValueError(f"first_layer must be in [1, {num_layers - 1}] for {num_layers} layers, got {first_layer}.")
-    KeepRateSchedule([1.0] * num_layers, queries)  # checks `queries` before any run
+    GSearchSettings(lam=lam, every=every, first_layer=first_layer, trials=trials, queries=queries)
+    check_first_layer("g_search", first_layer, num_layers)  # bad settings are refused before any run
     check_visual(engine, batches, "g_search")
     optuna = _optuna("g_search (G-Search's keep rates)")
     score = AnswerScore(engine, batches, max_new_tokens, references)
@@ -197,18 +193,17 @@ class PSigmoidSearch(SavedSearch):
 
 
 @torch.no_grad()
-def p_sigmoid_search(engine: VisualExit, batches: list[dict], budget: float, trials: int = 12, k_max: float = 2.0,
-                     alpha: float | None = None, first_layer: int = 2, queries: str = "text",
+def p_sigmoid_search(engine: VisualExit, batches: list[dict], budget: float, trials: int = PSigmoidSettings.trials,
+                     k_max: float = PSigmoidSettings.k_max, alpha: float | None = PSigmoidSettings.alpha,
+                     first_layer: int = PSigmoidSettings.first_layer, queries: str = PSigmoidSettings.queries,
                      max_new_tokens: int = 16, references: list[list[int]] | None = None,
                      seed: int = 0) -> PSigmoidSearch:
     """P-Sigmoid: the `k` in `[0, k_max]` that maximises E of `PSigmoid(budget, k)` by Bayesian optimisation
     (Optuna's TPE; `k = 0`, the flat rate `budget`, is always tried first and wins ties)."""
-    if not k_max > 0:
-        raise ValueError(f"k_max must be > 0, got {k_max}.")
-    if trials < 1:
-        raise ValueError(f"trials must be >= 1, got {trials}.")
     num_layers = engine.num_layers
-    flat = PSigmoid(budget, 0.0, num_layers, alpha, first_layer, queries)  # checks the settings before any run
+    PSigmoidSettings(budget=budget, k_max=k_max, alpha=alpha, first_layer=first_layer, trials=trials, queries=queries)
+    check_first_layer("p_sigmoid_search", first_layer, num_layers)  # bad settings are refused before any run
+    flat = PSigmoid(budget, 0.0, num_layers, alpha, first_layer, queries)
     check_visual(engine, batches, "p_sigmoid_search")
     optuna = _optuna("p_sigmoid_search (P-Sigmoid's keep rates)")
     score = AnswerScore(engine, batches, max_new_tokens, references)

@@ -10,8 +10,8 @@ A store is a folder named by the hash of its key (model identity, split contents
 Shards are written to a temporary folder and renamed into place, so a crash never leaves a half shard; on rerun,
 samples already in a shard are skipped. Each rank of a multi-GPU run writes its own shards. A store proves its own
 integrity: `load` hashes every file against the manifest and refuses a missing, truncated, corrupt or extra shard,
-naming it and the command that repairs it (`python -m dyvte.cache repair DIR`); `repair` removes what is damaged so
-that the labels stage relabels exactly those samples. A store is never read short.
+naming it and the command that repairs it (`python -m dyvte.label_cache repair DIR`); `repair` removes what is
+damaged so that the labels stage relabels exactly those samples. A store is never read short.
 """
 
 import hashlib
@@ -51,7 +51,7 @@ _VERIFIED: dict[str, tuple] = {}
 
 
 def repair_command(store_dir: Path) -> str:
-    return f"python -m dyvte.cache repair {store_dir}"
+    return f"python -m dyvte.label_cache repair {store_dir}"
 
 
 @contextmanager
@@ -107,7 +107,7 @@ class LabelStore:
 
     @classmethod
     def open(cls, store_dir: str | Path) -> "LabelStore":
-        """The store in an existing folder, keyed by its `meta.json` (for `python -m dyvte.cache`)."""
+        """The store in an existing folder, keyed by its `meta.json` (for `python -m dyvte.label_cache`)."""
         store_dir = Path(store_dir)
         store = cls.__new__(cls)
         store.dir = store_dir

@@ -1,7 +1,7 @@
-"""Check or repair label caches without training: `python -m dyvte.cache verify|repair DIR`.
+"""Check or repair label caches without training: `python -m dyvte.label_cache verify|repair DIR`.
 
-    python -m dyvte.cache verify .cache/dyvte            # every store under the cache dir; exit 1 if one is damaged
-    python -m dyvte.cache repair .cache/dyvte/3f2a...    # remove what is damaged; the labels stage relabels it
+    python -m dyvte.label_cache verify .cache/dyvte          # every store under the cache dir; exit 1 if one is damaged
+    python -m dyvte.label_cache repair .cache/dyvte/3f2a...  # remove what is damaged; the labels stage relabels it
 
 DIR is a cache dir (`cache_dir`, holding one folder per store) or one store's folder. `verify` hashes every file
 against the store's manifest (`dyvte.training.label_store`). `repair` removes damaged shards, an unreadable
@@ -24,7 +24,7 @@ def stores_under(directory: Path) -> list[LabelStore]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dyvte.cache", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dyvte.label_cache", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("verify", "repair"))
     parser.add_argument("directory", type=Path, help="a cache dir (cache_dir) or one store's folder")
     args = parser.parse_args(argv)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path} {problem}")
         damaged += bool(found)
         if found:
-            print(f"{store.dir}: DAMAGED; repair: python -m dyvte.cache repair {store.dir}")
+            print(f"{store.dir}: DAMAGED; repair: python -m dyvte.label_cache repair {store.dir}")
         elif store.complete:
             print(f"{store.dir}: complete, verified ({store.manifest()['samples']} samples)")
         else:
