@@ -270,7 +270,7 @@ class SplitSizes:
     """Images per split; each image carries `questions_per_image` questions. `certification` holds rows for certified
     thresholds (`validate.target_agreement`): never trained on, never used to choose thresholds."""
 
-    train: int = 750
+    train: int = 1500
     val: int = 100
     test: int = 160
     certification: int = 1000
