@@ -1,5 +1,6 @@
 """The embedded testbed: generator, LLaVA-format splits, processor/training agreement and the shipped checkpoint."""
 
+import itertools
 import json
 import random
 
@@ -103,13 +104,14 @@ def test_answers_are_balanced_so_the_prior_is_at_chance():
 
 
 def test_committed_splits_are_disjoint_llava_records():
-    splits = {s: load_split(DEFAULT_DATA_DIR, s) for s in ("train", "val", "test")}
-    assert 2000 <= len(splits["train"]) <= 4000
+    splits = {s: load_split(DEFAULT_DATA_DIR, s) for s in ("train", "val", "test", "certification")}
+    assert 5000 <= len(splits["train"]) <= 7000
     assert 300 <= len(splits["val"]) <= 500
     assert 500 <= len(splits["test"]) <= 800
+    assert 3000 <= len(splits["certification"]) <= 5000
     scenes = {s: {r["scene"] for r in records} for s, records in splits.items()}
     images = {s: {r["image"] for r in records} for s, records in splits.items()}
-    for a, b in [("train", "val"), ("train", "test"), ("val", "test")]:
+    for a, b in itertools.combinations(splits, 2):
         assert not scenes[a] & scenes[b]
         assert not images[a] & images[b]
     for record in splits["test"]:
@@ -141,7 +143,7 @@ def test_pretraining_never_sees_held_out_scenes():
 
 
 def test_llava_json_round_trip(tmp_path):
-    sizes = SplitSizes(train=6, val=3, test=3, questions_per_image=2)
+    sizes = SplitSizes(train=6, val=3, test=3, certification=2, questions_per_image=2)
     written = generate_dataset(tmp_path, seed=1, sizes=sizes)
     for split, records in written.items():
         assert json.loads((tmp_path / f"{split}.json").read_text()) == records
@@ -151,7 +153,7 @@ def test_llava_json_round_trip(tmp_path):
         generate_dataset(tmp_path, seed=2, sizes=sizes)
     replaced = generate_dataset(tmp_path, seed=2, sizes=sizes, overwrite=True)
     assert replaced != written
-    assert len(list((tmp_path / "images").glob("*.png"))) == 12
+    assert len(list((tmp_path / "images").glob("*.png"))) == 14
 
 
 def test_bad_input_names_the_problem():

@@ -53,8 +53,9 @@ def certifies(cfg) -> bool:
 
 
 def label_stores(cfg, model, processor, splits: dict[str, list[Sample]], compute: bool = True) -> dict[str, LabelStore]:
-    """One label cache per split (the certification split only when the run `certifies`), keyed by model, split contents and label/feature settings; filled (after a
-    repair of whatever is damaged) unless complete. `compute=False`: the stores only, nothing read or written."""
+    """One label cache per split (the certification split only when the run `certifies`), keyed by model, split
+    contents and label/feature settings; filled (after a repair of whatever is damaged) unless complete.
+    `compute=False`: the stores only, nothing read or written."""
     config = label_config(cfg)
     identity = model_identity(cfg.model.name_or_path, cfg.model.revision)
     stores = {}

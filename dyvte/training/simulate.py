@@ -139,9 +139,10 @@ def layer_thresholds(p_exit: torch.Tensor, match: torch.Tensor, costs: torch.Ten
                      thresholds: list[float], start: float) -> tuple[float, ...]:
     """One threshold per head from one global threshold `start` that keeps `min_agreement` on the rows (p(exit)
     [N, L], `match` [N, L+1] bool: the answer is kept with exit at k, LM prefill FLOPs `costs` [N, L+1]): again
-    and again, lower one head's threshold to the next lower value of `thresholds`, the change that saves the most LM
-    prefill FLOPs while agreement stays at least `min_agreement`, until no change passes. So the result agrees and saves at least as much as `start` on
-    the rows; the last head's exit is the full model, and its threshold stays `start`."""
+    and again, lower one head's threshold to the next lower value of `thresholds`, the change that saves the most
+    LM prefill FLOPs while agreement stays at least `min_agreement`, until no change passes. So the result agrees
+    and saves at least as much as `start` on the rows; the last head's exit is the full model, and its threshold
+    stays `start`. All changes of one step are scored at once."""
     num_layers = p_exit.shape[1]
     grid = sorted(thresholds)
 
