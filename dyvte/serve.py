@@ -31,6 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from dyvte.extras import check_installed
+
+check_installed("litserve", "serve", "dyvte-serve (python serve.py)")  # before the imports below fail unnamed
+
 import hydra
 import litserve as ls
 import torch
