@@ -49,6 +49,7 @@ from dyvte import VisualExit, cli, flops
 from dyvte.configs import check_serve_config
 from dyvte.engine.visual_exit import generation_eos_ids
 from dyvte.evaluation import ExitStats
+from dyvte.evaluation.policy_config import policy_settings
 from dyvte.heads import ExitHeads
 from dyvte.loading import load_mllm, resolve_model_path
 from dyvte.policies.registry import POLICY_NAMES, REGISTRY, SCHEDULE, build_policy, needs_heads
@@ -365,8 +366,6 @@ class ExitChatAPI(ls.LitAPI):
         self.cfg, self.limits = cfg, limits
 
     def setup(self, device):
-        from dyvte.infer import policy_settings  # the model worker builds policies exactly as infer.py does
-
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process lets requests in flight finish first
         cfg = OmegaConf.create(self.cfg)
         cli.quiet_libraries(cfg.verbose)
