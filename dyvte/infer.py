@@ -19,11 +19,10 @@ from omegaconf import DictConfig
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dyvte import VisualExit, cli, flops
-from dyvte.configs import check_infer_config
+from dyvte.configs import check_infer_config, read_model_settings
 from dyvte.data import Sample, load_image
 from dyvte.evaluation import evaluate, write_report
 from dyvte.evaluation.policy_config import policy_settings
-from dyvte.loading import load_mllm
 from dyvte.policies.registry import build_policy, needs_heads
 from dyvte.preflight import check_infer_inputs
 from dyvte.prompts import chat_prompt
@@ -87,11 +86,9 @@ def main(cfg: DictConfig) -> None:
     cli.quiet_libraries(cfg.verbose)
     splits = check_infer_inputs(cfg)  # paths, data, policy names and layers: before any model time
     torch.manual_seed(cfg.seed)
-    model, processor = load_mllm(cfg.model.name_or_path, dtype=cfg.model.dtype,
-                                 attn_implementation=cfg.model.attn_implementation, revision=cfg.model.revision,
-                                 quantization=cfg.model.quantization,
-                                 llm_int8_threshold=cfg.model.llm_int8_threshold)
-    engine = VisualExit(model, withdraw=cfg.model.withdraw)
+    model_settings = read_model_settings(cfg)
+    model, processor = model_settings.load()
+    engine = VisualExit(model, withdraw=model_settings.withdraw)
     if cfg.task == "sample":
         one_sample(cfg, engine, processor)
         return
