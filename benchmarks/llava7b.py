@@ -26,10 +26,11 @@ from pathlib import Path
 
 import datasets
 import torch
+from hydra import compose, initialize_config_module
 from PIL import Image
 
 from dyvte import VisualExit, flops
-from dyvte.loading import load_mllm
+from dyvte.configs import read_model_settings
 from dyvte.prompts import chat_prompt
 
 from .common import environment
@@ -86,10 +87,21 @@ def run_process(command: list[str], log_path: Path) -> dict:
 STAGE_LINE = re.compile(r"stage (\w[\w ]*): ([\d.]+) s, peak resident memory so far ([\d.]+) GiB")
 
 
+def model_overrides(folder: Path, args) -> list[str]:
+    """The model of every step: LLaVA-1.5 7B's config on `folder`, at --dtype or --quantization."""
+    return ["model=llava7b", f"model.name_or_path={folder}", f"model.dtype={args.dtype}",
+            f"model.quantization={args.quantization or 'null'}"]
+
+
+def load_model(folder: Path, args):
+    """`(model, processor)` as the train.py and infer.py steps load them (their config, `model_overrides`)."""
+    with initialize_config_module("dyvte.conf", version_base="1.3"):
+        return read_model_settings(compose("infer", overrides=model_overrides(folder, args))).load()
+
+
 def train(folder: Path, work: Path, json_path: Path, image_dir: Path, args, tag: str) -> dict:
     run_dir, cache = work / f"train-{tag}", work / f"cache-{tag}"
-    command = [sys.executable, "train.py", "model=llava7b", f"model.name_or_path={folder}",
-               f"model.dtype={args.dtype}", f"model.quantization={args.quantization or 'null'}",
+    command = [sys.executable, "train.py", *model_overrides(folder, args),
                "data=llava665k", f"data.json_path={json_path}", f"data.image_dir={image_dir}", "data.fraction=1.0",
                "data.val_fraction=0.25", f"validate.folds={min(5, max(2, args.samples * 3 // 4))}",  # <= train rows
                f"labels.max_new_tokens={args.max_new_tokens}",
@@ -115,8 +127,7 @@ def train(folder: Path, work: Path, json_path: Path, image_dir: Path, args, tag:
 
 
 def infer(folder: Path, work: Path, image: Path, question: str, heads: str, args, tag: str) -> dict:
-    command = [sys.executable, "infer.py", "model=llava7b", f"model.name_or_path={folder}",
-               f"model.dtype={args.dtype}", f"model.quantization={args.quantization or 'null'}", f"image={image}",
+    command = [sys.executable, "infer.py", *model_overrides(folder, args), f"image={image}",
                f"question={question}", f"heads={heads}", f"max_new_tokens={args.max_new_tokens}",
                f"hydra.run.dir={work / f'infer-{tag}'}"]
     result = run_process(command, work / f"infer-{tag}.log")
@@ -128,7 +139,7 @@ def infer(folder: Path, work: Path, image: Path, question: str, heads: str, args
 def exit_ratio(folder: Path, image: Path, question: str, args) -> dict:
     """Prefill time with exit at L/2 against the full model, one sample, beside the FLOPs and KV the engine
     predicts."""
-    model, processor = load_mllm(str(folder), dtype=getattr(torch, args.dtype), quantization=args.quantization)
+    model, processor = load_model(folder, args)
     engine = VisualExit(model)
     inputs = processor(images=[Image.open(image).convert("RGB")], text=[chat_prompt(processor, question, images=1)],
                        return_tensors="pt")
@@ -167,7 +178,7 @@ def greedy_vs_teacher_forced(folder: Path, records: list[dict], image_dir: Path,
     top 2). The label pass counts A as reproduced only where they agree."""
     from dyvte.engine import generation_eos_ids, greedy_answers
 
-    model, processor = load_mllm(str(folder), dtype=getattr(torch, args.dtype), quantization=args.quantization)
+    model, processor = load_model(folder, args)
     engine = VisualExit(model)
     positions = []
     for record in records[:3]:

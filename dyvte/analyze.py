@@ -18,12 +18,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dyvte import VisualExit, cli
-from dyvte.configs import check_analyze_config
+from dyvte.configs import check_analyze_config, read_model_settings
 from dyvte.data import load_splits
 from dyvte.evaluation import PolicySettings, build_policy
 from dyvte.evaluation.findings import AnalysisSettings, analyze, write_analysis
 from dyvte.heads import ExitHeads
-from dyvte.loading import load_mllm
 
 cli.register_resolvers()
 log = logging.getLogger("analyze")
@@ -54,11 +53,9 @@ def main(cfg: DictConfig) -> None:
         raise ValueError(f"analysis.split={cfg.analysis.split!r}: the data has no such split (it has "
                          f"{', '.join(splits)}).")
     samples = splits[cfg.analysis.split][: cfg.analysis.n]
-    model, processor = load_mllm(cfg.model.name_or_path, dtype=cfg.model.dtype,
-                                 attn_implementation=cfg.model.attn_implementation, revision=cfg.model.revision,
-                                 quantization=cfg.model.quantization,
-                                 llm_int8_threshold=cfg.model.llm_int8_threshold)
-    engine = VisualExit(model, withdraw=cfg.model.withdraw)
+    model_settings = read_model_settings(cfg)
+    model, processor = model_settings.load()
+    engine = VisualExit(model, withdraw=model_settings.withdraw)
     layers = cfg.analysis.withdrawal_layers
     settings = AnalysisSettings(
         policy=exit_policy(cfg, engine), policy_name=cfg.analysis.policy,

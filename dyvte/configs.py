@@ -1,5 +1,6 @@
 """Checks of the Hydra configs of `train.py`, `infer.py` and `analyze.py`, run at start-up before any model time,
-and the config node of the policies' settings, derived from the policy registry (`store_policy_settings`).
+and the config nodes stored for Hydra: the model group's schema (`ModelSettings`, `store_model_schema`) and the
+policies' settings, derived from the policy registry (`store_policy_settings`).
 
 Every value a user can set is checked here, and a bad one stops the run with a `ConfigError` that names the key,
 the value and what it may be, instead of a torch error deep inside a stage. A policy's settings are checked by its
@@ -16,13 +17,11 @@ from .adapters.base import TEXT_SPANS, WITHDRAW_CHOICES
 from .engine.features import FEATURE_GROUPS
 from .evaluation.budget import BUDGET_BY
 from .heads import ARCHITECTURES, INPUT_PARTS, LABEL_SHAPES, LABEL_TARGETS
+from .loading import ATTENTION_CHOICES, DTYPE_CHOICES, QUANTIZATION_CHOICES, ModelSettings
 from .policies.registry import BUDGET_METHODS, EXIT, REGISTRY, PolicySpec
 from .policies.settings import SettingError
 
 STAGES = ("labels", "heads", "validate")
-DTYPES = ("float32", "float16", "bfloat16")
-ATTENTION = ("sdpa", "eager", "flash_attention_2")
-QUANTIZATION = (None, "4bit", "nf4", "fp4", "8bit")
 DATA_SOURCES = ("llava_json", "hf")
 GROUP_KEYS = ("family",)  # sample fields `validate.groups` can certify within
 
@@ -66,11 +65,16 @@ def _given(cfg, key: str, hint: str) -> None:
 
 def check_model(cfg: DictConfig) -> None:
     _given(cfg, "model.name_or_path", "give a Hugging Face id, a local checkpoint folder or `testbed`")
-    _choice(cfg, "model.dtype", DTYPES)
-    _choice(cfg, "model.attn_implementation", ATTENTION)
-    _choice(cfg, "model.quantization", QUANTIZATION)
+    _choice(cfg, "model.dtype", DTYPE_CHOICES)
+    _choice(cfg, "model.attn_implementation", ATTENTION_CHOICES)
+    _choice(cfg, "model.quantization", QUANTIZATION_CHOICES)
     _number(cfg, "model.llm_int8_threshold", 0.0, float("inf"))
     _choice(cfg, "model.withdraw", WITHDRAW_CHOICES)
+
+
+def read_model_settings(cfg: DictConfig) -> ModelSettings:
+    """The composed config's `model` group as the `ModelSettings` the entry points load the model from."""
+    return OmegaConf.to_object(OmegaConf.merge(ModelSettings, cfg.model))
 
 
 def check_data(cfg: DictConfig) -> None:
@@ -275,7 +279,16 @@ def store_policy_settings() -> None:
     ConfigStore.instance().store(name="policy_settings", node=node)
 
 
-store_policy_settings()  # before any config is composed: every entry point and test composing one imports this module
+def store_model_schema() -> None:
+    """Store `ModelSettings` as `schema/model`, which `conf/train.yaml`, `conf/infer.yaml` and `conf/analyze.yaml`
+    list before `model:` in their defaults: every model config, a user's own too, is typed by it and gets its
+    defaults (a value of another type fails while the config is composed; `check_model` checks the choices)."""
+    ConfigStore.instance().store(group="schema", name="model", node=ModelSettings)
+
+
+# before any config is composed: every entry point and test composing one imports this module
+store_policy_settings()
+store_model_schema()
 
 
 def _policy_settings(cfg: DictConfig, spec: PolicySpec):

@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
@@ -103,6 +104,9 @@ def model_identity(name_or_path: str, revision: str | None) -> dict:
     return identity
 
 
+#: The model settings' choices (`ModelSettings`, checked at start-up by `dyvte.configs.check_model`).
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
 #: `4bit` is NF4 (an alias kept from before `nf4` existed), `fp4` is bitsandbytes' plain 4-bit, `8bit` LLM.int8.
 QUANTIZATION_CHOICES = (None, "4bit", "nf4", "fp4", "8bit")
 #: bitsandbytes' LLM.int8 default: input columns with an entry above it run unquantized.
@@ -238,6 +242,47 @@ def load_mllm(
     processor = load_processor(path)
     check_processor(processor, model.config, name_or_path)
     return model, processor
+
+
+@dataclass
+class HeadSchedule:
+    """How exit heads are sized and trained on a model (`head_training=paper` takes all of it, the default `dyvte`
+    heads its schedule); the defaults are the DyVTE paper's: h = 2048, LR 4e-5, one epoch, batches of 32."""
+
+    hidden: int = 2048
+    lr: float = 4e-5
+    weight_decay: float = 0.0
+    epochs: int = 1
+    batch_size: int = 32
+
+
+@dataclass
+class ModelSettings:
+    """A model config (`conf/model/*.yaml`, whose Hydra schema this is): the checkpoint, how it loads, which visual
+    tokens exit and how heads are trained on it. `load()` is the one loader call of every entry point.
+
+    `name_or_path`: a Hub id, a local checkpoint folder or `testbed`; `revision`: the Hub branch, tag or commit;
+    `dtype`: one of `DTYPE_CHOICES`; `attn_implementation`: one of `ATTENTION_CHOICES`; `quantization`: one of
+    `QUANTIZATION_CHOICES` (bitsandbytes, the `quant` extra); `llm_int8_threshold`: LLM.int8's outlier threshold,
+    8-bit only (0 makes exit exact, docs/precision.md); `withdraw`: which visual tokens exit (both | images |
+    videos); `head_schedule`: `HeadSchedule`. `dyvte.configs.check_model` checks the choices at start-up.
+    """
+
+    name_or_path: str
+    revision: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    quantization: str | None = None
+    llm_int8_threshold: float = DEFAULT_INT8_THRESHOLD
+    withdraw: str = "both"
+    head_schedule: HeadSchedule = field(default_factory=HeadSchedule)
+
+    def load(self, **kwargs):
+        """`(model, processor)` as these settings say (`load_mllm`); extra kwargs (e.g. `device_map`) go to the
+        model."""
+        return load_mllm(self.name_or_path, dtype=self.dtype, attn_implementation=self.attn_implementation,
+                         revision=self.revision, quantization=self.quantization,
+                         llm_int8_threshold=self.llm_int8_threshold, **kwargs)
 
 
 class _WithoutVideoProcessor:

@@ -31,6 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from dyvte.extras import check_installed
+
+check_installed("litserve", "serve", "dyvte-serve (python serve.py)")  # before the imports below fail unnamed
+
 import hydra
 import litserve as ls
 import torch
@@ -42,11 +46,12 @@ from PIL import Image, UnidentifiedImageError
 from transformers import AutoConfig, StoppingCriteria, StoppingCriteriaList
 
 from dyvte import VisualExit, cli, flops
-from dyvte.configs import check_serve_config
+from dyvte.configs import check_serve_config, read_model_settings
 from dyvte.engine.visual_exit import generation_eos_ids
 from dyvte.evaluation import ExitStats
+from dyvte.evaluation.policy_config import policy_settings
 from dyvte.heads import ExitHeads
-from dyvte.loading import load_mllm, resolve_model_path
+from dyvte.loading import ModelSettings, resolve_model_path
 from dyvte.policies.registry import POLICY_NAMES, REGISTRY, SCHEDULE, build_policy, needs_heads
 from dyvte.preflight import check_policy_names, check_policy_needs
 from dyvte.prompts import assistant_message, chat_prompt
@@ -355,23 +360,19 @@ class ExitChatAPI(ls.LitAPI):
     """Loads the model and the served policies (`setup`), answers a batch of `ChatInput`s with one
     `VisualExit.generate` per policy and sampling setting, and streams each answer's text as it is generated."""
 
-    def __init__(self, cfg: dict, limits: RequestLimits, spec: ExitOpenAISpec, max_batch_size: int,
-                 batch_timeout: float):
+    def __init__(self, cfg: dict, model_settings: ModelSettings, limits: RequestLimits, spec: ExitOpenAISpec,
+                 max_batch_size: int, batch_timeout: float):
         super().__init__(spec=spec, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-        self.cfg, self.limits = cfg, limits
+        self.cfg, self.model_settings, self.limits = cfg, model_settings, limits
 
     def setup(self, device):
-        from dyvte.infer import policy_settings  # the model worker builds policies exactly as infer.py does
-
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process lets requests in flight finish first
         cfg = OmegaConf.create(self.cfg)
         cli.quiet_libraries(cfg.verbose)
         torch.manual_seed(cfg.seed)
-        model, self.processor = load_mllm(cfg.model.name_or_path, dtype=cfg.model.dtype,
-                                          attn_implementation=cfg.model.attn_implementation,
-                                          revision=cfg.model.revision, quantization=cfg.model.quantization)
+        model, self.processor = self.model_settings.load()
         self.processor.tokenizer.padding_side = "left"
-        self.engine = VisualExit(model, withdraw=cfg.model.withdraw)
+        self.engine = VisualExit(model, withdraw=self.model_settings.withdraw)
         self.eos_ids = set(generation_eos_ids(model, self.processor.tokenizer))
         self.shape = flops.DecoderShape.from_config(model.config)
         settings = policy_settings(cfg, self.engine, self.processor, list(self.limits.policies))
@@ -562,7 +563,8 @@ def main(cfg: DictConfig) -> None:
                            max_image_pixels=cfg.max_image_pixels, require_image=cfg.require_image,
                            allow_local_paths=cfg.allow_local_paths)
     spec = ExitOpenAISpec(limits, config.get_text_config(decoder=True).num_hidden_layers)
-    api = ExitChatAPI(OmegaConf.to_container(cfg, resolve=True), limits, spec, cfg.max_batch_size, cfg.batch_timeout)
+    api = ExitChatAPI(OmegaConf.to_container(cfg, resolve=True), read_model_settings(cfg), limits, spec,
+                      cfg.max_batch_size, cfg.batch_timeout)
     server = ls.LitServer(api, accelerator="auto", timeout=cfg.request_timeout)
     signal.signal(signal.SIGTERM, _GracefulStop(server.uvicorn_graceful_timeout))
     signal.signal(signal.SIGINT, _GracefulStop(server.uvicorn_graceful_timeout))

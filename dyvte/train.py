@@ -18,8 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dyvte import cli
-from dyvte.configs import check_certification, check_train_config
-from dyvte.loading import load_mllm
+from dyvte.configs import check_certification, check_train_config, read_model_settings
 from dyvte.preflight import check_train_inputs
 from dyvte.training.pipeline import run
 
@@ -37,11 +36,7 @@ def main(cfg: DictConfig) -> None:
     L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        model, processor = load_mllm(
-            cfg.model.name_or_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
-            revision=cfg.model.revision, quantization=cfg.model.quantization,
-            llm_int8_threshold=cfg.model.llm_int8_threshold,
-        )
+        model, processor = read_model_settings(cfg).load()
         report = run(cfg, output_dir, model, processor, splits)
     except KeyboardInterrupt:  # outside a Lightning loop (those say what they saved themselves)
         log.error("interrupted (Ctrl-C): every finished label shard is saved in %s; rerun the same command to resume",

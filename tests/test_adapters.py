@@ -147,18 +147,23 @@ def test_generation_positions_of_prompt_and_answer_match_generate(family):
     assert torch.equal(positions[..., length:], start[..., None] + torch.arange(3))
 
 
-def test_model_configs_share_one_schema():
+def test_model_configs_state_every_key_of_the_schema():
+    """Each shipped model config states every key of the model group's schema (`ModelSettings`), in its order, so a
+    user reads every setting there; its values have the schema's types."""
+    from dataclasses import fields
     from pathlib import Path
 
     from omegaconf import OmegaConf
 
-    keys = ["name_or_path", "revision", "dtype", "attn_implementation", "quantization", "llm_int8_threshold", "withdraw",
-            "head_schedule"]
-    schedule = ["hidden", "lr", "weight_decay", "epochs", "batch_size"]
+    from dyvte.loading import HeadSchedule, ModelSettings
+
+    keys = [f.name for f in fields(ModelSettings)]
+    schedule = [f.name for f in fields(HeadSchedule)]
     for path in sorted((Path(__file__).parent.parent / "conf" / "model").glob("*.yaml")):
         config = OmegaConf.load(path)
         assert list(config.keys()) == keys, path.name
         assert list(config.head_schedule.keys()) == schedule, path.name
+        OmegaConf.merge(ModelSettings, config)  # raises on a value of another type
         assert config.withdraw in ("both", "images", "videos") and config.quantization in (None, "4bit", "nf4", "fp4", "8bit")
         assert config.dtype in ("float32", "float16", "bfloat16")
 

@@ -46,3 +46,14 @@ def test_unsupported_python_is_refused_naming_the_versions():
     assert result.returncode == 1
     assert "ImportError: dyvte needs Python 3.10 or newer (3.10 to 3.13 are tested)" in result.stderr
     assert "torch" not in result.stderr  # refused before anything heavy is imported
+
+
+def test_server_without_its_extra_names_it():
+    """`python serve.py` where litserve is not installed (`None` in sys.modules: what the import system reports for a
+    module that is absent) stops naming the `serve` extra, not with litserve's ModuleNotFoundError."""
+    code = ("import runpy, sys; sys.modules['litserve'] = None; sys.argv = ['serve.py']; "
+            "runpy.run_path('serve.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert 'needs litserve, which is not installed: pip install "dyvte[serve]"' in result.stderr
+    assert "ModuleNotFoundError" not in result.stderr

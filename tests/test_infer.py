@@ -83,6 +83,7 @@ def test_eval_writes_results_table_and_plots(trained, tmp_path):
     assert "| fastv+dynamic |" in result.stdout
 
 
+@pytest.mark.slow  # two infer.py runs with Optuna searches (test_gsearch: the searches and their JSON in-process)
 def test_eval_searches_saves_and_reloads_keep_rate_schedules(trained, tmp_path):
     checkpoint, heads = trained
     common = ["task=eval", "limit=4", "data.eval_limit=4", "batch_size=2", "max_new_tokens=3", "sweeps=false",
@@ -184,6 +185,7 @@ def test_eval_runs_the_baselines_and_the_equal_budget_table(trained, tmp_path):
     assert "Equal visual-token budgets" in result.stdout and "| tome+dynamic |" in result.stdout
 
 
+@pytest.mark.slow  # infer.py solving every method on FLOPs (test_cost: solve_setting in-process)
 def test_eval_matches_methods_on_flops_with_their_own_selection_cost(trained, tmp_path):
     """budget_by=flops: each method's whole-model FLOPs (decoder, vision, its own selection) at most the target,
     uniform pruning to the budget before the LLM measured on the same (here: all) samples."""

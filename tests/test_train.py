@@ -45,6 +45,22 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+# The run that test_train_writes_heads_and_validate_json, test_heads_do_not_depend_on_whether_this_run_labelled and
+# test_validate_stage_alone_validates_given_heads_quietly each read: trained once (`trained_run`).
+TRAINED = ("data.limit=16", "data.eval_limit=8", "head_training.epochs=2", "head_training.hidden=16",
+           "validate.thresholds=[0.5,0.9]")
+
+
+@pytest.fixture(scope="module")
+def trained_run(checkpoint, tmp_path_factory) -> tuple[tuple[str, ...], Path, Path, subprocess.CompletedProcess]:
+    """One train.py run of all three stages with `TRAINED`: (its overrides but the run dir and the cache, its run
+    dir, its label cache, the finished process). Tests read it; one that changes its cache works on a copy."""
+    root = tmp_path_factory.mktemp("trained")
+    common = (f"model.name_or_path={checkpoint}", *TRAINED)
+    result = train(*common, f"cache_dir={root / 'cache'}", f"hydra.run.dir={root / 'run'}")
+    return common, root / "run", root / "cache", result
+
+
 def train(*overrides: str, cwd: Path = ROOT, wait: bool = True, **popen) -> subprocess.Popen | subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "train.py"), *overrides]
     if not wait:
@@ -61,10 +77,9 @@ def load_shards(cache_dir: Path) -> datasets.Dataset:
 
 
 @pytest.mark.install_matrix
-def test_train_writes_heads_and_validate_json(checkpoint, tmp_path):
-    train(f"model.name_or_path={checkpoint}", "data.limit=16", "data.eval_limit=8", "head_training.epochs=2",
-          "head_training.hidden=16", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}")
-    report = json.loads((tmp_path / "run" / "validate.json").read_text())
+def test_train_writes_heads_and_validate_json(trained_run):
+    _, run, _, _ = trained_run
+    report = json.loads((run / "validate.json").read_text())
     for key in ("agreement", "accuracy", "flops_saved", "mean_exit_layer", "threshold", "heads", "families",
                 "label_oracle", "family_static"):
         assert key in report
@@ -77,10 +92,10 @@ def test_train_writes_heads_and_validate_json(checkpoint, tmp_path):
         assert scored["total_tflops"] == pytest.approx(scored["lm_tflops"] + scored["vision_tflops"], rel=1e-12)
     assert report["static_sweep"][3]["lm_tflops"] == pytest.approx(report["full_lm_tflops"], rel=1e-12)
     assert report["static_sweep"][3]["agreement"] == 1.0 and report["static_sweep"][3]["flops_saved"] == 0.0
-    heads = ExitHeads.from_pretrained(tmp_path / "run" / "heads")
+    heads = ExitHeads.from_pretrained(run / "heads")
     decided = list(heads.config.thresholds) if heads.config.thresholds else heads.threshold  # per head, or one
     assert heads.num_layers == 3 and decided == report["threshold"]
-    assert (tmp_path / "run" / "logs").is_dir()  # the CSV logger
+    assert (run / "logs").is_dir()  # the CSV logger
 
 
 def test_multirun_sweep_reuses_labels(checkpoint, tmp_path):
@@ -95,18 +110,18 @@ def test_multirun_sweep_reuses_labels(checkpoint, tmp_path):
     assert "labels for train: reusing the complete cache" in second
 
 
-def test_heads_do_not_depend_on_whether_this_run_labelled(checkpoint, tmp_path):
+def test_heads_do_not_depend_on_whether_this_run_labelled(trained_run, tmp_path):
     """A fresh run (labels computed) and a rerun on its cache train the same heads: the label pass's random
     draws must not shift the heads' initialisation, or README numbers would not reproduce from a clean clone."""
-    common = (f"model.name_or_path={checkpoint}", "data.limit=16", "data.eval_limit=8", "head_training.epochs=2",
-              "head_training.hidden=16", f"cache_dir={tmp_path / 'cache'}")
-    for run in ("fresh", "rerun"):
-        train(*common, f"hydra.run.dir={tmp_path / run}")
+    common, fresh_run, cache, _ = trained_run
+    assert "labels for train: labelling" in (fresh_run / "train.log").read_text()
+    train(*common, f"cache_dir={cache}", f"hydra.run.dir={tmp_path / 'rerun'}")
     assert "labels for train: reusing" in (tmp_path / "rerun" / "train.log").read_text()
-    fresh, rerun = (ExitHeads.from_pretrained(tmp_path / run / "heads").state_dict() for run in ("fresh", "rerun"))
+    fresh, rerun = (ExitHeads.from_pretrained(run / "heads").state_dict() for run in (fresh_run, tmp_path / "rerun"))
     assert all(torch.equal(fresh[name], rerun[name]) for name in fresh)
 
 
+@pytest.mark.slow  # train.py killed mid-labelling and run twice more on 400 samples (test_faults kills in-process)
 def test_interrupted_label_run_resumes_without_loss(checkpoint, tmp_path):
     # 200 batches: the signal lands while labelling goes on, however fast the machine
     args = [f"model.name_or_path={checkpoint}", "stages=[labels]", "data.limit=400", "data.eval_limit=2",
@@ -132,6 +147,7 @@ def test_interrupted_label_run_resumes_without_loss(checkpoint, tmp_path):
         assert resumed["labels"] == fresh["labels"]
 
 
+@pytest.mark.slow  # train.py interrupted mid-labelling, then finishing 100 samples
 def test_ctrl_c_says_what_was_saved(checkpoint, tmp_path):
     """Ctrl-C mid-labelling: one line says how many labelled samples are saved where; nothing is lost."""
     # 50 batches, so that the signal lands while labelling goes on
@@ -154,6 +170,7 @@ def test_ctrl_c_says_what_was_saved(checkpoint, tmp_path):
     assert "labels for train: resuming" in rerun or "labels for train: reusing the complete cache" in rerun
 
 
+@pytest.mark.slow  # train.py on two DDP ranks beside one process
 def test_ddp_label_run_writes_per_rank_shards_equal_to_one_process(checkpoint, tmp_path):
     """Two CPU ranks (gloo) label disjoint halves into their own shards; together they equal a one-process run,
     and only rank 0 writes the heads and validate.json."""
@@ -287,17 +304,16 @@ def test_family_static_exit_is_each_familys_earliest_layer_keeping_agreement():
     assert report["agreement"] == pytest.approx(2 / 3)  # only b changes its answer (at exit 2); c runs in full
 
 
-def test_validate_stage_alone_validates_given_heads_quietly(checkpoint, tmp_path):
+def test_validate_stage_alone_validates_given_heads_quietly(trained_run, tmp_path):
     """`stages=[validate] heads=DIR` validates trained heads on the cached labels (it did nothing before), with
     the threshold grid from the config; and a run prints one progress bar per stage and dyvte's lines only."""
-    common = (f"model.name_or_path={checkpoint}", "data.limit=16", "data.eval_limit=8", "head_training.epochs=2",
-              "head_training.hidden=16", f"cache_dir={tmp_path / 'cache'}", "validate.thresholds=[0.5,0.9]")
-    full = train(*common, f"hydra.run.dir={tmp_path / 'full'}")
-    alone = train(*common, "stages=[validate]", f"heads={tmp_path / 'full' / 'heads'}",
-                  f"hydra.run.dir={tmp_path / 'alone'}")
-    report = json.loads((tmp_path / "full" / "validate.json").read_text())
+    trained, full_run, trained_cache, full = trained_run
+    shutil.copytree(trained_cache, tmp_path / "cache")  # this test damages its cache
+    common = (*trained, f"cache_dir={tmp_path / 'cache'}")
+    alone = train(*common, "stages=[validate]", f"heads={full_run / 'heads'}", f"hydra.run.dir={tmp_path / 'alone'}")
+    report = json.loads((full_run / "validate.json").read_text())
     assert [point["threshold"] for point in report["threshold_sweep_calibration"]] == [0.5, 0.9]
-    assert (tmp_path / "alone" / "validate.json").read_text() == (tmp_path / "full" / "validate.json").read_text()
+    assert (tmp_path / "alone" / "validate.json").read_text() == (full_run / "validate.json").read_text()
     assert "labelling" not in (tmp_path / "alone" / "train.log").read_text()
     output = full.stdout + full.stderr
     for noise in ("Saving the dataset", "Tip:", "Total FLOPs", "GPU available", "Loading weights", "Seed set"):
@@ -311,17 +327,17 @@ def test_validate_stage_alone_validates_given_heads_quietly(checkpoint, tmp_path
     shard = sorted(test_cache.glob("shard-*"))[0]
     shutil.rmtree(shard)
     refused = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, "stages=[validate]",
-                              f"heads={tmp_path / 'full' / 'heads'}", f"hydra.run.dir={tmp_path / 'refused'}"],
+                              f"heads={full_run / 'heads'}", f"hydra.run.dir={tmp_path / 'refused'}"],
                              cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode != 0
     assert f"{shard} is missing" in refused.stderr
     assert f"python -m dyvte.label_cache repair {test_cache}" in refused.stderr
-    train(*common, "stages=[labels,validate]", f"heads={tmp_path / 'full' / 'heads'}",
+    train(*common, "stages=[labels,validate]", f"heads={full_run / 'heads'}",
           f"hydra.run.dir={tmp_path / 'relabelled'}")
     log = (tmp_path / "relabelled" / "train.log").read_text()
     assert f"{shard} is missing; removed, its samples are labelled again" in log
     assert "labels for train: reusing the complete cache" in log
-    assert (tmp_path / "relabelled" / "validate.json").read_text() == (tmp_path / "full" / "validate.json").read_text()
+    assert (tmp_path / "relabelled" / "validate.json").read_text() == (full_run / "validate.json").read_text()
 
 
 def test_head_metrics_by_hand():
