@@ -298,7 +298,8 @@ def test_bad_input_is_named(testbed_shaped, tmp_path):
     assert past.returncode != 0 and "analysis.vtw_layer=5 is past the model's 3 layers" in past.stderr
     split = run_analyze(root, "analysis.split=dev", f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'split'}",
                         ok=False)
-    assert split.returncode != 0 and "analysis.split='dev': the data has no such split (it has train, val, test)" in \
+    assert split.returncode != 0 and ("analysis.split='dev': the data has no such split (it has train, val, test, "
+                                      "certification)") in \
         split.stderr
     # a decoder whose attention normalises its queries and keys (Qwen3's q_norm / k_norm): the recomputed weights
     # would not be the model's
