@@ -33,11 +33,14 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
+from transformers import AutoConfig
 
 from dyvte.cli import register_resolvers
+from dyvte.configs import read_train_settings
 from dyvte.data import load_splits
 from dyvte.evaluation.tables import markdown_table
 from dyvte.heads import ExitHeads
+from dyvte.loading import resolve_model_path
 from dyvte.testbed import DATA_DIR as TESTBED_DATA_DIR
 from dyvte.testbed.scenes import SceneConfig, build_split, render, scene_hash
 from dyvte.training.certify import certified_index, exit_losses, path_exits
@@ -90,17 +93,14 @@ def pool_rows(run_dir: Path, records: Path, heads: ExitHeads) -> dict:
     """The labelled pool: the deployed heads' p(exit) [N, L], losses [N, L+1], LM prefill FLOPs [N, L+1], family."""
     register_resolvers()
     with initialize_config_module("dyvte.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*run_overrides(run_dir), *pool_overrides(records)])
-    store = label_stores(cfg, None, None, {"train": load_splits(cfg.data)["train"]}, compute=False)["train"]
+        cfg = compose("train", overrides=[*run_overrides(run_dir), *pool_overrides(records), "~logger"])
+    settings = read_train_settings(cfg)
+    store = label_stores(settings, None, None, {"train": load_splits(settings.data)["train"]}, compute=False)["train"]
     rows = store.load()
-    from transformers import AutoConfig
-
-    from dyvte.loading import resolve_model_path
-
-    model_config = AutoConfig.from_pretrained(str(resolve_model_path(cfg.model.name_or_path)),
-                                              revision=cfg.model.revision)
+    model_config = AutoConfig.from_pretrained(str(resolve_model_path(settings.model.name_or_path)),
+                                              revision=settings.model.revision)
     return {"p_exit": exit_probabilities(heads, rows),
-            "loss": exit_losses(torch_columns(rows, ["match"])["match"].bool(), cfg.labels.reference),
+            "loss": exit_losses(torch_columns(rows, ["match"])["match"].bool(), settings.labels.reference),
             "costs": prefill_costs(rows, model_config), "family": list(rows["family"])}
 
 

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dyvte import VisualExit, cli
-from dyvte.configs import check_analyze_config, read_model_settings
+from dyvte.configs import check_analyze_config, read_data_settings, read_model_settings
 from dyvte.data import load_splits
 from dyvte.evaluation import PolicySettings, build_policy
 from dyvte.evaluation.findings import AnalysisSettings, analyze, write_analysis
@@ -48,7 +48,7 @@ def main(cfg: DictConfig) -> None:
     check_analyze_config(cfg)
     cli.quiet_libraries(cfg.verbose)
     torch.manual_seed(cfg.seed)
-    splits = load_splits(cfg.data)
+    splits = load_splits(read_data_settings(cfg))
     if cfg.analysis.split not in splits:
         raise ValueError(f"analysis.split={cfg.analysis.split!r}: the data has no such split (it has "
                          f"{', '.join(splits)}).")

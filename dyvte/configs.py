@@ -1,6 +1,7 @@
 """Checks of the Hydra configs of `train.py`, `infer.py` and `analyze.py`, run at start-up before any model time,
-and the config nodes stored for Hydra: the model group's schema (`ModelSettings`, `store_model_schema`) and the
-policies' settings, derived from the policy registry (`store_policy_settings`).
+the config nodes stored for Hydra (the schemas of the model and data groups and of train.py's sections,
+`store_schemas`; the policies' settings, derived from the policy registry, `store_policy_settings`), and the typed
+settings the entry points hand the library (`read_model_settings`, `read_data_settings`, `read_train_settings`).
 
 Every value a user can set is checked here, and a bad one stops the run with a `ConfigError` that names the key,
 the value and what it may be, instead of a torch error deep inside a stage. A policy's settings are checked by its
@@ -14,12 +15,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .adapters.base import TEXT_SPANS, WITHDRAW_CHOICES
+from .data import DataSettings
 from .engine.features import FEATURE_GROUPS
 from .evaluation.budget import BUDGET_BY
 from .heads import ARCHITECTURES, INPUT_PARTS, LABEL_SHAPES, LABEL_TARGETS
 from .loading import ATTENTION_CHOICES, DTYPE_CHOICES, QUANTIZATION_CHOICES, ModelSettings
 from .policies.registry import BUDGET_METHODS, EXIT, REGISTRY, PolicySpec
 from .policies.settings import SettingError
+from .training.settings import FeatureSettings, HeadTrainingSettings, LabelSettings, TrainSettings, ValidateSettings
 
 STAGES = ("labels", "heads", "validate")
 DATA_SOURCES = ("llava_json", "hf")
@@ -77,8 +80,30 @@ def read_model_settings(cfg: DictConfig) -> ModelSettings:
     return OmegaConf.to_object(OmegaConf.merge(ModelSettings, cfg.model))
 
 
+def read_data_settings(cfg: DictConfig) -> DataSettings:
+    """The composed config's `data` group as the `DataSettings` `dyvte.data.load_splits` reads."""
+    return OmegaConf.to_object(OmegaConf.merge(DataSettings, cfg.data))
+
+
+def read_train_settings(cfg: DictConfig) -> TrainSettings:
+    """A composed `conf/train.yaml`, checked (`check_train_config`), as the `TrainSettings` the stages take. The
+    logger's config stays unresolved: its `${hydra:runtime.output_dir}` resolves when the run builds the logger."""
+    sections = {name: OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.to_container(cfg[name], resolve=True)))
+                for name, schema in SCHEMAS.items()}  # resolved in place: their interpolations name other sections
+    return TrainSettings(
+        **sections, trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
+        logger=OmegaConf.to_container(cfg.logger) if cfg.get("logger") is not None else None,
+        stages=list(cfg.stages), heads=cfg.heads, seed=cfg.seed, cache_dir=str(cfg.cache_dir), verbose=cfg.verbose)
+
+
 def check_data(cfg: DictConfig) -> None:
     _choice(cfg, "data.source", DATA_SOURCES)
+    defaults, other = DataSettings(), "hf" if cfg.data.source == "llava_json" else "llava_json"
+    for key in DataSettings.SOURCE_KEYS[other]:
+        value = OmegaConf.select(cfg, f"data.{key}")
+        if value != getattr(defaults, key):
+            _fail(f"data.{key}", value, f"data.source={cfg.data.source} does not read it; remove it, or set the "
+                  f"source's own keys ({', '.join(DataSettings.SOURCE_KEYS[cfg.data.source])})")
     if cfg.data.source == "llava_json":
         _given(cfg, "data.json_path", "the LLaVA instruction JSON (e.g. llava_v1_5_mix665k.json)")
         _given(cfg, "data.image_dir", "the folder the records' image paths are relative to")
@@ -279,16 +304,21 @@ def store_policy_settings() -> None:
     ConfigStore.instance().store(name="policy_settings", node=node)
 
 
-def store_model_schema() -> None:
-    """Store `ModelSettings` as `schema/model`, which `conf/train.yaml`, `conf/infer.yaml` and `conf/analyze.yaml`
-    list before `model:` in their defaults: every model config, a user's own too, is typed by it and gets its
-    defaults (a value of another type fails while the config is composed; `check_model` checks the choices)."""
-    ConfigStore.instance().store(group="schema", name="model", node=ModelSettings)
+#: The schemas stored as `schema/<name>`: the model and data groups, and train.py's sections (`conf/*.yaml` list
+#: them before their groups in `defaults`, so every config, a user's own too, is typed by them and gets their
+#: defaults; a value of another type fails while the config is composed, and the checks below check the rest).
+SCHEMAS = {"model": ModelSettings, "data": DataSettings, "head_training": HeadTrainingSettings,
+           "labels": LabelSettings, "features": FeatureSettings, "validate": ValidateSettings}
+
+
+def store_schemas() -> None:
+    for name, schema in SCHEMAS.items():
+        ConfigStore.instance().store(group="schema", name=name, node=schema)
 
 
 # before any config is composed: every entry point and test composing one imports this module
 store_policy_settings()
-store_model_schema()
+store_schemas()
 
 
 def _policy_settings(cfg: DictConfig, spec: PolicySpec):

@@ -10,6 +10,7 @@ import json
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import lightning as L
@@ -338,6 +339,53 @@ class PromptDataModule(L.LightningDataModule):
         )
 
 
+@dataclass
+class DataSettings:
+    """A data config (`conf/data/*.yaml`, whose Hydra schema this is): where the prompts come from and how they are
+    split and checked. `load_splits` reads them.
+
+    `source=llava_json`: `json_path` and `image_dir` (records' image paths are relative to it), with
+    `val_json_path`, `test_json_path`, `certification_json_path` for the other splits. `source=hf`: a `datasets`
+    source `path` (and config `name`), its `split` and columns, with `val_split`, `test_split`,
+    `certification_split`."""
+
+    source: str = "llava_json"  # llava_json | hf
+    json_path: str | None = None
+    image_dir: str | None = None
+    val_json_path: str | None = None
+    test_json_path: str | None = None
+    certification_json_path: str | None = None  # rows for certified thresholds (validate.target_agreement)
+    path: str | None = None
+    name: str | None = None
+    split: str = "train"
+    image_column: str = "image"
+    question_column: str = "question"
+    answer_column: str = "answer"
+    id_column: str | None = None
+    family_column: str | None = None
+    val_split: str | None = None
+    test_split: str | None = None
+    certification_split: str | None = None
+    val_fraction: float = 0.0  # held out of the training data when there is no val split
+    certification_fraction: float = 0.0  # held out of the training data by image when there is no certification split
+    multi_turn: bool = False  # true: every human/gpt pair of a conversation is a sample, with its history
+    fraction: float = 1.0  # seeded subsample of the training prompts (the paper: 0.01 of LLaVA-665k)
+    limit: int | None = None  # cap on training prompts after subsampling
+    eval_limit: int | None = None  # cap on every other split
+    seed: int = 0
+    max_length: int = 4096  # prompts longer than this are bad samples
+    on_bad_sample: str = "skip"  # skip (count, write ids next to the cache) | raise
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images are bad samples (null: no limit)
+
+    #: The keys only one source reads (`dyvte.configs.check_data` refuses the other source's, set)
+    SOURCE_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "llava_json": ("json_path", "image_dir", "val_json_path", "test_json_path", "certification_json_path",
+                       "multi_turn"),
+        "hf": ("path", "name", "split", "image_column", "question_column", "answer_column", "id_column",
+               "family_column", "val_split", "test_split", "certification_split"),
+    }
+
+
 def image_key(sample: Sample) -> str:
     """What identifies a sample's image across splits: its resolved path, or a hash of an in-memory image's pixels."""
     if isinstance(sample.image, Image.Image):
@@ -362,7 +410,7 @@ def hold_out_images(samples: list[Sample], fraction: float, seed: int) -> tuple[
     return ([s for s in samples if image_key(s) not in chosen], [s for s in samples if image_key(s) in chosen])
 
 
-def load_splits(data_config) -> dict[str, list[Sample]]:
+def load_splits(data_config: DataSettings) -> dict[str, list[Sample]]:
     """`train`, `val` and (if configured) `test` and `certification` samples from a `conf/data/*.yaml` config.
 
     `llava_json`: `json_path`, with `val_json_path` / `test_json_path` / `certification_json_path` for the other
@@ -373,7 +421,7 @@ def load_splits(data_config) -> dict[str, list[Sample]]:
     if data_config.source == "llava_json":
         samples = read_llava_json(data_config.json_path, data_config.image_dir, data_config.multi_turn)
         sources = (data_config.val_json_path, data_config.test_json_path,
-                   data_config.get("certification_json_path"))
+                   data_config.certification_json_path)
 
         def read_split(path):
             return read_llava_json(path, data_config.image_dir, data_config.multi_turn) if path else None
@@ -381,7 +429,7 @@ def load_splits(data_config) -> dict[str, list[Sample]]:
         columns = (data_config.image_column, data_config.question_column, data_config.answer_column,
                    data_config.id_column, data_config.family_column, data_config.name)
         samples = read_hf_dataset(data_config.path, data_config.split, *columns)
-        sources = (data_config.val_split, data_config.test_split, data_config.get("certification_split"))
+        sources = (data_config.val_split, data_config.test_split, data_config.certification_split)
 
         def read_split(split):
             return read_hf_dataset(data_config.path, split, *columns) if split else None
@@ -395,7 +443,7 @@ def load_splits(data_config) -> dict[str, list[Sample]]:
         val = [s for s in samples if s.id in held_out]
         samples = [s for s in samples if s.id not in held_out]
     certification = read_split(certification_source)
-    if certification is None and data_config.get("certification_fraction", 0.0) > 0:
+    if certification is None and data_config.certification_fraction > 0:
         samples, certification = hold_out_images(samples, data_config.certification_fraction, data_config.seed + 2)
     splits = {"train": samples[: data_config.limit] if data_config.limit else samples, "val": val or []}
     test = read_split(test_source)
@@ -403,7 +451,6 @@ def load_splits(data_config) -> dict[str, list[Sample]]:
         splits["test"] = test
     if certification is not None:
         splits["certification"] = certification
-    eval_limit = data_config.get("eval_limit")
-    if eval_limit:
-        splits.update({name: split[:eval_limit] for name, split in splits.items() if name != "train"})
+    if data_config.eval_limit:
+        splits.update({name: split[:data_config.eval_limit] for name, split in splits.items() if name != "train"})
     return splits

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from omegaconf import ListConfig
 from transformers import AutoConfig
 
 from .configs import ConfigError, policy_options
@@ -88,7 +87,7 @@ def check_data_paths(cfg) -> None:
     if data.source != "llava_json":
         return
     for key in ("json_path", "val_json_path", "test_json_path", "certification_json_path"):
-        value = data.get(key)
+        value = getattr(data, key)
         if value and not Path(value).is_file():
             state = "is a folder" if Path(value).is_dir() else "does not exist"
             raise ConfigError(f"data.{key}={value!r} {state}; give the LLaVA instruction JSON file")
@@ -106,33 +105,34 @@ def read_splits(cfg) -> dict[str, list[Sample]]:
         raise ConfigError(f"data: {error}; fix the file or point data.* at another") from None
 
 
-def check_train_inputs(cfg) -> dict[str, list[Sample]]:
-    """Everything `train.py` reads before it loads the model; returns the data splits (parsed once)."""
-    model_path = check_model_path(cfg)
-    num_layers = model_num_layers(cfg, model_path)
-    layers = cfg.labels.layers
-    if isinstance(layers, (list, ListConfig)):
+def check_train_inputs(settings) -> dict[str, list[Sample]]:
+    """Everything `train.py` reads before it loads the model (`settings`: its `TrainSettings`); returns the data
+    splits (parsed once)."""
+    model_path = check_model_path(settings)
+    num_layers = model_num_layers(settings, model_path)
+    layers = settings.labels.layers
+    if isinstance(layers, list):
         outside = [k for k in layers if not 0 <= k <= num_layers]
         if outside:
             raise ConfigError(f"labels.layers={list(layers)}: exit layers {outside} are outside [0, {num_layers}] "
                               f"(the model has num_hidden_layers={num_layers})")
-    stages = list(cfg.stages)
-    if "validate" in stages and "heads" not in stages:
-        check_heads_path(cfg)
-    splits = read_splits(cfg)
-    if "labels" not in stages:
-        check_label_caches(cfg, splits)
+    if "validate" in settings.stages and "heads" not in settings.stages:
+        check_heads_path(settings)
+    splits = read_splits(settings)
+    if "labels" not in settings.stages:
+        check_label_caches(settings, splits)
     return splits
 
 
-def check_label_caches(cfg, splits: dict[str, list[Sample]]) -> None:
-    """A run without the labels stage reads every split's label cache: each must exist, be complete and verify."""
+def check_label_caches(settings, splits: dict[str, list[Sample]]) -> None:
+    """A run without the labels stage reads every split's label cache (`settings`: the run's `TrainSettings`):
+    each must exist, be complete and verify."""
     from .training.pipeline import label_stores  # the training stack, only for train.py
 
-    for name, store in label_stores(cfg, None, None, splits, compute=False).items():
+    for name, store in label_stores(settings, None, None, splits, compute=False).items():
         if not store.complete:
             state = "is incomplete" if store.dir.exists() else "does not exist"
-            raise ConfigError(f"stages={list(cfg.stages)} reads the {name} label cache {store.dir}, which {state}: "
+            raise ConfigError(f"stages={settings.stages} reads the {name} label cache {store.dir}, which {state}: "
                               "add the labels stage (e.g. stages=[labels,heads,validate])")
         store.verify()
 

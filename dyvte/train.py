@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dyvte import cli
-from dyvte.configs import check_certification, check_train_config, read_model_settings
+from dyvte.configs import check_certification, check_train_config, read_train_settings
 from dyvte.preflight import check_train_inputs
 from dyvte.training.pipeline import run
 
@@ -31,16 +31,17 @@ def main(cfg: DictConfig) -> None:
     check_train_config(cfg)
     cli.check_logger_installed(cfg.logger)
     cli.quiet_libraries(cfg.verbose)
-    splits = check_train_inputs(cfg)  # paths, data, layers, label caches: before any model time
-    check_certification(cfg, splits)  # calibration sizes and group keys
-    L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
+    settings = read_train_settings(cfg)  # typed from here on: the stages never see the Hydra config
+    splits = check_train_inputs(settings)  # paths, data, layers, label caches: before any model time
+    check_certification(settings, splits)  # the certification split: disjoint, large enough, groups
+    L.seed_everything(settings.seed, workers=True, verbose=settings.verbose)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        model, processor = read_model_settings(cfg).load()
-        report = run(cfg, output_dir, model, processor, splits)
+        model, processor = settings.model.load()
+        report = run(settings, output_dir, model, processor, splits)
     except KeyboardInterrupt:  # outside a Lightning loop (those say what they saved themselves)
         log.error("interrupted (Ctrl-C): every finished label shard is saved in %s; rerun the same command to resume",
-                  cfg.cache_dir)
+                  settings.cache_dir)
         sys.exit(130)
     if report:
         summary = {k: report[k] for k in ("agreement", "accuracy", "full_accuracy", "flops_saved", "mean_exit_layer",

@@ -246,8 +246,8 @@ def compose_train(*overrides):
 
 @pytest.mark.parametrize("overrides, message", [
     (["validate.target_agreement=1.0"], r"validate.target_agreement=1.0: must be a number strictly between 0 and 1"),
-    (["validate.target_agreement=0"], r"validate.target_agreement=0: must be a number strictly between 0 and 1"),
-    (["validate.target_agreement=0.98", "validate.confidence=1"], r"validate.confidence=1: must be a number strictly"),
+    (["validate.target_agreement=0"], r"validate.target_agreement=0.0: must be a number strictly between 0 and 1"),
+    (["validate.target_agreement=0.98", "validate.confidence=1"], r"validate.confidence=1.0: must be a number strictly"),
     (["validate.groups=colour"], r"validate.groups='colour': must be null or one of family"),
     (["validate.groups=family"], r"validate.groups='family': certifies validate.target_agreement within each group"),
     (["data.certification_fraction=0.6", "data.val_fraction=0.5"], r"data.certification_fraction=0.6: and data."),

@@ -30,17 +30,16 @@ def test_shipped_configs_pass():
     "overrides, message",
     [
         (["head_training.hidden=-5"], r"head_training.hidden=-5: must be an integer >= 1"),
-        (["head_training.lr=0"], r"head_training.lr=0: must be in \(0.0, inf\]"),
-        (["head_training.epochs=1.5"], r"head_training.epochs=1.5: must be an integer >= 1"),
+        (["head_training.lr=0"], r"head_training.lr=0.0: must be in \(0.0, inf\]"),  # typed by its schema: a float
         (["head_training.class_weights=[1.0]"], r"head_training.class_weights=\[1.0\]: must be null or"),
-        (["labels.alpha=-1"], r"labels.alpha=-1: must be in \(0.0, inf\]"),
+        (["labels.alpha=-1"], r"labels.alpha=-1.0: must be in \(0.0, inf\]"),
         (["labels.reference=gold"], r"labels.reference='gold': must be one of model, ground_truth"),
         (["labels.layers=[1,-2]"], r"labels.layers=\[1, -2\]: must be all, random or a list"),
         (["labels.batch_size=0"], r"labels.batch_size=0: must be an integer >= 1"),
         (["features.span=everything"], r"features.span='everything': must be one of after_first_visual, all_text"),
         (["validate.threshold=1.5"], r"validate.threshold=1.5: must be in \[0.0, 1.0\]"),
-        (["validate.min_agreement=0"], r"validate.min_agreement=0: must be in \(0.0, 1.0\]"),
-        (["validate.thresholds=[0.5,2]"], r"validate.thresholds=\[0.5, 2\]: must be a non-empty list"),
+        (["validate.min_agreement=0"], r"validate.min_agreement=0.0: must be in \(0.0, 1.0\]"),
+        (["validate.thresholds=[0.5,2]"], r"validate.thresholds=\[0.5, 2.0\]: must be a non-empty list"),
         (["validate.calibration=train"], r"validate.calibration='train': must be one of val, crossfit"),
         (["validate.folds=1"], r"validate.folds=1: must be an integer >= 2"),
         (["validate.threshold=0.9"], r"validate.decision='per_layer': calibrates one threshold per head: give "
@@ -49,7 +48,7 @@ def test_shipped_configs_pass():
         (["stages=[validate]"], r"stages without heads validate heads trained before: set heads=DIR"),
         (["model.dtype=float8"], r"model.dtype='float8': must be one of float32, float16, bfloat16"),
         (["model.withdraw=audio"], r"model.withdraw='audio': must be one of both, images, videos"),
-        (["data.fraction=0"], r"data.fraction=0: must be in \(0.0, 1.0\]"),
+        (["data.fraction=0"], r"data.fraction=0.0: must be in \(0.0, 1.0\]"),
         (["data.limit=0"], r"data.limit=0: must be an integer >= 1 \(or null\)"),
         (["data.on_bad_sample=ignore"], r"data.on_bad_sample='ignore': must be one of skip, raise"),
         (["data=llava665k"], r"data.json_path is not set: the LLaVA instruction JSON"),
@@ -105,10 +104,20 @@ def test_an_experiment_overrides_the_defaults_of_train_yaml():
 
 
 def test_hf_data_refuses_the_json_keys():
-    """`data=hf` has no val_json_path / test_json_path / multi_turn: setting them is an error, not ignored."""
+    """`data=hf` reads no val_json_path / test_json_path / multi_turn (and `llava_json` no `datasets` columns):
+    setting them is an error, not ignored."""
     for key, value in (("val_json_path", "v.json"), ("test_json_path", "t.json"), ("multi_turn", "true")):
-        with pytest.raises(Exception, match=f"Could not override 'data.{key}'"):
-            compose_config("train", "data=hf", f"data.{key}={value}")
+        with pytest.raises(ConfigError, match=rf"data.{key}=.*: data.source=hf does not read it"):
+            check_train_config(compose_config("train", "data=hf", "data.path=d", f"data.{key}={value}"))
+    with pytest.raises(ConfigError, match=r"data.image_column='img': data.source=llava_json does not read it"):
+        check_train_config(compose_config("train", "data.image_column=img"))
+
+
+def test_a_value_of_the_wrong_type_fails_while_the_config_is_composed():
+    """The sections' schemas (`dyvte.configs.SCHEMAS`) type every key: Hydra names the key and the type."""
+    with pytest.raises(Exception, match=r"override head_training.epochs=1.5") as refused:
+        compose_config("train", "head_training.epochs=1.5")
+    assert "Value '1.5' of type 'float' could not be converted to Integer" in str(refused.value.__cause__)
 
 
 def test_bad_value_stops_train_py_before_any_model_time(tmp_path):

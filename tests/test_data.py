@@ -1,10 +1,9 @@
 """Data sources: a Hugging Face `datasets` source reads its own val and test splits."""
 
 from datasets import Dataset, Features, Image, Value
-from omegaconf import OmegaConf
 from PIL import Image as PILImage
 
-from dyvte.data import load_splits
+from dyvte.data import DataSettings, load_splits
 
 
 def write_local_dataset(root):
@@ -17,9 +16,8 @@ def write_local_dataset(root):
         Dataset.from_dict(rows, features=features).to_parquet(str(root / f"{split}.parquet"))
 
 
-def hf_config(root, **overrides):
-    base = OmegaConf.load("conf/data/hf.yaml")
-    return OmegaConf.merge(base, {"path": str(root), "id_column": "qid", **overrides})
+def hf_config(root, **overrides) -> DataSettings:
+    return DataSettings(source="hf", path=str(root), id_column="qid", **overrides)
 
 
 def test_hf_source_reads_its_val_and_test_splits(tmp_path):

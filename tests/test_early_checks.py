@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from dyvte import cli
-from dyvte.configs import ConfigError, check_infer_config, check_train_config
+from dyvte.configs import ConfigError, check_infer_config, check_train_config, read_train_settings
 from dyvte.data import BadSample, PromptCollator, Sample, read_llava_json
 from dyvte.evaluation.compare import PolicySettings, build_policy
 from dyvte.heads import ExitHeads, ExitHeadsConfig
@@ -209,7 +209,7 @@ def test_train_inputs_are_checked_before_the_model_loads(tiny_model, tmp_path, o
     check_train_config(cfg)
     with mock.patch("dyvte.loading.AutoModelForImageTextToText.from_pretrained") as load:
         with pytest.raises(ConfigError, match=message):
-            check_train_inputs(cfg)
+            check_train_inputs(read_train_settings(cfg))
     load.assert_not_called()
     assert not (tmp_path / "cache").exists()  # nothing left behind by a refused run
 

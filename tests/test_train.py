@@ -13,7 +13,6 @@ import datasets
 import pytest
 import torch
 from fixtures.tiny_testbed import save_tiny_testbed
-from omegaconf import OmegaConf
 from PIL import Image
 from reference import llava_image_flops
 
@@ -23,6 +22,7 @@ from dyvte.testbed import DATA_DIR as TESTBED_DATA_DIR
 from dyvte.testbed.model import ModelConfig, build_model, build_processor
 from dyvte.training.heads_module import head_labels, head_stat_scores, layer_metrics
 from dyvte.training.pipeline import fit_heads, out_of_fold_probabilities
+from dyvte.training.settings import HeadTrainingSettings
 from dyvte.training.simulate import (
     choose_layer_thresholds,
     choose_threshold,
@@ -406,25 +406,25 @@ def test_out_of_fold_scores_come_from_heads_that_did_not_see_the_row(tmp_path):
     dataset = cache_rows(labels.tolist(), match=labels.tolist(), accurate=labels.tolist(), families=["a"] * n)
     dataset = dataset.add_column("features", torch.randn(n, num_layers, 2 * d, generator=generator).tolist())
     config = ExitHeadsConfig(d, num_layers, 128)
-    cfg = OmegaConf.create({
-        "seed": 0, "verbose": False, "trainer": {"accelerator": "cpu", "devices": 1}, "logger": None,
-        "head_training": {"lr": 1e-2, "weight_decay": 0.0, "epochs": 300, "batch_size": n, "class_weights": None},
-        "validate": {"folds": 3},
-    })
+    training = HeadTrainingSettings(hidden=128, lr=1e-2, weight_decay=0.0, epochs=300, batch_size=n,
+                                    inputs=["mean_text", "last_text"], architecture="per_layer",
+                                    label_shape="per_layer", label_target="safe", decision="global",
+                                    calibration="crossfit")
+    trainer = {"accelerator": "cpu", "devices": 1}
     target = head_labels(dataset).float()[:, :-1]  # the last head's exit is the full model: always safe
 
     def accuracy(p_exit):
         return float(((p_exit[:, :-1] > 0.5).float() == target).float().mean())
 
-    in_sample = exit_probabilities(fit_heads(cfg, config, dataset, None, tmp_path, seed=0, fold=True), dataset)
-    out_of_fold = out_of_fold_probabilities(cfg, config, dataset, tmp_path)
+    in_sample = exit_probabilities(fit_heads(training, config, dataset, None, tmp_path, seed=0, trainer=trainer,
+                                             fold=True), dataset)
+    out_of_fold = out_of_fold_probabilities(training, config, dataset, tmp_path, folds=3, seed=0, trainer=trainer)
     assert accuracy(in_sample) > 0.95
     assert 0.3 < accuracy(out_of_fold) < 0.7
 
 
 def test_crossfit_with_too_few_train_rows_names_the_key(tmp_path):
     dataset = cache_rows([[0, 1, 1]] * 2, match=[[0, 1, 1]] * 2, accurate=[[0, 1, 1]] * 2, families=["a"] * 2)
-    cfg = OmegaConf.create({"seed": 0, "validate": {"folds": 3}})
     with pytest.raises(ValueError, match=r"validate.folds=3 needs at least 3 train rows to cross-fit, and the train "
                                          r"split has 2"):
-        out_of_fold_probabilities(cfg, ExitHeadsConfig(4, 2, 8), dataset, tmp_path)
+        out_of_fold_probabilities(None, ExitHeadsConfig(4, 2, 8), dataset, tmp_path, folds=3, seed=0, trainer={})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
-from ..configs import policy_options
+from ..configs import policy_options, read_data_settings
 from ..data import PromptCollator, load_splits
 from ..engine import VisualExit
 from ..heads import ExitHeads
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def calibration_batches(cfg, processor, n: int) -> list[dict]:
     """The first `n` samples of the val split as processor batches (what the calibration searches run on)."""
-    calibration = load_splits(cfg.data)["val"][:n]
+    calibration = load_splits(read_data_settings(cfg))["val"][:n]
     collator = PromptCollator(processor, require_answer=False)
     batches = [collator(calibration[i : i + cfg.batch_size]) for i in range(0, len(calibration), cfg.batch_size)]
     return [{k: v for k, v in b.items() if k not in ("samples", "skipped")} for b in batches if b["samples"]]
