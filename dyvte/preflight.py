@@ -15,7 +15,7 @@ from transformers import AutoConfig
 from .configs import ConfigError, policy_options
 from .data import DataFileError, Sample, load_splits
 from .loading import resolve_model_path
-from .policies.registry import POLICY_NAMES, REGISTRY, check_composition, needs_heads
+from .policies.registry import POLICY_NAMES, REGISTRY, check_composition, needs_heads, nominal_visual_tokens
 from .policies.settings import SettingError
 
 
@@ -160,7 +160,8 @@ def check_policy_names(names: list[str], key: str) -> set[str]:
 
 def check_policy_needs(cfg, parts: set[str], config) -> None:
     """What the policies named (`parts`) need of the model, read from its config (`config`, no weights): their
-    settings fit its depth, and it is a family and has a vision tower they run on."""
+    settings fit its depth (and, for a budget the method may not reach, its images' visual tokens), and it is a
+    family and has a vision tower they run on."""
     num_layers = config.get_text_config(decoder=True).num_hidden_layers
     options = policy_options(cfg)
     tower = getattr(getattr(config, "vision_config", None), "model_type", None)
@@ -179,6 +180,11 @@ def check_policy_needs(cfg, parts: set[str], config) -> None:
             raise ConfigError(f"policy {name!r} needs a vision tower of model_type {', '.join(spec.needs.towers)}; "
                               f"model.name_or_path={cfg.model.name_or_path!r} has {tower!r}: pick another policy or "
                               "model")
+        if hasattr(settings, "check_reach"):  # a budget the method meets only on some depths and image sizes
+            try:
+                settings.check_reach(num_layers, nominal_visual_tokens(config))
+            except SettingError as error:
+                raise ConfigError(f"{spec.key(error.name)}={error.value!r}: {error.expected}") from None
 
 
 def check_infer_inputs(cfg) -> dict[str, list[Sample]] | None:

@@ -6,6 +6,8 @@ equal the engine's, which really removes those tokens. Pruning and merging basel
 before each layer (`edited_forward`): it may rewrite hidden states and hide more positions.
 """
 
+import math
+
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -193,6 +195,23 @@ def edited_greedy(model, batch: dict, edit, max_new_tokens: int) -> torch.Tensor
         embeds = torch.cat([prompt, embed_tokens(ids[:, length:])], dim=1)
         logits, _ = edited_forward(model, embeds, torch.ones_like(ids), torch.arange(ids.shape[1])[None], replay)
     return ids
+
+
+def density_peak_merge(tokens, clusters):
+    """DPC-KNN by loops: density from each token's `clusters` nearest (itself included), parent distance to the
+    nearest denser token (ties by index), centres by density x parent distance; members join the nearest centre;
+    a merged token is the members' sum over (count + 1e-6). Returns {centre: merged token}."""
+    n, width = tokens.shape
+    distance = [[float((tokens[i] - tokens[j]).norm()) / width**0.5 for j in range(n)] for i in range(n)]
+    density = [math.exp(-sum(d * d for d in sorted(distance[i])[:clusters]) / clusters) for i in range(n)]
+    largest = max(max(row) for row in distance)
+    parent = [min([distance[i][j] for j in range(n) if density[j] > density[i] or
+                   (density[j] == density[i] and j < i)], default=largest) for i in range(n)]
+    centres = sorted(range(n), key=lambda i: -parent[i] * density[i])[:clusters]
+    members = {c: [] for c in centres}
+    for i in range(n):
+        members[i if i in members else min(centres, key=lambda c: distance[c][i])].append(i)
+    return {c: sum(tokens[i] for i in group) / (len(group) + 1e-6) for c, group in members.items()}
 
 
 def vit_layer_flops(tokens: int, pairs: int, hidden: int, intermediate: int, gated: bool = False) -> int:

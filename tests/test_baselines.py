@@ -14,14 +14,15 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import additive_mask, edited_forward, edited_greedy, stock_inputs_embeds
-from tiny_models import IMAGE_TOKEN, Sample, build_batch, build_model, sample_alone, text_config
-from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+from autoprune_reference import autoprune_reference
+from reference import additive_mask, density_peak_merge, edited_forward, edited_greedy, stock_inputs_embeds
+from tiny_models import IMAGE_TOKEN, Sample, build_batch, build_model, sample_alone, siglip_llava
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from dyvte import VisualExit
 from dyvte.policies import (
     DART,
+    AutoPrune,
     CDPruner,
     Decision,
     DivPrune,
@@ -351,23 +352,6 @@ def divprune_reference(model, batch, keep_ratio):
     return edit
 
 
-def density_peak_merge(tokens, clusters):
-    """DPC-KNN by loops: density from each token's `clusters` nearest (itself included), parent distance to the
-    nearest denser token (ties by index), centres by density x parent distance; members join the nearest centre;
-    a merged token is the members' sum over (count + 1e-6). Returns {centre: merged token}."""
-    n, width = tokens.shape
-    distance = [[float((tokens[i] - tokens[j]).norm()) / width**0.5 for j in range(n)] for i in range(n)]
-    density = [math.exp(-sum(d * d for d in sorted(distance[i])[:clusters]) / clusters) for i in range(n)]
-    largest = max(max(row) for row in distance)
-    parent = [min([distance[i][j] for j in range(n) if density[j] > density[i] or
-                   (density[j] == density[i] and j < i)], default=largest) for i in range(n)]
-    centres = sorted(range(n), key=lambda i: -parent[i] * density[i])[:clusters]
-    members = {c: [] for c in centres}
-    for i in range(n):
-        members[i if i in members else min(centres, key=lambda c: distance[c][i])].append(i)
-    return {c: sum(tokens[i] for i in group) / (len(group) + 1e-6) for c, group in members.items()}
-
-
 def sparsevlm_reference(model, batch, layers, keep_ratios):
     """SparseVLM from the paper: raters are the text tokens after the image whose mean (over visual tokens) of the
     softmax over text of v t^T exceeds the mean; after each pruning layer, the visual tokens are ranked by that
@@ -427,6 +411,11 @@ CASES = {
     "divprune": (lambda m: DivPrune(keep_ratio=0.3), lambda m, b: divprune_reference(m, b, 0.3)),
     "sparsevlm": (lambda m: SparseVLM(L, (0.5, 0.3, 0.2), layers=[0, 1, 2]),
                   lambda m, b: sparsevlm_reference(m, b, [0, 1, 2], (0.5, 0.3, 0.2))),
+    # a large gamma: the three samples get three schedules (k = 0.074, 0 and 0.157) in one batch
+    "autoprune": (lambda m: AutoPrune(m, share=11 / 16, gamma=20.0, first_keep=1.25),
+                  lambda m, b: autoprune_reference(m, b, 11.0, gamma=20.0, first_keep=1.25, accounting="equivalent")),
+    "autoprune_official": (lambda m: AutoPrune(m, share=8 / 16, accounting="official"),
+                           lambda m, b: autoprune_reference(m, b, 8.0, accounting="official")),
 }
 
 
@@ -511,17 +500,6 @@ def test_tome_composes_with_exit(reference_model, batch):
         assert (out.logits[i, -1] - logits[0, -1]).abs().max() <= 1e-4
 
 
-def siglip_llava(attn_implementation: str):
-    """A tiny LLaVA whose tower is SigLIP (no CLS token: every output token is a patch, strategy 'full')."""
-    torch.manual_seed(4)
-    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=16, patch_size=4)
-    config = LlavaConfig(vision_config=vision, text_config=text_config(L), image_token_id=IMAGE_TOKEN,
-                         vision_feature_layer=-1, vision_feature_select_strategy="full")
-    config._attn_implementation = attn_implementation
-    return LlavaForConditionalGeneration(config).eval()
-
-
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("method", ["visionzip", "downsample"])
 def test_a_tower_without_cls_ranks_by_mean_attention(method, attn_implementation):
@@ -561,12 +539,13 @@ def test_vispruner_refuses_a_tower_without_cls_and_a_tiling_family():
     lambda m: VisionZip(m, keep_ratio=1.0), lambda m: Downsample(factor=1), lambda m: RandomPrune(1, keep_ratio=1.0),
     lambda m: ToMe(r=0.0), lambda m: DART(1, keep_ratio=1.0), lambda m: PyramidDrop(L, ratio=1.0),
     lambda m: VisPruner(m, keep_ratio=1.0), lambda m: CDPruner(keep_ratio=1.0), lambda m: DivPrune(keep_ratio=1.0),
-    lambda m: SparseVLM(L, (1.0, 1.0, 1.0), layers=[0, 1, 2]),
+    lambda m: SparseVLM(L, (1.0, 1.0, 1.0), layers=[0, 1, 2]), lambda m: AutoPrune(m, share=1.0, k0=0.0),
 ])
 def test_keeping_everything_is_the_stock_model(make_policy, engine, batch):
     """Each baseline at its keep-all setting equals the stock model: VisionZip with every patch dominant or a target
     with nothing merged into it hands the projector the tower's own features; 1 x 1 pooling windows are the tokens;
-    SparseVLM keeps all but one token per stage and recycles that one into a merged token of itself."""
+    SparseVLM keeps all but one token per stage and recycles that one into a merged token of itself; AutoPrune's
+    flat curve (k0 = 0) at the full budget keeps rates above 1, so every token, with nothing to recycle."""
     expected = engine.model(**batch).logits
     out = engine(**batch, policy=make_policy(engine.model))
     real = batch["attention_mask"].bool()

@@ -17,6 +17,7 @@ from dyvte import VisualExit, cli
 from dyvte.configs import ConfigError, check_infer_config
 from dyvte.heads import ExitHeads, ExitHeadsConfig
 from dyvte.policies import KeepRateSchedule
+from dyvte.policies.pruners import AutoPruneSettings
 from dyvte.policies.registry import (
     INPUT_SELECTOR,
     POLICY_NAMES,
@@ -38,12 +39,18 @@ def compose_infer(*overrides: str):
 
 
 def test_every_registered_policy_builds_from_its_defaults_and_runs():
+    """AutoPrune's default budget (192 of 576) is out of its reach on 4 layers (layers 0 and 1 alone spend more), so
+    it is refused there, naming the reason, and runs at a share it reaches."""
     model = build_model("llava", num_layers=L, seed=1)
     engine = VisualExit(model)
     batch = build_batch(model, [Sample(left_pad=2), Sample(text_after=9)])
     text = model.config.get_text_config(decoder=True)
     settings = PolicySettings(heads=ExitHeads(ExitHeadsConfig(text.hidden_size, L, 8)), vtw_layer=2, model=model,
                               gsearch=KeepRateSchedule([1.0, 1.0, 0.5, 0.5]), psigmoid=KeepRateSchedule([1.0] * L))
+    with pytest.raises(ValueError, match="AutoPrune: sample 0 has 16 visual tokens, and share = 0.33.* is out of "
+                                         "reach for it: layer 0 computes all 16 visual tokens"):
+        engine.prefill(**batch, policy=build_policy("autoprune", settings))
+    settings.options["autoprune"] = AutoPruneSettings(share=0.75)
     full = engine.prefill(**batch)
     for name in POLICY_NAMES:
         out = engine.prefill(**batch, policy=build_policy(name, settings))
@@ -98,6 +105,10 @@ def save_config(model_config, folder: Path) -> Path:
                                                        r"boundaries in \[1, 3\] \(the model has num_hidden_layers=4\)")),
     (["policy=sparsevlm", "sparsevlm.layers=[0,1,3]"], "llava", (r"sparsevlm.layers=\[0, 1, 3\]: must be "
                                                                  r"increasing layers in \[0, 2\]")),
+    (["policy=autoprune"], "qwen2_vl", r"policy 'autoprune' runs on model_type llava only; .* is 'qwen2_vl'"),
+    (["policy=autoprune"], "siglip", r"policy 'autoprune' needs a vision tower of model_type clip_vision_model"),
+    (["policy=autoprune"], "llava", (r"autoprune.share=0.333.*: is out of AutoPrune's reach on this model \(576 "
+                                     r"visual tokens per image, num_hidden_layers=4\): layer 0 computes all 576")),
 ])
 def test_what_a_policy_needs_of_the_model_is_refused_before_it_loads(tmp_path, overrides, family, message):
     model_config = build_model("qwen2_vl" if family == "qwen2_vl" else "llava", num_layers=L).config

@@ -131,6 +131,17 @@ def build_model(family: str, attn_implementation: str = "sdpa", num_layers: int 
     return model
 
 
+def siglip_llava(attn_implementation: str = "sdpa", num_layers: int = 4):
+    """A tiny LLaVA whose tower is SigLIP (no CLS token: every output token is a patch, strategy 'full')."""
+    torch.manual_seed(4)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=16, patch_size=4)
+    config = LlavaConfig(vision_config=vision, text_config=text_config(num_layers), image_token_id=IMAGE_TOKEN,
+                         vision_feature_layer=-1, vision_feature_select_strategy="full")
+    config._attn_implementation = attn_implementation
+    return LlavaForConditionalGeneration(config).eval()
+
+
 @dataclass
 class Sample:
     text_before: int = 3

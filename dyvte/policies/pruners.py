@@ -1,5 +1,6 @@
 """In-LLM pruners: visual tokens leave before (or after) chosen decoder layers, a few at a time (`FastV`,
-`RandomPrune`, `PyramidDrop`, `DART`, `SparseVLM`, which also recycles part of the pruned tokens into merged ones).
+`RandomPrune`, `PyramidDrop`, `DART`, `SparseVLM`, which also recycles part of the pruned tokens into merged ones, and
+`AutoPrune`, which sets each sample's keep rate per layer from the text-visual mutual information and recycles too).
 
 Each is one policy on the same engine as exit: it composes with exit (`FastV(...) + DynamicExit(heads)`), runs
 batched (each sample prunes its own tokens), works with SDPA (the attention a method ranks by is recomputed for its
@@ -15,8 +16,17 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ..adapters import get_adapter
 from ..engine import Decision, ExitPolicy, PrefillState, SubBatch
-from .settings import SettingError, check_integer, check_layers, check_share, check_shares
+from .settings import (
+    SettingError,
+    check_choice,
+    check_integer,
+    check_layers,
+    check_number,
+    check_share,
+    check_shares,
+)
 from .tokens import attention_by_position, keep_most_attended, kept_count, round_half_up, setting_for_share
 
 
@@ -338,6 +348,26 @@ def _clusters(recycled: int, cluster: float) -> int:
     return int(round(recycled * cluster, 9)) + 1
 
 
+def keep_and_recycle(sub: SubBatch, row: int, slots: torch.Tensor, scores: torch.Tensor, count: int,
+                     keep: torch.Tensor, hidden: torch.Tensor, recycle: float, cluster: float) -> None:
+    """SparseVLM's pruning with token recycling (also AutoPrune's), for row `row` of `sub`, in place: of its
+    visual `slots` ([v], position order) scored `scores` ([v]), the `count` best stay (`keep` [b, n]); of the
+    others (the pruned), the `int(recycle * pruned) + 1` best scored are clustered (`cluster_and_merge`) into
+    `int(that * cluster) + 1` merged tokens of `sub.hidden`, each written into its centre's slot of `hidden`
+    [b, n, d] and kept; the rest leave. Ties go to the earlier slot; nothing is pruned when `count` >= v."""
+    order = scores.argsort(descending=True, stable=True)
+    keep[row, slots[order[:count]]] = True
+    pruned = slots[order[count:]].sort().values  # position order, as the official code
+    if not len(pruned):
+        return
+    recycled = int(len(pruned) * recycle) + 1
+    best = scores[torch.isin(slots, pruned)].argsort(descending=True, stable=True)[:recycled]
+    recycled_slots = pruned[best]
+    centres, merged = cluster_and_merge(sub.hidden[row, recycled_slots], _clusters(recycled, cluster))
+    hidden[row, recycled_slots[centres]] = merged
+    keep[row, recycled_slots[centres]] = True
+
+
 PAPER_LAYERS = (2, 6, 15)  # SparseVLM's pruning layers in LLaVA-1.5-7B's 32
 PAPER_KEEP = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}  # tokens kept after each, of 576
 
@@ -477,17 +507,7 @@ class SparseVLM(ExitPolicy):
                 continue
             scores = self._scores[sub.rows[row], sub.index[row, slots]]
             count = min(round_half_up(self.keep_ratios[stage] * prompt_visual[row]), len(slots) - 1)
-            order = scores.argsort(descending=True, stable=True)
-            keep[row, slots[order[:count]]] = True
-            pruned = slots[order[count:]].sort().values  # position order, as the official code
-            if not len(pruned):
-                continue
-            recycled = int(len(pruned) * self.recycle) + 1
-            best = scores[torch.isin(slots, pruned)].argsort(descending=True, stable=True)[:recycled]
-            recycled_slots = pruned[best]
-            centres, merged = cluster_and_merge(sub.hidden[row, recycled_slots], _clusters(recycled, self.cluster))
-            hidden[row, recycled_slots[centres]] = merged
-            keep[row, recycled_slots[centres]] = True
+            keep_and_recycle(sub, row, slots, scores, count, keep, hidden, self.recycle, self.cluster)
         return keep, hidden
 
 
@@ -532,3 +552,327 @@ def sparsevlm_at_budget(settings: SparseVLMSettings, share: float, num_layers: i
                       f"{num_layers} of the tokens stay alone")
     return (replace(settings, keep_ratios=tuple(ratios), layers=layers),
             f"keep {', '.join(f'{r:.3f}' for r in ratios)} after layers {layers}")
+
+
+AUTOPRUNE_ACCOUNTINGS = ("equivalent", "official")  # what AutoPrune's budget counts (`autoprune_accounted`)
+CURVE_HEIGHT = 0.75  # height of AutoPrune's retention curve (msl 1875)
+CURVE_DEPTH = 32  # the official curve's layer axis: LLaVA-1.5-7B's 32 decoder layers
+SCALE_HIGH, SCALE_STEPS = 20.0, 200  # the bisection of the curve's scale: on [0, 20], 200 halvings (msl 1903, 1907)
+TEXT_WEIGHT = 0.3  # weight of MI0 x text attention in layer 0's score (msl 286)
+RECYCLE, CLUSTER = 0.3, 0.1  # recycled share of the pruned tokens and merged tokens per recycled one (msl 366, 371)
+
+
+def autoprune_curve(k: float, num_layers: int, x0: float) -> list[float]:
+    """AutoPrune's unscaled retention curve of slope `k` for layers `l = 1..L-1`: `p(l) = 0.75 / (1 + exp(k (l' -
+    (x0 + k))))` (msl 1868-1875; the shift is `x0 + k`), at `l' = l * 32 / L`, the official curve over
+    LLaVA-1.5-7B's 32 layers scaled to the model's depth (the raw index at `L = 32`)."""
+    return [CURVE_HEIGHT / (1 + math.exp(min(k * (layer * CURVE_DEPTH / num_layers - (x0 + k)), 700.0)))
+            for layer in range(1, num_layers)]
+
+
+def _recycled_clusters(dropped: int) -> int:
+    """Merged tokens made of `dropped` pruned tokens: a tenth (+1) of the best 30% (+1); none of none."""
+    return _clusters(int(dropped * RECYCLE) + 1, CLUSTER) if dropped else 0
+
+
+def autoprune_counts(rates: list[float], n_visual: int, v0: int) -> list[int]:
+    """The visual tokens entering layers 0..L-1 and those left after layer L-1 ([L + 1]) of a sample with
+    `n_visual` visual tokens that keeps `v0` after layer 0, then after each layer `l >= 1` keeps `min(ceil((v0 - 1)
+    * min(1, rates[l - 1])), left)` and recycles the others into merged tokens (`cal_sum_tokens_no_membership`, msl
+    1935-1961). The policy's real counts are these: a rate above 1 keeps every token there, as many."""
+    counts = [n_visual, v0]
+    for rate in rates:
+        left = counts[-1]
+        keep = min(kept_count(min(1.0, rate), v0 - 1), left)
+        counts.append(keep + _recycled_clusters(left - keep))
+    return counts
+
+
+def autoprune_accounted(counts: list[int], accounting: str) -> int:
+    """The visual tokens AutoPrune's budget counts of `autoprune_counts`: those entering layers 0..L-1
+    (`"equivalent"`: dyvte's equivalent-tokens rule) or, as the official code, those entering layers 1..L-1 plus
+    those left after layer L-1, which no layer computes (`"official"`, msl 1935-1961)."""
+    return sum(counts[1:]) if accounting == "official" else sum(counts[:-1])
+
+
+def autoprune_rates(k: float, n_visual: int, v0: int, target: float, num_layers: int, x0: float, accounting: str
+                    ) -> tuple[list[float], float]:
+    """(keep rate after each layer 1..L-1, the scale `s`): the curve of slope `k` scaled by the `s` in [0, 20]
+    whose accounted tokens come closest to `L * target` (`generate_keep_percent_abs`, msl 1868-1933: a bisection
+    of 200 halvings that stops at a difference below 0.01, here also once the halving stops moving, which changes
+    nothing). With "official" accounting, an unscaled curve whose own count is within 1 of the goal is used as it
+    is (msl 1879-1895)."""
+    base = autoprune_curve(k, num_layers, x0)
+    goal = num_layers * target
+    if accounting == "official":
+        total, previous, used = 0, 0, v0
+        for layer, rate in zip(range(1, num_layers), base):
+            used = int(v0 * rate)
+            total += used * (layer - previous)
+            previous = layer
+        total += used * (num_layers - previous)
+        if abs(total - goal) < 1:
+            return base, 1.0
+    low, high, best, closest, previous = 0.0, SCALE_HIGH, 1.0, math.inf, None
+    for _ in range(SCALE_STEPS):
+        middle = (low + high) / 2
+        if middle == previous:  # the halving no longer moves: every later step repeats this one
+            break
+        previous = middle
+        total = autoprune_accounted(autoprune_counts([middle * rate for rate in base], n_visual, v0), accounting)
+        if abs(total - goal) < closest:
+            closest, best = abs(total - goal), middle
+            if closest < 0.01:
+                break
+        if total < goal:
+            low = middle
+        else:
+            high = middle
+    return [best * rate for rate in base], best
+
+
+def mutual_information(probabilities: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """[b] AutoPrune's mutual information (bits) between each row's text queries and the `keys` slots ([b, n] bool)
+    they attend to, summed over heads. Per head, `A` = the queries' attention to those keys [T, V] (rows of
+    `probabilities` [b, heads, w, n]; filler queries all zero; not renormalised over the keys) read as p(key |
+    query) with p(query) = 1/T (`queries` [b] = T): `sum p_xy log2(clamp(p_xy / (p_x p_y + 1e-6), 1e-6))`
+    (`mutual_information`, msl 1741-1754). A row without queries has 0."""
+    count = queries.clamp(min=1).to(probabilities.dtype)[:, None, None, None]
+    joint = probabilities * keys[:, None, None, :] / count
+    ratio = joint / (joint.sum(dim=2, keepdim=True) / count + 1e-6)
+    return (joint * torch.log2(ratio.clamp(min=1e-6))).sum(dim=(1, 2, 3))
+
+
+@dataclass
+class AutoPruneSettings:
+    """AutoPrune's settings (`autoprune.*`): the budget `share` (official `--target-token-num` as a share of each
+    sample's visual tokens; 192 of 576), the slope's `k0` and `gamma` (`k = max(k0 - gamma * MI, 0)`), the curve's
+    midpoint `x0` (in the official 32-layer units), the first cut's `first_keep` (`first_keep x` the target stay
+    after layer 0) and what the budget counts (`accounting`: "equivalent", dyvte's rule, or "official")."""
+
+    share: float = 192 / 576
+    gamma: float = 0.2
+    k0: float = 0.4
+    x0: float = 14.9
+    first_keep: float = 2.5
+    accounting: str = "equivalent"
+
+    def __post_init__(self):
+        check_share("AutoPrune", "share", self.share, low_open=True)
+        check_number("AutoPrune", "gamma", self.gamma, 0.0, 1e6)
+        check_number("AutoPrune", "k0", self.k0, 0.0, 1e6)
+        check_number("AutoPrune", "x0", self.x0, -1e6, 1e6)
+        check_number("AutoPrune", "first_keep", self.first_keep, 0.0, 1e6, low_open=True)
+        check_choice("AutoPrune", "accounting", self.accounting, AUTOPRUNE_ACCOUNTINGS)
+
+    def first_cut(self, n_visual: int) -> int:
+        """`v0`: the visual tokens a sample of `n_visual` keeps after layer 0, `min(int(first_keep * target), N)`."""
+        return min(int(round(self.first_keep * self.share * n_visual, 9)), n_visual)
+
+    def out_of_reach(self, num_layers: int, n_visual: int) -> str | None:
+        """Why a sample of `n_visual` visual tokens cannot meet `share` on `num_layers` layers, whatever its mutual
+        information (None when it can): below, keeping nothing after layer 1 still costs more (layer 0 computes all
+        `N` tokens, layer 1 keeps `v0`); above, the steepest curve (`k = k0`, a sample without MI) at the largest
+        scale (20) still prunes the last layers."""
+        goal, v0, unit = num_layers * self.share * n_visual, self.first_cut(n_visual), num_layers * n_visual
+        least = autoprune_accounted(autoprune_counts([0.0] * (num_layers - 1), n_visual, v0), self.accounting)
+        if least > goal + 1e-9:
+            return (f"layer 0 computes all {n_visual} visual tokens and layer 1 keeps first_keep = {self.first_keep:g}"
+                    f" x the target ({v0}), so AutoPrune spends at least {least / unit:.4f} of them per layer on "
+                    f"{num_layers} layers ({self.accounting} accounting), more than share = {self.share:.4f}")
+        steepest = [SCALE_HIGH * rate for rate in autoprune_curve(self.k0, num_layers, self.x0)]
+        most = autoprune_accounted(autoprune_counts(steepest, n_visual, v0), self.accounting)
+        if most < goal - 1e-9:
+            return (f"its steepest curve (k = k0 = {self.k0:g}, a sample without mutual information) prunes the last "
+                    f"layers at any scale, so AutoPrune spends at most {most / unit:.4f} of the visual tokens per "
+                    f"layer on {num_layers} layers, less than share = {self.share:.4f} (k0 = 0, a flat curve, "
+                    "reaches every share)")
+        return None
+
+    def check_reach(self, num_layers: int, n_visual: int) -> None:
+        """Refuse a `share` out of reach for images of `n_visual` visual tokens on `num_layers` layers."""
+        why = self.out_of_reach(num_layers, n_visual)
+        if why is not None:
+            raise SettingError(f"AutoPrune: share = {self.share} is out of reach: {why}.", "share", self.share,
+                               f"is out of AutoPrune's reach on this model ({n_visual} visual tokens per image, "
+                               f"num_hidden_layers={num_layers}): {why}")
+
+
+def autoprune_at_budget(settings: AutoPruneSettings, share: float, num_layers: int, n_visual: int
+                        ) -> tuple[AutoPruneSettings | None, str]:
+    """AutoPrune at the budget `share` (on images of `n_visual` visual tokens): its `share` itself, each sample's
+    schedule meeting it in the settings' accounting (dyvte's own with "equivalent"); None when out of reach."""
+    solved = replace(settings, share=share)
+    why = solved.out_of_reach(num_layers, n_visual)
+    if why is not None:
+        return None, f"out of reach: {why}"
+    return solved, f"share {share:.3f} ({settings.accounting} accounting)"
+
+
+@dataclass
+class AutoPruneDecisions:
+    """What AutoPrune decided for each sample of the last prefill, by batch row (None where not decided: no visual
+    tokens, or the sample left before layer 1 ranked): `v0` kept after layer 0, layer 0's and layer 1's mutual
+    information `mi0` (over heads, per text query) and `mi1` (over heads), the slope `k`, the curve's scale `s`, and
+    the keep rate after each layer 1..L-1 (`rates`)."""
+
+    v0: list[int]
+    mi0: list[float | None]
+    mi1: list[float | None]
+    k: list[float | None]
+    scale: list[float | None]
+    rates: list[list[float] | None]
+
+
+class AutoPrune(ExitPolicy):
+    """AutoPrune (Wang et al., "Each Complexity Deserves a Pruning Policy", NeurIPS 2025): the mutual information
+    between the text and the visual tokens in the first layers sets, per sample, a logistic curve of how many visual
+    tokens each later layer keeps, scaled so that the sample meets the budget; the pruned are partly recycled.
+
+    Follows AutoLab-SAI-SJTU/AutoPrune@e4a9918 (`msl` = `llava/model/language_model/modelling_sparse_llama.py`; the
+    official code prunes every layer's output, `msl` 243-405), for a sample with `N` visual tokens, budget `target =
+    share * N` (official `--target-token-num` 64/128/192 of 576; gamma 0.2, k0 0.4, x0 14.9 in every released
+    script, `eval/model_vqa_loader.py` 189-192) and `T` text tokens after its first visual token:
+    1. After layer 0 (`msl` 273-313): `MI0 = sum_h MI(A_0[h, text, visual]) / T` (`mutual_information`, `msl`
+       1741-1754), and each visual token's score is the vision tower's [CLS] attention to its patch in the
+       feature layer, mean over the tower's heads (`llava/model/multimodal_encoder/clip_encoder.py` 36-47,
+       `llava/model/llava_arch.py` 141-145), plus `0.3 * MI0 * mean_{h, text} A_0[h, text, j]`; the best `v0 =
+       min(int(first_keep * target), N)` stay (`first_keep` 2.5).
+    2. At layer 1 (`msl` 329-340): `MI1 = sum_h MI(A_1[h, text, visual])` on the `v0` kept tokens (not divided by
+       T); slope `k = max(k0 - gamma * MI1, 0)` (`calculate_dynamic_k`, `msl` 2010-2027); keep rates
+       `s * p(l)` of the curve `autoprune_curve` with the scale `s` of `autoprune_rates` (`msl` 1868-1961).
+    3. After each layer `l >= 1` (`msl` 316-405; `score.py` 24-59): the visual tokens are ranked by `mean_{h,
+       text} A_l[h, text, j]` of layer `l`'s own attention on the tokens it ran on; the best `min(ceil((v0 - 1) *
+       s p(l)), left)` stay; of the others, the best 30% (+1) are clustered (DPC-KNN, `cluster_and_merge`) into a
+       tenth (+1) of merged tokens (`msl` 359-393), which stay as visual tokens for the later cuts.
+    `A_l`: layer `l`'s attention probabilities, recomputed for the text queries only (`adapter.query_probabilities`,
+    so SDPA stays on; the official code computes every layer's full fp16 attention by hand).
+
+    Where dyvte differs: batched with left padding, every quantity per sample (the official evaluation asserts batch
+    size 1, `eval/model_vqa_loader.py` 76); the budget counts the visual tokens entering layers 0..L-1, dyvte's
+    equivalent tokens, by default (`accounting="equivalent"`; "official" counts layers 1..L-1 and the tokens left
+    after the last layer, `msl` 1935-1961, so the official "64 tokens" are about 81 equivalent tokens on
+    LLaVA-1.5-7B); the budget is a share of each sample's tokens, not a count of a 576-token image; the curve is
+    evaluated at `l * 32 / L`, the official 32-layer curve scaled to the model's depth (identical at 32 layers);
+    kept and merged tokens keep prompt positions, a merged token in its cluster centre's slot (the official code
+    appends merged tokens after the kept ones and renumbers positions, `msl` 306, 380-388, 715); MI in float32 from
+    the model's probabilities (official: fp16); ties to the earlier position, equal DPC densities by index (official:
+    `torch.topk` order and 1e-6 noise); the [CLS] scores of patches in the padding of LLaVA's expand-to-square
+    images are not zeroed (`llava_arch.py` 155-157; the HF processor does not pad); a sample with several images
+    ranks all its visual tokens as one pool, each by its own image's [CLS] attention (the official code takes one
+    image); without text after the image, MI0 is 0 and the [CLS] attention alone ranks (the official divides by 0).
+
+    Refuses (naming AutoPrune and the reason): towers without a [CLS] token (SigLIP) and families whose visual tokens
+    are not the tower's patches one to one (LLaVA-NeXT, Qwen2-VL, InternVL: `adapter.tower_features`), decoders
+    whose attention `query_probabilities` cannot recompute (`check_query_attention`), and a `share` out of reach
+    for a sample (`AutoPruneSettings.out_of_reach`). The last prefill's per-sample decisions are in `decisions`.
+    """
+
+    name = "autoprune"
+
+    def __init__(self, model, share: float = AutoPruneSettings.share, gamma: float = AutoPruneSettings.gamma,
+                 k0: float = AutoPruneSettings.k0, x0: float = AutoPruneSettings.x0,
+                 first_keep: float = AutoPruneSettings.first_keep, accounting: str = AutoPruneSettings.accounting):
+        self.settings = AutoPruneSettings(share, gamma, k0, x0, first_keep, accounting)
+        adapter = get_adapter(model)
+        self.tower = adapter.tower_features("AutoPrune", self)
+        if not self.tower.has_cls:
+            raise ValueError(
+                f"AutoPrune scores the visual tokens after layer 0 by the vision tower's [CLS] attention; this model's "
+                f"tower ({self.tower.tower_name}) has no CLS token (the official code has no other score). On it use "
+                "SparseVLM (text raters in the LLM), CDPruner or DivPrune."
+            )
+        adapter.check_query_attention("AutoPrune")
+        self.num_layers = adapter.num_layers
+        self.decisions: AutoPruneDecisions | None = None
+        self._n_visual: list[int] = []  # per sample, this prefill
+        self._text: torch.Tensor | None = None  # [B, T] the text after each sample's first visual token
+        self._cls: torch.Tensor | None = None  # [B, T] each visual token's [CLS] attention in the tower
+        self._scores: torch.Tensor | None = None  # [B, T] the last ranked layer's scores, for the next cut
+
+    def reset(self, state: PrefillState) -> None:
+        if state.num_layers != self.num_layers:
+            raise ValueError(f"AutoPrune was built for {self.num_layers} decoder layers; the model has "
+                             f"{state.num_layers}.")
+        read = self.tower.read(state.visual_mask)
+        self._n_visual = state.visual_mask.sum(dim=1).tolist()
+        for sample, n_visual in enumerate(self._n_visual):
+            why = self.settings.out_of_reach(self.num_layers, n_visual) if n_visual else None
+            if why is not None:
+                raise ValueError(f"AutoPrune: sample {sample} has {n_visual} visual tokens, and share = "
+                                 f"{self.settings.share} is out of reach for it: {why}.")
+        batch = len(self._n_visual)
+        self.decisions = AutoPruneDecisions([self.settings.first_cut(n) for n in self._n_visual], [None] * batch,
+                                            [None] * batch, [None] * batch, [None] * batch, [None] * batch)
+        self._text = state.adapter.text_mask(
+            state.input_ids, state.attention_mask, state.visual_mask, "after_first_visual"
+        )
+        self._cls = torch.zeros(state.visual_mask.shape, device=state.visual_mask.device)
+        if read is not None:
+            probabilities, _ = self.tower.attention(read[0], cls_only=True)  # [images, heads, 1, 1 + P]
+            self._cls[state.visual_mask] = probabilities[:, :, 0, 1:].mean(dim=1).flatten().float()
+        self._scores = None
+
+    def before_layer(self, layer_idx, sub, state) -> Decision:
+        keep = hidden = None
+        if layer_idx == 1:
+            v0 = torch.tensor(self.decisions.v0, device=sub.rows.device)[sub.rows]
+            keep = keep_most_attended(sub, state.visual_mask, self._scores, v0)
+        elif layer_idx >= 2:
+            keep, hidden = self._prune(layer_idx - 1, sub, state)
+        if layer_idx < self.num_layers - 1:  # rank on the tokens this layer runs on, for the cut after it
+            self._rank(layer_idx, sub if hidden is None else replace(sub, hidden=hidden), state, keep)
+        return Decision(keep=keep, hidden=hidden)
+
+    def _rank(self, layer_idx: int, sub: SubBatch, state: PrefillState, keep: torch.Tensor | None) -> None:
+        """Score the visual tokens by layer `layer_idx`'s attention from the text (and, in layer 0, the tower's
+        [CLS] attention and MI0); in layer 1, each sample's schedule from MI1."""
+        adapter = state.adapter
+        keys = sub.valid if keep is None else keep & sub.valid
+        probabilities, _, used = adapter.query_probabilities(adapter.layers[layer_idx], sub, sub.slots_of(self._text),
+                                                             keys)
+        probabilities = probabilities.float()
+        queries = used.sum(dim=1)
+        attention = probabilities.sum(dim=2).mean(dim=1) / queries.clamp(min=1)[:, None]  # [b, n] mean of heads, text
+        visual = sub.slots_of(state.visual_mask) & keys
+        scores = attention
+        if layer_idx <= 1:
+            information = mutual_information(probabilities, visual, queries)
+            if layer_idx == 0:
+                mi0 = information / queries.clamp(min=1)
+                scores = self._cls[sub.rows[:, None], sub.index.clamp(min=0)] + TEXT_WEIGHT * mi0[:, None] * attention
+                for sample, value in zip(sub.rows.tolist(), mi0.tolist()):
+                    self.decisions.mi0[sample] = value
+            else:
+                self._schedule(sub.rows.tolist(), information.tolist())
+        self._scores = attention_by_position(scores, sub, state.visual_mask.shape)
+
+    def _schedule(self, samples: list[int], mi1: list[float]) -> None:
+        settings, decisions = self.settings, self.decisions
+        for sample, information in zip(samples, mi1):
+            n_visual = self._n_visual[sample]
+            if not n_visual:
+                continue
+            k = max(settings.k0 - settings.gamma * information, 0.0)
+            rates, scale = autoprune_rates(k, n_visual, decisions.v0[sample], settings.share * n_visual,
+                                           self.num_layers, settings.x0, settings.accounting)
+            decisions.mi1[sample], decisions.k[sample] = information, k
+            decisions.rates[sample], decisions.scale[sample] = rates, scale
+
+    def _prune(self, layer: int, sub: SubBatch, state: PrefillState
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The cut after layer `layer >= 1`: (keep, hidden), or (None, None) when no sample prunes there."""
+        visual = sub.slots_of(state.visual_mask)
+        cuts = []
+        for row, sample in enumerate(sub.rows.tolist()):
+            slots = visual[row].nonzero().squeeze(1)
+            if len(slots):
+                rate = self.decisions.rates[sample][layer - 1]
+                cuts.append((row, sample, slots, min(kept_count(rate, self.decisions.v0[sample] - 1), len(slots))))
+        if all(count == len(slots) for _, _, slots, count in cuts):
+            return None, None
+        keep, hidden = ~visual, sub.hidden.clone()
+        for row, sample, slots, count in cuts:
+            scores = self._scores[sample, sub.index[row, slots]]
+            keep_and_recycle(sub, row, slots, scores, count, keep, hidden, RECYCLE, CLUSTER)
+        return keep, hidden

@@ -38,6 +38,8 @@ from .input_selectors import (
 from .mergers import ToMe, ToMeSettings, tome_at_budget
 from .pruners import (
     DART,
+    AutoPrune,
+    AutoPruneSettings,
     DARTSettings,
     FastV,
     FastVSettings,
@@ -47,6 +49,7 @@ from .pruners import (
     RandomPruneSettings,
     SparseVLM,
     SparseVLMSettings,
+    autoprune_at_budget,
     pdrop_at_budget,
     sparsevlm_at_budget,
 )
@@ -157,12 +160,20 @@ REGISTRY: dict[str, PolicySpec] = {spec.name: spec for spec in (
                divprune_at_budget),
     PolicySpec("sparsevlm", PRUNER, SparseVLMSettings, lambda s, run: SparseVLM(_depth(run.model), **asdict(s)),
                "keep_ratios", sparsevlm_at_budget, Needs(model=True)),
+    PolicySpec("autoprune", PRUNER, AutoPruneSettings, lambda s, run: AutoPrune(run.model, **asdict(s)), "share",
+               autoprune_at_budget, Needs(model=True, families=GRID_FAMILIES, towers=("clip_vision_model",))),
 )}
 #: Every name `build_policy` knows (a `+` composition joins them); the start-up checks and the server accept these.
 POLICY_NAMES = tuple(REGISTRY)
 #: The methods `budget=` sets (`budget_methods`); the exit policies last, closing each budget's rows.
 BUDGET_METHODS = tuple(sorted((spec.name for spec in REGISTRY.values() if spec.budget_knob),
                               key=lambda name: REGISTRY[name].kind == EXIT))
+
+
+def nominal_visual_tokens(config) -> int:
+    """The visual tokens of one image that budgets and reach checks assume for a model of config `config` (or None):
+    its `image_seq_length`, else 576 (a LLaVA-1.5 image)."""
+    return getattr(config, "image_seq_length", None) or 576
 
 
 def spec_of(name: str) -> PolicySpec:
@@ -230,6 +241,6 @@ def budget_policy(method: str, share: float, num_layers: int, settings: PolicySe
     if spec is None or spec.at_budget is None:
         formulas = [name for name in BUDGET_METHODS if REGISTRY[name].at_budget]
         raise ValueError(f"{method!r} has no budget formula; methods with one: {', '.join(formulas)}.")
-    n_visual = getattr(getattr(settings.model, "config", None), "image_seq_length", None) or 576
+    n_visual = nominal_visual_tokens(getattr(settings.model, "config", None))
     solved, words = spec.at_budget(settings.options_for(spec), share, num_layers, n_visual)
     return (None if solved is None else _build(spec, solved, settings)), words
