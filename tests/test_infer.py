@@ -138,6 +138,50 @@ def test_bad_input_is_named(trained, tmp_path, caplog):
     assert report["vision_tflops"] == 0 and report["total_tflops"] == report["lm_prefill_tflops"]
 
 
+def test_answer_flips_count_as_by_hand():
+    """Six answers of a policy against the full model's, two families, one sample without a reference answer:
+    family a: correct -> wrong ("cat" -> "dog"), wrong -> correct ("dog" -> "Cat ", exact match after normalising),
+    unchanged; family b: changed without a reference answer, wrong -> wrong ("6" -> "5"), correct -> correct but
+    written differently ("7" -> " 7", a changed answer). Overall 5 of 6 changed, 1 of the 5 known correct -> wrong
+    and 1 wrong -> correct (accuracy 3/5 both); family a 2/3, 1/3, 1/3; family b 3/3, 0/2, 0/2. The tables show
+    them per policy and per family, the budget table per row."""
+    from dyvte.data import Sample
+    from dyvte.evaluation.budget import format_budget_table
+    from dyvte.evaluation.compare import POINT_METRICS, PolicyRun, answer_flips, format_table, summarize
+
+    samples = [Sample(str(i), None, "q", answer, family) for i, (answer, family) in
+               enumerate([("cat", "a"), ("cat", "a"), ("cat", "a"), ("", "b"), ("7", "b"), ("7", "b")])]
+    full = ["cat", "dog", "cat", "x", "6", "7"]
+    ours = ["dog", "Cat ", "cat", "y", "5", " 7"]
+    assert answer_flips(ours, full, samples) == {"n": 6, "known": 5, "changed": 5 / 6, "correct_to_wrong": 1 / 5,
+                                                 "wrong_to_correct": 1 / 5}
+    assert answer_flips(full, full, samples)["changed"] == 0
+
+    def run(answers):
+        return PolicyRun(answers, [4] * 6, [10] * 6, [0] * 6, [0] * 6, 0.0, 0.0, 0, [1.0] * 6)
+
+    results = {"policies": {name: summarize(run(answers), samples, full, [10] * 6)
+                            for name, answers in (("none", full), ("x", ours))}}
+    metrics = results["policies"]["x"]
+    assert (metrics["changed"], metrics["correct_to_wrong"], metrics["wrong_to_correct"]) == (5 / 6, 1 / 5, 1 / 5)
+    assert metrics["changed"] == 1 - metrics["agreement"]
+    assert metrics["accuracy"] - results["policies"]["none"]["accuracy"] == 1 / 5 - 1 / 5
+    assert metrics["flips_by_family"] == {
+        "a": {"n": 3, "known": 3, "changed": 2 / 3, "correct_to_wrong": 1 / 3, "wrong_to_correct": 1 / 3},
+        "b": {"n": 3, "known": 2, "changed": 1.0, "correct_to_wrong": 0.0, "wrong_to_correct": 0.0}}
+    table = format_table(results)
+    assert "| policy | accuracy | agreement | changed | correct_to_wrong | wrong_to_correct |" in table
+    assert "| x | 0.6 | 0.1667 | 0.8333 | 0.2 | 0.2 |" in table
+    assert "| policy | a (n=3) | b (n=3) |" in table and "| x | 0.6667 / 0.3333 / 0.3333 | 1 / 0 / 0 |" in table
+    assert "| none | 0 / 0 / 0 | 0 / 0 / 0 |" in table
+    point = {key: metrics.get(key) for key in POINT_METRICS}
+    budget = format_budget_table([{"budget": 64, "method": "x", "setting": "keep 0.111", **point},
+                                  {"budget": 64, "method": "y", "setting": "out of reach: why"}])
+    assert "| 64 | x | keep 0.111 | — | 0.6 | 0.1667 | 0.8333 | 0.2 | 0.2 |" in budget
+    assert "| budget | method | a (n=3) | b (n=3) |" in budget and "| 64 | x | 0.6667 / 0.3333 / 0.3333 |" in budget
+    assert "| 64 | y |" not in budget.split("per family")[1]  # out of reach: no flips
+
+
 def test_vtw_search_returns_first_layer_below_eta():
     from tiny_models import Sample, build_batch
     from tiny_models import build_model as build_tiny
@@ -155,15 +199,21 @@ def test_vtw_search_returns_first_layer_below_eta():
 
 def test_eval_runs_the_baselines_and_the_equal_budget_table(trained, tmp_path):
     checkpoint, heads = trained
-    baselines = ["random", "downsample", "tome", "visionzip", "pdrop", "dart", "tome+dynamic"]
+    baselines = ["random", "downsample", "tome", "visionzip", "pdrop", "dart", "tome+dynamic", "autoprune"]
     result = infer(checkpoint, heads, "task=eval", "limit=4", "data.eval_limit=4", "batch_size=2", "max_new_tokens=3",
                    f"policies=[none,dynamic,{','.join(baselines)}]", "sweep_thresholds=[0.5,0.9]",
-                   "budget=[64,448]", f"hydra.run.dir={tmp_path}")
+                   "autoprune.share=0.8", "budget=[64,448]", f"hydra.run.dir={tmp_path}")
     results = json.loads((tmp_path / "results.json").read_text())
     for name in baselines:
         assert results["policies"][name]["flops_saved"] > 0, name
         assert 0 < results["policies"][name]["visual_share"] < 1, name
     assert results["policies"]["none"]["visual_share"] == 1
+    full = results["policies"]["none"]
+    for name, metrics in results["policies"].items():  # the flips against the full model, overall and per family
+        assert metrics["changed"] == pytest.approx(1 - metrics["agreement"]), name
+        assert metrics["accuracy"] - full["accuracy"] == pytest.approx(metrics["wrong_to_correct"]
+                                                                       - metrics["correct_to_wrong"]), name
+        assert sum(f["n"] for f in metrics["flips_by_family"].values()) == 4, name
     # 3 decoder layers, 8 x 8 = 64 visual tokens per image; equivalent tokens = 576 * (1/L) sum_l v_l / 64
     rows = {(row["budget"], row["method"]): row for row in results["budget"]}
     assert set(rows) >= {(b, m) for b in (64, 448) for m in ("random", "fastv", "dart", "tome", "pdrop", "downsample",
@@ -177,11 +227,17 @@ def test_eval_runs_the_baselines_and_the_equal_budget_table(trained, tmp_path):
     assert rows[64, "tome"]["setting"].startswith("out of reach")  # halving per layer: (1/2 + 1/4 + 1/8) / 3 > 1/9
     assert rows[448, "tome"]["equivalent_tokens"] == pytest.approx(576 * (57 + 50 + 43) / (3 * 64))  # 7 merged/layer
     assert next(row["method"] for row in results["budget"] if row["budget"] is None) == "dynamic"
-    assert (tmp_path / "budget.md").read_text().count("| 448 |") == len(BUDGET_METHODS)
+    main_table, by_family = (tmp_path / "budget.md").read_text().split("Answers against the full model per family")
+    assert main_table.count("| 448 |") == len(BUDGET_METHODS) == by_family.count("| 448 |")  # every method reaches 448
     for method in ("vispruner", "cdpruner", "divprune"):  # before the LLM: round(448 / 576 * 64) = 50 tokens kept
         assert rows[448, method]["equivalent_tokens"] == pytest.approx(576 * 50 / 64), method
     assert rows[448, "cdpruner"]["selection_tflops"] > 0 and rows[448, "vtw"]["selection_tflops"] == 0
     assert rows[64, "sparsevlm"]["setting"].startswith("out of reach")  # its first pruning comes after layer 0
+    # AutoPrune: layer 0 computes all 64 tokens and layer 1 keeps 2.5x the target; 448 is met within the integer
+    # steps of its counts (a token of one layer: 576 / (3 * 64) = 3 equivalent tokens)
+    assert rows[64, "autoprune"]["setting"].startswith("out of reach: layer 0 computes all 64 visual tokens")
+    assert rows[448, "autoprune"]["equivalent_tokens"] == pytest.approx(448, abs=3)
+    assert "wrong_to_correct" in rows[448, "autoprune"] and rows[448, "autoprune"]["flips_by_family"]
     assert "Equal visual-token budgets" in result.stdout and "| tome+dynamic |" in result.stdout
 
 

@@ -15,7 +15,7 @@ settings stay at their configured values), and the table reports the budget each
 from its KV cache.
 """
 
-from .tables import markdown_table, number
+from .tables import FLIPS, flips_table, markdown_table, number
 
 BUDGET_BY = ("tokens", "flops", "prefill_ms")  # what methods are matched on (`cost.py` for FLOPs and time)
 
@@ -29,11 +29,16 @@ def visual_share(tokens_per_layer: list[int], n_text: int, n_visual: int) -> flo
 
 
 def format_budget_table(rows: list[dict]) -> str:
-    """One Markdown table: each budget's methods, then dynamic exit at the budget it reached itself. `total_tflops`
-    per sample counts the decoder, the vision side and the method's own selection (`selection_tflops`);
-    `selection_ms` is the method's own time per sample, `selection_share` its share of the prefill time."""
-    columns = ("equivalent_tokens", "accuracy", "agreement", "flops_saved", "total_tflops", "selection_tflops",
+    """One Markdown table: each budget's methods, then dynamic exit at the budget it reached itself; with families,
+    below it each row's answer flips per family (`flips_table`). `changed`, `correct_to_wrong` and
+    `wrong_to_correct` are the answers that move against the full model's; `total_tflops` per sample counts the
+    decoder, the vision side and the method's own selection (`selection_tflops`); `selection_ms` is the method's
+    own time per sample, `selection_share` its share of the prefill time."""
+    columns = ("equivalent_tokens", "accuracy", "agreement", *FLIPS, "flops_saved", "total_tflops", "selection_tflops",
                "prefill_ms", "selection_ms", "selection_share")
-    body = [[number(row["budget"]) if row["budget"] is not None else "own", row["method"], row["setting"],
-             *(number(row.get(c)) for c in columns)] for row in rows]
-    return markdown_table(["budget", "method", "setting", *columns], body)
+    labels = [[number(row["budget"]) if row["budget"] is not None else "own", row["method"]] for row in rows]
+    body = [[*label, row["setting"], *(number(row.get(c)) for c in columns)] for label, row in zip(labels, rows)]
+    table = markdown_table(["budget", "method", "setting", *columns], body)
+    by_family = flips_table([(label, row.get("flips_by_family")) for label, row in zip(labels, rows)
+                             if "flips_by_family" in row], ["budget", "method"])
+    return table + (f"\n\n{by_family}" if by_family else "")

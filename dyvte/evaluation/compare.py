@@ -22,7 +22,7 @@ from ..policies.registry import REGISTRY, PolicySettings, budget_policy, build_p
 from .budget import format_budget_table, visual_share
 from .cost import SelectionMeter, prefill_cost, solve_setting
 from .plots import plot_exit_histograms, plot_pareto
-from .tables import markdown_table, number
+from .tables import FLIPS, flips_table, markdown_table, number
 
 
 @dataclass
@@ -91,15 +91,51 @@ def _prefill_tokens(cache, generated: int) -> list[list[int]]:
     return per_layer.tolist()
 
 
+def sample_groups(samples: list[Sample]) -> dict[str, list[int]]:
+    """Rows of every sample (`all`), then of each question family, when the samples have families."""
+    groups = {"all": list(range(len(samples)))}
+    for family in sorted({s.family for s in samples if s.family}):
+        groups[family] = [i for i, s in enumerate(samples) if s.family == family]
+    return groups
+
+
+def _correct(answer: str, sample: Sample) -> bool | None:
+    """Whether `answer` is `sample`'s reference answer (exact match after `normalize_answer`); None if unknown."""
+    return normalize_answer(answer) == normalize_answer(sample.answer) if sample.answer.strip() else None
+
+
+def answer_flips(answers: list[str], reference: list[str], samples: list[Sample]) -> dict:
+    """How a policy's `answers` move from the full model's `reference` answers on `samples`: `changed`, the share of
+    samples whose answer differs (1 - agreement); over the `known` samples with a reference answer, the share the
+    full model answers correctly and the policy not (`correct_to_wrong`), and the reverse (`wrong_to_correct`), so
+    that the policy's accuracy is the full model's `- correct_to_wrong + wrong_to_correct`. `n` and `known` are the
+    counts these are shares of (None where a count is 0)."""
+    changed = sum(a != r for a, r in zip(answers, reference))
+    pairs = [(_correct(r, s), _correct(a, s)) for a, r, s in zip(answers, reference, samples) if s.answer.strip()]
+    known = len(pairs)
+    return {
+        "n": len(samples),
+        "known": known,
+        "changed": changed / len(samples) if samples else None,
+        "correct_to_wrong": sum(full and not ours for full, ours in pairs) / known if known else None,
+        "wrong_to_correct": sum(ours and not full for full, ours in pairs) / known if known else None,
+    }
+
+
 def summarize(run: PolicyRun, samples: list[Sample], reference: list[str], full_flops: list[int]) -> dict:
     n = len(samples)
     known = [s for s in samples if s.answer.strip()]
     shares = [share for share in run.visual_share if share is not None]
-    correct = [normalize_answer(a) == normalize_answer(s.answer) for a, s in zip(run.answers, samples)
-               if s.answer.strip()]
+    correct = [_correct(a, s) for a, s in zip(run.answers, samples) if s.answer.strip()]
+    flips = answer_flips(run.answers, reference, samples)
+    groups = sample_groups(samples)
     return {
         "accuracy": sum(correct) / len(known) if known else None,
         "agreement": sum(a == r for a, r in zip(run.answers, reference)) / n,
+        **{key: flips[key] for key in FLIPS},
+        "flips_by_family": {family: answer_flips([run.answers[i] for i in rows], [reference[i] for i in rows],
+                                                 [samples[i] for i in rows])
+                            for family, rows in groups.items() if family != "all"},
         "lm_tflops": sum(run.prefill_flops) / n / 1e12,
         "vision_tflops": sum(run.vision_flops) / n / 1e12,
         "selection_tflops": sum(run.selection_flops) / n / 1e12,
@@ -240,8 +276,8 @@ def _tokens(share: float | None, unit: int) -> float | None:
     return None if share is None else share * unit
 
 
-POINT_METRICS = ("accuracy", "agreement", "flops_saved", "lm_tflops", "total_tflops", "selection_tflops",
-                 "mean_exit_layer", "visual_share")
+POINT_METRICS = ("accuracy", "agreement", *FLIPS, "flips_by_family", "flops_saved", "lm_tflops", "total_tflops",
+                 "selection_tflops", "mean_exit_layer", "visual_share")
 TIMED_METRICS = ("prefill_ms", "selection_ms", "selection_share")
 
 
@@ -271,7 +307,11 @@ def write_report(results: dict, output_dir: Path) -> str:
 
 
 def format_table(results: dict) -> str:
-    columns = ("accuracy", "agreement", "mean_exit_layer", "lm_tflops", "total_tflops", "flops_saved", "prefill_ms",
-               "decode_ms_per_token", "kv_bytes")
+    """The policies' table; with families, below it each policy's answer flips per family (`flips_table`)."""
+    columns = ("accuracy", "agreement", *FLIPS, "mean_exit_layer", "lm_tflops", "total_tflops", "flops_saved",
+               "prefill_ms", "decode_ms_per_token", "kv_bytes")
     rows = [[name, *(number(metrics[c]) for c in columns)] for name, metrics in results["policies"].items()]
-    return markdown_table(["policy", *columns], rows)
+    table = markdown_table(["policy", *columns], rows)
+    by_family = flips_table([([name], metrics["flips_by_family"]) for name, metrics in results["policies"].items()],
+                            ["policy"])
+    return table + (f"\n\n{by_family}" if by_family else "")

@@ -41,7 +41,7 @@ from ..data import PromptCollator, Sample
 from ..engine import Decision, ExitPolicy, PrefillState, SubBatch, VisualExit
 from ..files import atomic_write_text
 from ..policies import NoExit, StaticExit
-from .compare import PolicyRun, run_policy, summarize
+from .compare import PolicyRun, run_policy, sample_groups, summarize
 from .plots import plot_attention_stages, plot_entropy, plot_withdrawal
 from .tables import markdown_table, number
 
@@ -272,14 +272,6 @@ def sweep_summary(sweep: WithdrawalSweep, samples: list[Sample], groups: dict[st
             points.append({"k": k, **{key: metrics[key] for key in ("accuracy", "agreement", "flops_saved")}})
         out[group] = {"full_model_accuracy": reference["accuracy"], "points": points}
     return out
-
-
-def sample_groups(samples: list[Sample]) -> dict[str, list[int]]:
-    """Rows of every sample (`all`), then of each question family, when the samples have families."""
-    groups = {"all": list(range(len(samples)))}
-    for family in sorted({s.family for s in samples if s.family}):
-        groups[family] = [i for i, s in enumerate(samples) if s.family == family]
-    return groups
 
 
 @dataclass
