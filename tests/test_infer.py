@@ -238,6 +238,8 @@ def test_eval_runs_the_baselines_and_the_equal_budget_table(trained, tmp_path):
     assert rows[64, "autoprune"]["setting"].startswith("out of reach: layer 0 computes all 64 visual tokens")
     assert rows[448, "autoprune"]["equivalent_tokens"] == pytest.approx(448, abs=3)
     assert "wrong_to_correct" in rows[448, "autoprune"] and rows[448, "autoprune"]["flips_by_family"]
+    decided = results["decisions"]["autoprune"]  # each sample's mutual information and slope, in sample order
+    assert len(decided) == 4 and all(d["k"] == max(0.4 - 0.2 * d["mi1"], 0.0) for d in decided)
     assert "Equal visual-token budgets" in result.stdout and "| tome+dynamic |" in result.stdout
 
 

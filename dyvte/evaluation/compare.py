@@ -16,7 +16,7 @@ import torch
 
 from .. import flops
 from ..data import PromptCollator, Sample, normalize_answer
-from ..engine import ExitPolicy, VisualExit
+from ..engine import Compose, ExitPolicy, VisualExit
 from ..policies import DynamicExit, NoExit, RandomPrune, StaticExit
 from ..policies.registry import REGISTRY, PolicySettings, budget_policy, build_policy
 from .budget import format_budget_table, visual_share
@@ -38,6 +38,16 @@ class PolicyRun:
     visual_share: list[float | None] = field(default_factory=list)  # per sample, `budget.visual_share`
     selection_flops: list[float] = field(default_factory=list)  # per sample, the policy's own matmul FLOPs
     selection_seconds: float = 0.0  # the policy's own time in the timed prefills
+    decisions: list[dict] = field(default_factory=list)  # per sample, what the policy recorded (`sample_decisions`)
+
+
+def sample_decisions(policy: ExitPolicy) -> list[dict]:
+    """What `policy` (or a part of the composition `policy`) recorded per sample of its last prefill, for the
+    policies that keep such a record (`per_sample()`, e.g. AutoPrune's mutual information and slope); [] else."""
+    for part in policy.policies if isinstance(policy, Compose) else [policy]:
+        if hasattr(part, "per_sample"):
+            return part.per_sample()
+    return []
 
 
 @torch.no_grad()
@@ -69,6 +79,7 @@ def run_policy(engine: VisualExit, processor, batches: list[dict], policy: ExitP
         run.selection_flops += [meter.flops / batch_size] * batch_size
         new = out.sequences[:, inputs["input_ids"].shape[1]:]
         run.answers += processor.batch_decode(new, skip_special_tokens=True)
+        run.decisions += sample_decisions(policy)
         run.exit_layer += out.exit_layer.tolist()
         prefill_tokens = _prefill_tokens(out.cache, new.shape[1])
         run.prefill_flops += [flops.prefill_flops_from_counts(shape, counts) for counts in prefill_tokens]
@@ -177,6 +188,7 @@ def evaluate(engine: VisualExit, processor, samples: list[Sample], policy_names:
         runs[name] = run
         results["policies"][name] = summarize(run, kept, full.answers, full.prefill_flops)
     results["exit_layers"] = {name: run.exit_layer for name, run in runs.items()}
+    results["decisions"] = {name: run.decisions for name, run in runs.items() if run.decisions}
     results["families"] = [s.family for s in kept]
     if sweeps:
         results["static_sweep"] = [

@@ -790,6 +790,14 @@ class AutoPrune(ExitPolicy):
         self._cls: torch.Tensor | None = None  # [B, T] each visual token's [CLS] attention in the tower
         self._scores: torch.Tensor | None = None  # [B, T] the last ranked layer's scores, for the next cut
 
+    def per_sample(self) -> list[dict]:
+        """The last prefill's decisions, one dict per sample (`v0`, `mi0`, `mi1`, `k`, `scale`), for reports."""
+        decided = self.decisions
+        if decided is None:
+            return []
+        return [{"v0": v0, "mi0": mi0, "mi1": mi1, "k": k, "scale": scale}
+                for v0, mi0, mi1, k, scale in zip(decided.v0, decided.mi0, decided.mi1, decided.k, decided.scale)]
+
     def reset(self, state: PrefillState) -> None:
         if state.num_layers != self.num_layers:
             raise ValueError(f"AutoPrune was built for {self.num_layers} decoder layers; the model has "
