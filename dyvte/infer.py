@@ -16,12 +16,12 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 from dyvte import VisualExit, cli, flops
 from dyvte.configs import check_infer_config, read_model_settings
 from dyvte.data import Sample, load_image
-from dyvte.evaluation import evaluate, write_report
+from dyvte.evaluation import TokenClock, evaluate, write_report
 from dyvte.evaluation.policy_config import policy_settings
 from dyvte.policies.registry import build_policy, needs_heads
 from dyvte.preflight import check_infer_inputs
@@ -29,18 +29,6 @@ from dyvte.prompts import chat_prompt
 
 cli.register_resolvers()
 log = logging.getLogger("infer")
-
-
-class TokenClock(StoppingCriteria):
-    """Records when each new token is chosen (the first right after the prefill), in the generate call it times;
-    never stops generation."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def one_sample(cfg, engine: VisualExit, processor) -> dict:

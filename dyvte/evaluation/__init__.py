@@ -5,11 +5,12 @@ name from the policy registry (`dyvte.policies.registry`: `build_policy`, `budge
 
 from ..policies.registry import BUDGET_METHODS, PolicySettings, budget_policy, build_policy
 from .budget import visual_share
-from .compare import PolicyRun, evaluate, run_policy, summarize, write_report
+from .compare import PolicyRun, TokenClock, evaluate, run_policy, summarize, write_report
 from .harness import ExitRunner, ExitStats, generation_settings
 from .tables import markdown_table
 
 __all__ = [
-    "BUDGET_METHODS", "ExitRunner", "ExitStats", "PolicyRun", "PolicySettings", "budget_policy", "build_policy",
-    "evaluate", "generation_settings", "markdown_table", "run_policy", "summarize", "visual_share", "write_report",
+    "BUDGET_METHODS", "ExitRunner", "ExitStats", "PolicyRun", "PolicySettings", "TokenClock", "budget_policy",
+    "build_policy", "evaluate", "generation_settings", "markdown_table", "run_policy", "summarize", "visual_share",
+    "write_report",
 ]

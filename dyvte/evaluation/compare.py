@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .. import flops
 from ..data import PromptCollator, Sample, normalize_answer
@@ -50,12 +51,25 @@ def sample_decisions(policy: ExitPolicy) -> list[dict]:
     return []
 
 
+class TokenClock(StoppingCriteria):
+    """Records when each new token is chosen (the first right after the prefill), in the generate call it times;
+    never stops generation."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def run_policy(engine: VisualExit, processor, batches: list[dict], policy: ExitPolicy, max_new_tokens: int,
                timed: bool = True) -> PolicyRun:
     """Generate with `policy` for every batch; with `timed`, also time the prefill alone (and the policy's own
     share of it). The policy's own FLOPs are counted during generation's prefill (`SelectionMeter`), each batch's
-    split evenly over its samples."""
+    split evenly over its samples; decoding is timed inside the same generate call, from the first new token to the
+    last (`TokenClock`), so the counting's overhead in that prefill does not count as decode time."""
     config = engine.model.config
     meter = SelectionMeter(policy)
     shape = flops.DecoderShape.from_config(config)
@@ -71,10 +85,9 @@ def run_policy(engine: VisualExit, processor, batches: list[dict], policy: ExitP
             prefill_seconds = time.perf_counter() - start
             run.selection_seconds += meter.seconds
         meter.counting, meter.flops = True, 0
-        start = time.perf_counter()
+        clock = TokenClock()
         out = engine.generate(**inputs, policy=meter, max_new_tokens=max_new_tokens, do_sample=False,
-                              return_dict_in_generate=True)
-        total = time.perf_counter() - start
+                              return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([clock]))
         batch_size = inputs["input_ids"].shape[0]
         run.selection_flops += [meter.flops / batch_size] * batch_size
         new = out.sequences[:, inputs["input_ids"].shape[1]:]
@@ -90,8 +103,8 @@ def run_policy(engine: VisualExit, processor, batches: list[dict], policy: ExitP
         run.vision_flops += flops.vision_flops(config, **inputs)
         run.kv_bytes += [2 * sum(counts) * shape.kv_dim * element for counts in prefill_tokens]
         run.prefill_seconds += prefill_seconds
-        run.decode_seconds += max(total - prefill_seconds, 0.0)
-        run.decode_steps += max(new.shape[1] - 1, 0)
+        run.decode_seconds += clock.times[-1] - clock.times[0] if clock.times else 0.0
+        run.decode_steps += max(len(clock.times) - 1, 0)
     return run
 
 
