@@ -266,6 +266,22 @@ def cache_rows(labels, match, accurate, families) -> datasets.Dataset:
     return datasets.Dataset.from_dict(rows).cast_column("match", bools).cast_column("accurate", bools)
 
 
+def test_exit_flips_by_hand():
+    """Four samples, L = 2, each exiting at layer 1: the full model (k = 2) right / wrong against the exit right /
+    wrong gives one of each flip; accuracy moves by wrong_to_correct - correct_to_wrong."""
+    dataset = cache_rows(
+        labels=[[0, 1, 1]] * 4,
+        match=[[0, 1, 1], [0, 0, 1], [0, 0, 1], [0, 1, 1]],
+        accurate=[[0, 1, 1], [0, 0, 1], [0, 1, 0], [0, 0, 0]],
+        families=["a"] * 4,
+    )
+    config = build_model(build_processor(), ModelConfig(num_layers=2)).config
+    scores = score_exits(dataset, torch.tensor([1, 1, 1, 1]), config)
+    assert scores["changed"] == 0.5  # samples 1 and 2 change their answer
+    assert scores["correct_to_wrong"] == 0.25 and scores["wrong_to_correct"] == 0.25  # sample 1, sample 2
+    assert scores["accuracy"] == pytest.approx(scores["full_accuracy"] - 0.25 + 0.25)
+
+
 def test_label_oracle_exits_at_each_samples_first_safe_label():
     """Hand-made labels for L = 3: the oracle exit is the first safe exit layer >= 1 (exit 0 has no head)."""
     dataset = cache_rows(

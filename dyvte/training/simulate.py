@@ -73,7 +73,9 @@ def prefill_costs(dataset: Dataset, model_config) -> torch.Tensor:
 
 
 def score_exits(dataset: Dataset, exit_layer: torch.Tensor, model_config) -> dict:
-    """Agreement with the full model, accuracy, LM prefill FLOPs saved and TFLOPs per sample for given exit layers.
+    """Agreement with the full model, accuracy, the answer flips (answers changed, full model right and exit wrong,
+    and the reverse: accuracy = full accuracy - correct_to_wrong + wrong_to_correct), LM prefill FLOPs saved and
+    TFLOPs per sample for given exit layers.
 
     `lm_tflops` counts the LM prefill at each sample's exit; `vision_tflops` the vision tower and projector, which
     every exit layer pays in full; `total_tflops` both (the paper's whole-model figure)."""
@@ -82,10 +84,14 @@ def score_exits(dataset: Dataset, exit_layer: torch.Tensor, model_config) -> dic
     costs = prefill_costs(dataset, model_config)
     full, spent = costs[:, -1].tolist(), costs[rows, exit_layer].tolist()
     vision = sum(table["vision_flops"].tolist())
+    accurate, full_accurate = table["accurate"][rows, exit_layer].bool(), table["accurate"][:, -1].bool()
     return {
         "agreement": float(table["match"][rows, exit_layer].float().mean()),
-        "accuracy": float(table["accurate"][rows, exit_layer].float().mean()),
-        "full_accuracy": float(table["accurate"][:, -1].float().mean()),
+        "accuracy": float(accurate.float().mean()),
+        "full_accuracy": float(full_accurate.float().mean()),
+        "changed": float(1 - table["match"][rows, exit_layer].float().mean()),
+        "correct_to_wrong": float((full_accurate & ~accurate).float().mean()),
+        "wrong_to_correct": float((~full_accurate & accurate).float().mean()),
         "flops_saved": 1.0 - sum(spent) / sum(full),
         "mean_exit_layer": float(exit_layer.float().mean()),
         "lm_tflops": sum(spent) / len(spent) / 1e12,
