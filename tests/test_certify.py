@@ -332,20 +332,6 @@ def test_train_py_certifies_on_held_out_images_and_reports_the_point_estimate_be
     assert certified["risk"].startswith("answers exit changes")
 
 
-def test_global_validation_of_reloaded_per_head_heads_saves_one_threshold(checkpoint, tmp_path):
-    """`stages=[validate] heads=DIR validate.decision=global` on heads that hold per-head thresholds: the heads
-    saved must hold the one global threshold chosen, not the old per-head ones (which inference would use)."""
-    common = [f"model.name_or_path={checkpoint}", "data.limit=16", "data.eval_limit=8", "head_training.epochs=2",
-              "head_training.hidden=16", f"cache_dir={tmp_path / 'cache'}", "validate.calibration=val"]
-    train(*common, f"hydra.run.dir={tmp_path / 'per_layer'}")
-    assert ExitHeads.from_pretrained(tmp_path / "per_layer" / "heads").config.thresholds is not None
-    train(*common, "stages=[validate]", f"heads={tmp_path / 'per_layer' / 'heads'}", "validate.decision=global",
-          f"hydra.run.dir={tmp_path / 'global'}")
-    heads = ExitHeads.from_pretrained(tmp_path / "global" / "heads")
-    report = json.loads((tmp_path / "global" / "validate.json").read_text())
-    assert heads.config.thresholds is None and heads.config.threshold == report["threshold"]
-
-
 def test_no_certification_split_stops_train_py_before_model_time(tmp_path):
     result = run_train_py("data.limit=16", "data.eval_limit=8", "validate.target_agreement=0.98",
                           "data.certification_json_path=null", f"hydra.run.dir={tmp_path}",

@@ -266,6 +266,18 @@ def cache_rows(labels, match, accurate, families) -> datasets.Dataset:
     return datasets.Dataset.from_dict(rows).cast_column("match", bools).cast_column("accurate", bools)
 
 
+def test_global_validation_of_reloaded_per_head_heads_saves_one_threshold(trained_run, tmp_path):
+    """`stages=[validate] heads=DIR validate.decision=global` on heads that hold per-head thresholds: the heads
+    saved must hold the one global threshold chosen, not the old per-head ones (which inference would use)."""
+    common, run_dir, cache, _ = trained_run
+    assert ExitHeads.from_pretrained(run_dir / "heads").config.thresholds is not None
+    train(*common, f"cache_dir={cache}", "stages=[validate]", f"heads={run_dir / 'heads'}", "validate.decision=global",
+          "validate.calibration=val", f"hydra.run.dir={tmp_path / 'global'}")
+    heads = ExitHeads.from_pretrained(tmp_path / "global" / "heads")
+    report = json.loads((tmp_path / "global" / "validate.json").read_text())
+    assert heads.config.thresholds is None and heads.config.threshold == report["threshold"]
+
+
 def test_exit_flips_by_hand():
     """Four samples, L = 2, each exiting at layer 1: the full model (k = 2) right / wrong against the exit right /
     wrong gives one of each flip; accuracy moves by wrong_to_correct - correct_to_wrong."""
