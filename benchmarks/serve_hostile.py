@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> Path:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server_args = argparse.Namespace(max_batch_size=8, batch_timeout=0.05, max_tokens=limits.max_tokens, threads=2,
+    server_args = argparse.Namespace(max_batch_size=8, batch_timeout=0.05, max_tokens=limits.max_tokens, threads=1,
                                      workdir=args.workdir)
     server = start_server(port, server_args)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> Path:
     finally:
         server.terminate()
         server.wait(120)
-    record = {"env": environment(2), "command": "flock /tmp/dyvte-heavy.lock python -m benchmarks.serve_hostile",
+    record = {"env": environment(1), "command": "flock /tmp/dyvte-heavy.lock python -m benchmarks.serve_hostile",
               "limits": {k: limits[k] for k in ("max_tokens", "max_image_pixels", "max_images", "max_request_bytes",
                                                 "read_timeout", "idle_timeout")},
               "bodies": rows, "clients": clients, "answered_as_offline_after_the_clients": healthy,

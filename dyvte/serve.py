@@ -38,7 +38,7 @@ from dyvte import cli
 from dyvte.configs import check_serve_config, read_model_settings
 from dyvte.heads import ExitHeads
 from dyvte.images import check_image_processor
-from dyvte.loading import load_processor, resolve_model_path
+from dyvte.loading import resolve_model_path
 from dyvte.policies.registry import POLICY_NAMES, REGISTRY, SCHEDULE, needs_heads
 from dyvte.preflight import check_policy_names, check_policy_needs
 from dyvte.serving.http import (
@@ -118,7 +118,7 @@ def max_prompt_tokens(cfg, config) -> int:
 def request_processor(cfg):
     """The model's processor for the HTTP process (prompt lengths, image sizes), checked to have an image-size rule
     (`dyvte.images`) before any model time."""
-    processor = load_processor(resolve_model_path(cfg.model.name_or_path))
+    processor = read_model_settings(cfg).load_processor()
     try:
         check_image_processor(processor.image_processor)
     except ValueError as error:

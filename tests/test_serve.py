@@ -22,7 +22,6 @@ from fixtures.real_format import fixture
 from fixtures.serving import (
     HEADS,
     answered,
-    bomb_png,
     chat_body,
     data_url,
     first_test_samples,
@@ -35,6 +34,7 @@ from fixtures.serving import (
 )
 from PIL import Image
 
+from benchmarks.serve_hostile import png_claiming
 from dyvte import ExitHeads, ExitHeadsConfig, load_mllm
 from dyvte.evaluation import PolicySettings, build_policy
 from dyvte.prompts import chat_prompt
@@ -142,9 +142,9 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_every_good_one_is_answere
         "invalid_json": (b'{"messages": [{"role": "user", "content": "what', 400, "the body is not valid JSON"),
         "bad_base64": (with_url("data:image/png;base64,@@not base64@@"), 400, "bad base64"),
         "not_an_image": (with_url(data_url(b"hello, world")), 400, "is not an image"),
-        "image_too_large": (with_url(data_url(bomb_png(5000, 5000))), 413,
+        "image_too_large": (with_url(data_url(png_claiming(5000, 5000))), 413,
                             "5000x5000 = 25000000 pixels, over this server's max_image_pixels=16777216"),
-        "image_too_large (over PIL's limit)": (with_url(data_url(bomb_png(40000, 40000))), 413, "decompression bomb"),
+        "image_too_large (over PIL's limit)": (with_url(data_url(png_claiming(40000, 40000))), 413, "decompression bomb"),
         "no_image": (no_image, 400, "no image"),
         "too_many_images": (two_images, 400, "max_images=1"),
         "unknown_policy": ({**good_body, "policy": "fastest"}, 400, "'fastest' is not served"),
@@ -234,6 +234,8 @@ def test_start_up_failures_name_the_fix(tmp_path):
             ((f"heads={tmp_path / 'other'}",), None, "do not fit the model: hidden size 64 vs the model's 96"),
             ((f"heads={tmp_path / 'none'}", "policies=[none]"), None, "need exit heads"),
             ((f"heads={HEADS}", "policies=[none,gsearch]"), None, "gsearch.path=FILE"),
+            ((f"heads={HEADS}", "max_tokens=256"), None,
+             "max_tokens=256 leaves no room for a prompt in the model's max_position_embeddings=256"),
         ]
         launched = [launch(tmp_path, *overrides, port=p) for overrides, p, _ in cases]
         for (process, _, log), (_, _, words) in zip(launched, cases):

@@ -284,8 +284,9 @@ class ExitOpenAISpec(OpenAISpec):
         return await self._whole(request, first, messages, outcome)
 
     async def _worker_messages(self, chat: ChatInput):
-        """The model worker's messages for `chat` (see `dyvte.serving.worker`), queued here; a refusal or failure is
-        raised as `WorkerError`. Its response buffer is removed when the request is over, however it ends."""
+        """The model worker's messages for `chat` (see `dyvte.serving.worker`), queued here, up to its last one (not
+        the end of its batch); a refusal or failure is raised as `WorkerError`. Its response buffer is removed when
+        the request is over, however it ends."""
         uid, queue, event = uuid.uuid4(), deque(), asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(response_queue=queue, event=event)
         self.request_queue.put((self.response_queue_id, uid, time.monotonic(), chat))
@@ -299,6 +300,8 @@ class ExitOpenAISpec(OpenAISpec):
                 if "error" in message:
                     raise WorkerError(message["status"], message["kind"], message["error"])
                 yield message
+                if "finish_reason" in message:  # its last message: the rest of its batch may take longer
+                    return
         finally:
             self.response_buffer.pop(uid, None)
 

@@ -300,8 +300,8 @@ def parse_messages(request: ExitChatRequest, limits: RequestLimits, image_proces
                 texts.append(part.text)
                 continue
             if message.role != "user":
-                raise BadRequest("bad_message", f"message {index}: an image_url part in a {message.role} message; "
-                                                "only user messages take images.")
+                raise BadRequest("bad_message", f"message {index} ({message.role}) has an image_url part; only user "
+                                                "messages take images.")
             count += 1
             if len(images) + 1 > limits.max_images:
                 raise BadRequest("too_many_images", f"more than {limits.max_images} image(s) in the request; this "

@@ -125,9 +125,9 @@ class ExitChatAPI(ls.LitAPI):
             log.warning("a generate call of %d requests failed (%s); retrying them one at a time", len(requests),
                         error)
         for i, request in enumerate(requests):
-            first = [None]
-            prepared = self._prepared([request], [0], first)
-            steps = self._answer([request], prepared[0][1], [answers[i].sent]) if prepared else [first]
+            refusal = [None]
+            prepared = self._prepared([request], [0], refusal)
+            steps = self._answer([request], prepared[0][1], [answers[i].sent]) if prepared else [refusal]
             for step in steps:
                 out = [None] * len(requests)
                 out[i] = step[0]
