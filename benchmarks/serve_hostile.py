@@ -7,7 +7,8 @@ Starts the testbed server with its default limits (`conf/serve.yaml`; policies n
 127.0.0.1 port. Each case (`hostile_bodies`, `hostile_clients`) is sent together with `--neighbours` good requests,
 which must get the answer `VisualExit.generate` gives offline; while it runs, the resident memory of the model
 worker and of the HTTP process is sampled every few milliseconds, and its growth over the value before the case is
-recorded (the peak, and what is left after). Only loopback traffic; every client is bounded by a timeout.
+recorded (the peak, and what is left after); then `max_batch_size` of the largest image allowed at once. Only
+loopback traffic; every client is bounded by a timeout.
 """
 
 import argparse
@@ -317,7 +318,8 @@ def main(argv: list[str] | None = None) -> Path:
         expected = httpx.post(url, json=good_body(), timeout=60).json()["choices"][0]["message"]["content"]
         rows = []
         image_processor = load_processor(resolve_model_path("testbed")).image_processor
-        for case in hostile_bodies(limits.max_tokens, limits.max_image_pixels, image_processor):
+        cases = hostile_bodies(limits.max_tokens, limits.max_image_pixels, image_processor)
+        for case in cases:
             with MemoryWatch(processes) as watch, ThreadPoolExecutor(args.neighbours + 1) as pool:
                 neighbours = [pool.submit(httpx.post, url, json=good_body(), timeout=120)
                               for _ in range(args.neighbours)]
@@ -329,6 +331,12 @@ def main(argv: list[str] | None = None) -> Path:
                          "error": detail, "words_found": case.words is None or case.words in response.text,
                          "good_neighbours_answered_as_offline": f"{ok}/{len(good)}", "memory_mb": watch.growth_mb()})
             print(json.dumps(rows[-1]), flush=True)
+        largest = next(case for case in cases if case.name.startswith("noise PNG"))
+        with MemoryWatch(processes) as watch, ThreadPoolExecutor(server_args.max_batch_size) as pool:
+            statuses = list(pool.map(lambda _: send(url, largest.body).status_code, range(server_args.max_batch_size)))
+        at_once = {"case": f"{largest.name}, {len(statuses)} at once", "statuses": statuses,
+                   "memory_mb": watch.growth_mb()}
+        print(json.dumps(at_once), flush=True)
         before = httpx.get(f"http://127.0.0.1:{port}/v1/dyvte/stats").json()
         clients = hostile_clients(port, limits.read_timeout, limits.idle_timeout, limits.max_request_bytes)
         time.sleep(limits.idle_timeout + 1)
@@ -340,7 +348,7 @@ def main(argv: list[str] | None = None) -> Path:
     record = {"env": environment(1), "command": "flock /tmp/dyvte-heavy.lock python -m benchmarks.serve_hostile",
               "limits": {k: limits[k] for k in ("max_tokens", "max_image_pixels", "max_images", "max_request_bytes",
                                                 "read_timeout", "idle_timeout")},
-              "bodies": rows, "clients": clients, "answered_as_offline_after_the_clients": healthy,
+              "bodies": rows, "largest_at_once": at_once, "clients": clients, "answered_as_offline_after_the_clients": healthy,
               "stats_before_clients": before, "stats": stats}
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     return args.out
