@@ -61,18 +61,20 @@ def offline_answers(samples, max_tokens: int) -> dict:
     return answers
 
 
-def start_server(port: int, args) -> subprocess.Popen:
-    command = [sys.executable, str(ROOT / "serve.py"), f"port={port}", f"heads={HEADS}", "policy=dynamic",
+def start_server(port: int, args, overrides: tuple[str, ...] = (), root: Path = ROOT) -> subprocess.Popen:
+    """The testbed server of the checkout at `root` (another checkout: a baseline), with `overrides`."""
+    command = [sys.executable, str(root / "serve.py"), f"port={port}", f"heads={HEADS}", "policy=dynamic",
                "policies=[none,dynamic]", f"max_batch_size={args.max_batch_size}",
                f"batch_timeout={args.batch_timeout}", f"max_tokens={args.max_tokens}",
-               f"hydra.run.dir={args.workdir}/serve"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
-    log = open(Path(args.workdir) / "serve.log", "w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+               f"hydra.run.dir={args.workdir}/serve", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(args.threads)}
+    log = Path(args.workdir) / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode}; see {log.name}")
+            raise SystemExit(f"the server exited with {process.returncode}; see {log}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return process

@@ -435,8 +435,12 @@ def check_serve_config(cfg: DictConfig) -> None:
     if cfg.max_new_tokens > cfg.max_tokens:
         _fail("max_new_tokens", cfg.max_new_tokens, f"is the default max_tokens of a request: at most max_tokens="
               f"{cfg.max_tokens}")
+    _integer(cfg, "max_prompt_tokens", 1, optional=True)
     _integer(cfg, "max_images", 0)
     _integer(cfg, "max_image_pixels", 1)
     _choice(cfg, "require_image", (True, False))
     _choice(cfg, "allow_local_paths", (True, False))
     _number(cfg, "request_timeout", 0.0, float("inf"), low_open=True)
+    _integer(cfg, "max_request_bytes", 1)
+    _number(cfg, "read_timeout", 0.0, float("inf"), low_open=True)
+    _number(cfg, "idle_timeout", 0.0, float("inf"), low_open=True)

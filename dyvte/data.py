@@ -17,6 +17,7 @@ import lightning as L
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .images import check_image_processor, image_size_problem
 from .prompts import IMAGE_PLACEHOLDER, assistant_message, chat_completion, chat_prompt, user_message
 
 
@@ -177,9 +178,12 @@ def subsample(samples: list[Sample], fraction: float = 1.0, limit: int | None = 
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
-def load_image(sample: Sample, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """The sample's image as RGB; BadSample if it is missing, unreadable or larger than `max_image_pixels` (None: no
-    limit). The limit is checked on the header, before decoding: it replaces PIL's decompression-bomb check."""
+def load_image(sample: Sample, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+               image_processor=None) -> Image.Image:
+    """The sample's image as RGB; BadSample if it is missing, unreadable, larger than `max_image_pixels` (None: no
+    limit) or, given the model's `image_processor`, larger than that after the processor's resize or more elongated
+    than `dyvte.images.MAX_ASPECT_RATIO`. The limits are checked on the header, before decoding: they replace PIL's
+    decompression-bomb check."""
     if isinstance(sample.image, Image.Image):
         image = sample.image
     elif not sample.image:
@@ -189,21 +193,22 @@ def load_image(sample: Sample, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_
     else:
         try:
             with _pil_pixel_limit(None), Image.open(sample.image) as opened:
-                _check_pixels(sample, opened, max_image_pixels)
+                _check_pixels(sample, opened, max_image_pixels, image_processor)
                 return opened.convert("RGB")
         except FileNotFoundError:
             raise BadSample(sample.id, f"image not found: {sample.image}") from None
         except OSError as error:
             raise BadSample(sample.id, f"image cannot be read ({error}): {sample.image}") from None
-    _check_pixels(sample, image, max_image_pixels)
+    _check_pixels(sample, image, max_image_pixels, image_processor)
     return image.convert("RGB")
 
 
-def _check_pixels(sample: Sample, image: Image.Image, max_image_pixels: int | None) -> None:
+def _check_pixels(sample: Sample, image: Image.Image, max_image_pixels: int | None, image_processor) -> None:
     width, height = image.size
-    if max_image_pixels is not None and width * height > max_image_pixels:
-        raise BadSample(sample.id, f"image is {width}x{height} = {width * height} pixels, over "
-                                   f"data.max_image_pixels={max_image_pixels} (raise it if the image is genuine): "
+    problem = image_size_problem(image_processor, width, height, max_image_pixels, "data.max_image_pixels",
+                                 "raise it if the image is genuine")
+    if problem:
+        raise BadSample(sample.id, f"image {problem}: "
                                    f"{sample.image if isinstance(sample.image, str) else 'an in-memory image'}")
 
 
@@ -229,6 +234,7 @@ class PromptCollator:
         self.on_bad_sample = on_bad_sample
         self.require_answer = require_answer
         self.max_image_pixels = max_image_pixels
+        check_image_processor(processor.image_processor)  # images are bounded by its resize rule (dyvte.images)
         processor.tokenizer.padding_side = "left"
 
     def prompt(self, sample: Sample) -> str:
@@ -246,7 +252,7 @@ class PromptCollator:
             raise BadSample(sample.id, f"the prompt has no {IMAGE_PLACEHOLDER} placeholder")
         if self.require_answer and not sample.answer.strip():
             raise BadSample(sample.id, "the answer is empty")
-        return self.prompt(sample), load_image(sample, self.max_image_pixels)
+        return self.prompt(sample), load_image(sample, self.max_image_pixels, self.processor.image_processor)
 
     def checked(self, sample: Sample) -> tuple[str, Image.Image]:
         """`check`, with any other exception from reading, decoding or shaping this one sample (a malformed

@@ -284,6 +284,10 @@ class ModelSettings:
                          revision=self.revision, quantization=self.quantization,
                          llm_int8_threshold=self.llm_int8_threshold, **kwargs)
 
+    def load_processor(self):
+        """The processor `load()` returns, alone (no weights are read): what the server's HTTP process needs."""
+        return load_processor(resolve_model_path(self.name_or_path))
+
 
 class _WithoutVideoProcessor:
     """Put in front of a stock processor class to build it with `video_processor=None`: the stock class checks

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
@@ -88,6 +89,7 @@ def test_serve_loads_the_model_it_is_told(received, monkeypatch, tmp_path):
 
         def __init__(self, api, **kwargs):
             self.api = api
+            self.app = FastAPI()  # serve.main installs its error handlers on it
 
         def run(self, **kwargs):
             self.api.setup("cpu")
