@@ -32,8 +32,7 @@ log = logging.getLogger("infer")
 
 
 def one_sample(cfg, engine: VisualExit, processor) -> dict:
-    if not cfg.question:
-        raise ValueError('task=sample needs question="..." (and image=PATH for a visual question).')
+    """`task=sample`: one question (checked present by `check_infer_config`) on one image or none."""
     image = load_image(Sample(id=str(cfg.image), image=cfg.image, question="", answer="")) if cfg.image else None
     prompt = chat_prompt(processor, cfg.question, images=int(image is not None))
     if image is None:
