@@ -161,11 +161,13 @@ def main(cfg: DictConfig) -> None:
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path), revision=cfg.model.revision)
     check_heads(cfg, policies, config)
     check_policy_needs(cfg, parts, config)
+    num_layers = config.get_text_config(decoder=True).num_hidden_layers
     limits = RequestLimits(policies=policies, default_policy=cfg.policy, max_new_tokens=cfg.max_new_tokens,
                            max_tokens=cfg.max_tokens, max_prompt_tokens=max_prompt_tokens(cfg, config),
                            max_images=cfg.max_images, max_image_pixels=cfg.max_image_pixels,
-                           require_image=cfg.require_image, allow_local_paths=cfg.allow_local_paths)
-    stats = ServeStats(config.get_text_config(decoder=True).num_hidden_layers)
+                           require_image=cfg.require_image, allow_local_paths=cfg.allow_local_paths,
+                           allow_exit_layer=cfg.allow_exit_layer, num_layers=num_layers)
+    stats = ServeStats(num_layers)
     spec = ExitOpenAISpec(limits, stats, request_processor(cfg))
     api = ExitChatAPI(OmegaConf.to_container(cfg, resolve=True), read_model_settings(cfg), limits, spec,
                       cfg.max_batch_size, cfg.batch_timeout)

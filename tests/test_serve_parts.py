@@ -196,7 +196,7 @@ def worker():
         cfg = compose("serve", overrides=[f"heads={HEADS}", "policies=[none,dynamic]", "max_tokens=16"])
     limits = RequestLimits(policies=("dynamic", "none"), default_policy="dynamic", max_new_tokens=8, max_tokens=16,
                            max_prompt_tokens=240, max_images=1, max_image_pixels=4096 ** 2, require_image=True,
-                           allow_local_paths=False)
+                           allow_local_paths=False, allow_exit_layer=False, num_layers=12)
     api = ExitChatAPI(OmegaConf.to_container(cfg, resolve=True), read_model_settings(cfg), limits, None, 8, 0.1)
     ctrl_c = signal.getsignal(signal.SIGINT)
     api.setup("cpu")  # as in the model worker, which leaves Ctrl-C to the main process

@@ -11,6 +11,7 @@ its header, before decoding: `dyvte.images`) and the prompt's length in tokens a
 import base64
 import binascii
 import io
+import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 2.0
 MAX_STOPS = 4
 #: `seed` is a signed 64-bit integer, as in OpenAI's API.
 SEED_RANGE = (-(2**63), 2**63 - 1)
+#: The policy name of a request with an `exit_layer` (a static exit at its layer; not a registered policy name).
+STATIC_EXIT = "exit_layer"
 
 
 class BadRequest(HTTPException):
@@ -83,7 +86,8 @@ class ExitChatMessage(_Strict):
 
 class ExitChatRequest(_Strict):
     """An OpenAI chat completion request, as far as this server answers it, and dyvte's `policy` (one of the
-    server's `policies`; None: its default `policy`). A field not listed here is refused, not ignored."""
+    server's `policies`; None: its default `policy`) or `exit_layer` (a static exit at that layer, where the server
+    allows it). A field not listed here is refused, not ignored."""
 
     model: str = ""
     messages: list[ExitChatMessage] = Field(min_length=1)
@@ -102,6 +106,7 @@ class ExitChatRequest(_Strict):
     user: str | None = None
     metadata: dict[str, str] | None = None
     policy: str | None = None
+    exit_layer: object = None  # any JSON value: `check_exit_layer` refuses a non-integer naming the range
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -149,13 +154,16 @@ class RequestLimits:
     max_image_pixels: int
     require_image: bool
     allow_local_paths: bool
+    allow_exit_layer: bool
+    num_layers: int  # the served model's decoder depth L: an exit layer is one of 0..L
 
 
 @dataclass
 class ChatInput:
     """One checked request, as the model worker gets it: the chat turns before the question, the question, its
-    images (decoded, in order), the policy, the prompt's length in tokens, how many tokens to generate and how
-    (temperature 0: greedy; else sampled with `seed`'s own generator), and where to cut the answer."""
+    images (decoded, in order), the policy (`STATIC_EXIT` with its `exit_layer`, or a served policy's name), the
+    prompt's length in tokens, how many tokens to generate and how (temperature 0: greedy; else sampled with
+    `seed`'s own generator), and where to cut the answer."""
 
     history: list[dict]
     question: str
@@ -169,6 +177,7 @@ class ChatInput:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
+    exit_layer: int | None = None  # the static exit of a `STATIC_EXIT` request
 
 
 # --- field by field ---------------------------------------------------------------------------------------------
@@ -230,6 +239,24 @@ def check_max_tokens(request: ExitChatRequest, limits: RequestLimits) -> int:
         raise BadRequest("max_tokens", f"{name}={value} is outside 1..{limits.max_tokens}, this server's limit (its "
                                        "max_tokens setting).")
     return value
+
+
+def check_exit_layer(request: ExitChatRequest, limits: RequestLimits) -> int | None:
+    """A request's `exit_layer` (None: it gives none): an integer in 0..L, where the server allows it."""
+    if request.exit_layer is None:
+        return None
+    if not limits.allow_exit_layer:
+        raise BadRequest("exit_layer", "exit_layer is not allowed by this server; leave it out, or start the server "
+                                       "with allow_exit_layer=true.")
+    layer = request.exit_layer
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= limits.num_layers:
+        raise BadRequest("exit_layer", f"exit_layer={json.dumps(layer)} is not an integer in 0..{limits.num_layers} "
+                                       f"(0: text only, {limits.num_layers}: the full model, which has "
+                                       f"{limits.num_layers} decoder layers).")
+    if request.policy is not None:
+        raise BadRequest("exit_layer", f"exit_layer and policy={request.policy!r} are both given; a request with an "
+                                       "exit_layer is answered by a static exit at that layer: give one of them.")
+    return layer
 
 
 def check_policy(request: ExitChatRequest, limits: RequestLimits) -> str:
@@ -338,7 +365,8 @@ def parse_request(request: ExitChatRequest, limits: RequestLimits, processor) ->
     temperature, top_p, seed = check_sampling(request)
     stop = check_stop(request)
     max_new_tokens = check_max_tokens(request, limits)
-    policy = check_policy(request, limits)
+    exit_layer = check_exit_layer(request, limits)
+    policy = STATIC_EXIT if exit_layer is not None else check_policy(request, limits)
     history, question, question_images, images = parse_messages(request, limits, processor.image_processor)
     length = prompt_tokens(processor, history, question, question_images, images)
     if length > limits.max_prompt_tokens:
@@ -346,4 +374,4 @@ def parse_request(request: ExitChatRequest, limits: RequestLimits, processor) ->
                                             f"max_prompt_tokens={limits.max_prompt_tokens}; send a shorter one.")
     return ChatInput(history=history, question=question, question_images=question_images, images=images,
                      policy=policy, prompt_tokens=length, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_p=top_p, seed=seed, stop=stop, stream=request.stream)
+                     top_p=top_p, seed=seed, stop=stop, stream=request.stream, exit_layer=exit_layer)
