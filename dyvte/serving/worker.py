@@ -16,6 +16,7 @@ import logging
 import queue
 import signal
 import threading
+import time
 
 import litserve as ls
 import torch
@@ -146,6 +147,7 @@ class ExitChatAPI(ls.LitAPI):
         result = {}
 
         def run():
+            start = time.perf_counter()
             try:
                 result["out"] = self.engine.generate(
                     **inputs, policy=self._policy(requests), return_dict_in_generate=True, do_sample=False,
@@ -153,6 +155,7 @@ class ExitChatAPI(ls.LitAPI):
                     logits_processor=processors, stopping_criteria=StoppingCriteriaList([feed]))
             except Exception as error:  # noqa: BLE001 (raised below, in the serving thread)
                 result["error"] = error
+            result["model_s"] = time.perf_counter() - start
             steps.put(None)
 
         thread = threading.Thread(target=run, name="dyvte-generate")
@@ -162,7 +165,7 @@ class ExitChatAPI(ls.LitAPI):
         thread.join()
         if "error" in result:
             raise result["error"]
-        yield self._final(requests, answers, inputs, result["out"])
+        yield self._final(requests, answers, inputs, result["out"], result["model_s"])
 
     def _policy(self, requests: list[ChatInput]) -> ExitPolicy:
         """The policy of a group: the served one its requests name, or for `STATIC_EXIT` requests a static exit at
@@ -174,8 +177,10 @@ class ExitChatAPI(ls.LitAPI):
     def _decode(self, tokens: list[int]) -> str:
         return self.processor.decode(tokens, skip_special_tokens=True)
 
-    def _final(self, requests, answers, inputs, out) -> list[dict]:
-        """The last message of each request: the rest of its text, why it finished, its usage, exit and FLOPs."""
+    def _final(self, requests, answers, inputs, out, model_s: float) -> list[dict]:
+        """The last message of each request: the rest of its text, why it finished, its usage, exit, FLOPs and the
+        wall time of the generate call that answered it (`model_s`, shared by its group: what the rest of the
+        request's latency is not)."""
         spent_per_sample, full_per_sample = flops.generated_prefill_flops(self.shape, out, inputs["attention_mask"])
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         messages = []
@@ -188,6 +193,6 @@ class ExitChatAPI(ls.LitAPI):
                 "dyvte": {"policy": request.policy, "exit_layer": int(out.exit_layer[i]),
                           "num_layers": self.shape.num_layers, "flops_saved": 1 - spent / full,
                           "batch_size": len(requests), "seed": request.seed,
-                          "lm_prefill_tflops": spent / 1e12, "full_model_tflops": full / 1e12},
+                          "lm_prefill_tflops": spent / 1e12, "full_model_tflops": full / 1e12, "model_s": model_s},
             })
         return messages
