@@ -56,6 +56,7 @@ HEADS = DATA_DIR / "heads"
 POLICIES = ("none", "dynamic")
 TESTBED_SERVER = (f"heads={HEADS}", "policy=dynamic", "policies=[none,dynamic]")
 TESTBED_DEPTH = 12
+REPLAY_STRIDE = 397  # a prime: every test sample once in 640 requests, spread over the split
 
 
 def test_samples(count: int) -> list[tuple[str, Path]]:
@@ -317,7 +318,10 @@ def real_width(args) -> dict:
     depth = config.get_text_config(decoder=True).num_hidden_layers
     processor = load_processor(str(folder))
     testbed_exits = testbed_exit_layers()
-    replayed = [round(k * depth / TESTBED_DEPTH) for k in testbed_exits]
+    # request i: test sample (i * REPLAY_STRIDE) mod 640, so that the first requests of a cell already follow the
+    # whole split's histogram (a prefix of the split would follow its first samples')
+    replayed = [round(testbed_exits[i * REPLAY_STRIDE % len(testbed_exits)] * depth / TESTBED_DEPTH)
+                for i in range(len(testbed_exits))]
     arms = {"full": lambda i: depth, "replayed": lambda i: replayed[i % len(replayed)], "half": lambda i: depth // 2}
     samples = test_samples(args.samples)
     images = [Image.open(path).convert("RGB").resize((args.image_size, args.image_size), Image.Resampling.BICUBIC)
@@ -372,8 +376,8 @@ def real_width(args) -> dict:
             "prompt_tokens": int(inputs[0]["input_ids"].shape[1]), "num_layers": depth,
             "testbed_exit_histogram": {k: testbed_exits.count(k) for k in sorted(set(testbed_exits))},
             "replayed_exit_histogram": {k: replayed.count(k) for k in sorted(set(replayed))},
-            "replay": f"request i exits at round(k_i * {depth} / {TESTBED_DEPTH}), k_i the shipped heads' exit layer "
-                      "on testbed test sample i mod 640",
+            "replay": f"request i exits at round(k * {depth} / {TESTBED_DEPTH}), k the shipped heads' exit layer on "
+                      f"testbed test sample (i * {REPLAY_STRIDE}) mod {len(testbed_exits)}",
             "timing": "streamed requests; wall clock per request at the client (time.perf_counter) to the last "
                       "chunk, time to first token to the first chunk with text; loopback HTTP, greedy decoding; the "
                       "arms run one after the other at each concurrency, one server; served_gain is req/s over the "

@@ -342,7 +342,7 @@ def test_real_format_served_answers_equal_offline_generate(name, tmp_path):
 
 
 def test_a_conversation_becomes_the_prompt_the_chat_template_writes():
-    from dyvte.serving.requests import BadRequest, ExitChatRequest, RequestLimits, parse_request
+    from dyvte.serving.requests import BadRequest, ExitChatRequest, PromptLength, RequestLimits, parse_request
 
     _, processor = load_mllm("testbed")
     image = Image.new("RGB", (32, 32), "red")
@@ -354,7 +354,7 @@ def test_a_conversation_becomes_the_prompt_the_chat_template_writes():
     limits = RequestLimits(policies=("dynamic",), default_policy="dynamic", max_new_tokens=4, max_tokens=8,
                            max_prompt_tokens=200, max_images=1, max_image_pixels=96 * 96, require_image=True,
                            allow_local_paths=False, allow_exit_layer=False, num_layers=12)
-    parsed = parse_request(request, limits, processor)
+    parsed = parse_request(request, limits, PromptLength(processor))
     prompt = chat_prompt(processor, parsed.question, parsed.question_images, parsed.history)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it ?"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]},
@@ -367,16 +367,16 @@ def test_a_conversation_becomes_the_prompt_the_chat_template_writes():
         {"type": "image_url", "image_url": {"url": data_url(Image.new("RGB", (128, 128)))}},
         {"type": "text", "text": "what is it ?"}]}])
     with pytest.raises(BadRequest, match="128x128 = 16384 pixels, over this server's max_image_pixels=9216"):
-        parse_request(big, limits, processor)
+        parse_request(big, limits, PromptLength(processor))
     thin = big.model_copy(deep=True)  # 9216 pixels as sent; the processor would resize it to 96 x 4608
     thin.messages[0].content[0].image_url.url = data_url(Image.new("RGB", (192, 4)))
     with pytest.raises(BadRequest, match="192x4, which the model's image processor resizes to 442368 pixels, over "
                                          "this server's max_image_pixels=9216"):
-        parse_request(thin, limits, processor)
+        parse_request(thin, limits, PromptLength(processor))
 
 
 def test_exit_layer_is_refused_by_a_server_that_does_not_allow_it():
-    from dyvte.serving.requests import BadRequest, ExitChatRequest, RequestLimits, parse_request
+    from dyvte.serving.requests import BadRequest, ExitChatRequest, PromptLength, RequestLimits, parse_request
 
     _, processor = load_mllm("testbed")
     body = chat_body("what is it ?", [Image.new("RGB", (32, 32), "red")], exit_layer=3)
@@ -384,8 +384,8 @@ def test_exit_layer_is_refused_by_a_server_that_does_not_allow_it():
                            max_prompt_tokens=200, max_images=1, max_image_pixels=96 * 96, require_image=True,
                            allow_local_paths=False, allow_exit_layer=False, num_layers=12)
     with pytest.raises(BadRequest, match="exit_layer is not allowed by this server; .* allow_exit_layer=true") as refused:
-        parse_request(ExitChatRequest.model_validate(body), limits, processor)
+        parse_request(ExitChatRequest.model_validate(body), limits, PromptLength(processor))
     assert refused.value.status_code == 400
     limits.allow_exit_layer = True
-    parsed = parse_request(ExitChatRequest.model_validate(body), limits, processor)
+    parsed = parse_request(ExitChatRequest.model_validate(body), limits, PromptLength(processor))
     assert (parsed.policy, parsed.exit_layer) == ("exit_layer", 3)

@@ -4,12 +4,14 @@ naming the field (and the limit or the fix) and never reaches a batch.
 The body is parsed by `ExitChatRequest`, a strict schema: unknown fields, wrong types, non-finite numbers and content
 parts whose `type` does not match their fields are 400s naming the field (`validation_message`). `parse_request` then
 checks what the schema cannot: sampling settings that `generate` would refuse or cannot sample in float32, stop
-strings, `max_tokens`, the policy, the messages, each image (its size before and after the processor's resize, from
-its header, before decoding: `dyvte.images`) and the prompt's length in tokens as the processor counts it.
+strings, `max_tokens`, the policy or `exit_layer`, the messages, each image (its size before and after the
+processor's resize, from its header, before decoding: `dyvte.images`) and the prompt's length in tokens as the
+processor counts it (`PromptLength`, without running the image processor).
 """
 
 import base64
 import binascii
+import functools
 import io
 import json
 import secrets
@@ -347,28 +349,57 @@ def parse_messages(request: ExitChatRequest, limits: RequestLimits, image_proces
     return history, turns[-1][1], turns[-1][2], images
 
 
-def prompt_tokens(processor, history: list, question: str, question_images: int, images: list) -> int:
-    """The prompt's length in tokens, image tokens included, as the model's processor builds it (a 400 if the
-    processor refuses the request)."""
-    prompt = chat_prompt(processor, question, question_images, history)
-    try:
-        batch = processor(text=[prompt], images=images or None, return_tensors="np")
-    except Exception as error:  # noqa: BLE001 (whatever the processor raises is this request's problem)
-        raise BadRequest("processor", f"the model's processor refused the request: {type(error).__name__}: "
-                                      f"{error}") from None
-    return int(batch["attention_mask"].sum())
+class PromptLength:
+    """A prompt's length in tokens, image tokens included, as the model's processor builds it, counted without
+    running the image processor (which the model worker runs on the batch anyway): the chat prompt's tokens by the
+    tokenizer alone, plus per image the tokens the processor expands its placeholder to, from the image's size (the
+    processor's own `_get_num_multimodal_tokens`), plus two constants measured once, here, against the processor
+    itself: on a text-only prompt (what the processor adds to any prompt) and on a prompt with one probe image (what
+    it adds per image besides those tokens: the placeholder replaced, start and end tokens). A processor without
+    `_get_num_multimodal_tokens` fails here, at start-up."""
+
+    #: Image sizes whose token counts are kept (the processor's count validates its keyword arguments each call).
+    CACHED_SIZES = 4096
+
+    def __init__(self, processor):
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        self._tokens_of_size = functools.lru_cache(maxsize=self.CACHED_SIZES)(self._count_image_tokens)
+        text_only = chat_prompt(processor, "what is it ?", 0)
+        self.per_prompt = self._processor_length(text_only, []) - self._text_tokens(text_only)
+        with_image, probe = chat_prompt(processor, "what is it ?", 1), Image.new("RGB", (64, 48))
+        self.per_image = (self._processor_length(with_image, [probe]) - self._text_tokens(with_image)
+                          - self.per_prompt - self._image_tokens([probe])[0])
+
+    def _processor_length(self, prompt: str, images: list) -> int:
+        return len(self.processor(text=[prompt], images=images or None, return_tensors="np")["input_ids"][0])
+
+    def _text_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt)["input_ids"])
+
+    def _count_image_tokens(self, height: int, width: int) -> int:
+        return self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)]).num_image_tokens[0]
+
+    def _image_tokens(self, images: list[Image.Image]) -> list[int]:
+        return [self._tokens_of_size(image.height, image.width) for image in images]
+
+    def __call__(self, history: list, question: str, question_images: int, images: list[Image.Image]) -> int:
+        prompt = chat_prompt(self.processor, question, question_images, history)
+        image_tokens = sum(self._image_tokens(images)) if images else 0
+        return self._text_tokens(prompt) + self.per_prompt + image_tokens + self.per_image * len(images)
 
 
-def parse_request(request: ExitChatRequest, limits: RequestLimits, processor) -> ChatInput:
-    """The request as model input (`ChatInput`), or a `BadRequest` naming what is wrong with it."""
+def parse_request(request: ExitChatRequest, limits: RequestLimits, prompt_length: PromptLength) -> ChatInput:
+    """The request as model input (`ChatInput`), or a `BadRequest` naming what is wrong with it (a request the
+    processor refuses gets its 400 from the model worker, alone)."""
     check_unsupported(request)
     temperature, top_p, seed = check_sampling(request)
     stop = check_stop(request)
     max_new_tokens = check_max_tokens(request, limits)
     exit_layer = check_exit_layer(request, limits)
     policy = STATIC_EXIT if exit_layer is not None else check_policy(request, limits)
-    history, question, question_images, images = parse_messages(request, limits, processor.image_processor)
-    length = prompt_tokens(processor, history, question, question_images, images)
+    history, question, question_images, images = parse_messages(request, limits,
+                                                                prompt_length.processor.image_processor)
+    length = prompt_length(history, question, question_images, images)
     if length > limits.max_prompt_tokens:
         raise BadRequest("prompt_too_long", f"the prompt is {length} tokens (images included), over this server's "
                                             f"max_prompt_tokens={limits.max_prompt_tokens}; send a shorter one.")
