@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="testbed", choices=["testbed", "qwen2vl2b"])
     parser.add_argument("--requests", type=int, default=48, help="requests per cell (concurrency x policy or arm)")
-    parser.add_argument("--real-requests", default="1:8,4:16,16:32",
+    parser.add_argument("--real-requests", default="1:16,4:32,16:64",
                         help="real width: requests per cell by concurrency (c:n,...; others take --requests)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds per cell before it stops sending (60 on the testbed, 600 at a real width, where "
