@@ -60,17 +60,18 @@ def _draw(name: str, shape: torch.Size) -> torch.Tensor:
     return (torch.randn(shape, generator=generator, dtype=torch.float32) * INIT_STD).to(DTYPE)
 
 
-def write_weights(config, folder: Path, shard_bytes: int) -> int:
-    """Writes the model's tensors as `model-0000i-of-0000n.safetensors` shards plus the index; returns the bytes."""
-    from transformers import LlavaForConditionalGeneration
+def write_weights(model_class, config, folder: Path, shard_bytes: int) -> int:
+    """Writes the tensors of `model_class(config)` as `model-0000i-of-0000n.safetensors` shards plus the index
+    (tied weights once, as `save_pretrained` writes them); returns the bytes."""
     from transformers.modeling_utils import revert_weight_conversion
 
     with torch.device("meta"):
-        meta_model = LlavaForConditionalGeneration(config)
+        meta_model = model_class(config)
     # The checkpoint's tensor names: the stock class's own renaming from its modules to the saved keys, as
     # `save_pretrained` applies it (language_model.model.layers.0..., as in llava-hf/llava-1.5-7b-hf).
     saved = revert_weight_conversion(meta_model, meta_model.state_dict())
-    tensors = [(name, tensor.shape) for name, tensor in saved.items()]
+    tied = set(meta_model.all_tied_weights_keys) if config.get_text_config().tie_word_embeddings else set()
+    tensors = [(name, tensor.shape) for name, tensor in saved.items() if name not in tied]
     del meta_model, saved
     groups, current, size = [], [], 0
     for name, shape in tensors:
@@ -95,29 +96,42 @@ def write_weights(config, folder: Path, shard_bytes: int) -> int:
     return total
 
 
+def fixtures_cache() -> Path:
+    """Where random-weight real-shape folders live: `$DYVTE_FIXTURES_CACHE` or `~/.cache/dyvte-fixtures/`."""
+    return Path(os.environ.get("DYVTE_FIXTURES_CACHE", Path.home() / ".cache" / "dyvte-fixtures"))
+
+
 def default_folder() -> Path:
-    root = Path(os.environ.get("DYVTE_FIXTURES_CACHE", Path.home() / ".cache" / "dyvte-fixtures"))
-    return root / "llava-1.5-7b-random"
+    return fixtures_cache() / "llava-1.5-7b-random"
 
 
 def build(folder: Path, shard_gib: float = 2.0) -> Path:
     """The folder (built if missing; built next to its place, then renamed)."""
+    from transformers import LlavaForConditionalGeneration
+
+    return build_random_folder(folder, "llava-1.5", llava7b_config, LlavaForConditionalGeneration, shard_gib)
+
+
+def build_random_folder(folder: Path, fixture_name: str, make_config, model_class, shard_gib: float) -> Path:
+    """`folder` (built if missing; built next to its place, then renamed): random weights of
+    `model_class(make_config(small config))`, with every other file of the real-format fixture `fixture_name`
+    (tests/fixtures/real_format.py): its generation config, processor files and licence note, copied as they are."""
     sys.path.insert(0, str(ROOT / "tests"))
     from fixtures.real_format import fixture
-    from transformers import AutoConfig, AutoProcessor, GenerationConfig
+    from transformers import AutoConfig
 
     if (folder / "config.json").exists():
         return folder
-    small = fixture("llava-1.5")
+    small = fixture(fixture_name)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        config = llava7b_config(AutoConfig.from_pretrained(small))
-        write_weights(config, staging, int(shard_gib * 2**30))
+        config = make_config(AutoConfig.from_pretrained(small))
+        write_weights(model_class, config, staging, int(shard_gib * 2**30))
         config.save_pretrained(staging)
-        GenerationConfig.from_pretrained(small).save_pretrained(staging)
-        AutoProcessor.from_pretrained(small).save_pretrained(staging)
-        shutil.copy(small / "FIXTURE_LICENSES.md", staging / "FIXTURE_LICENSES.md")
+        for path in small.iterdir():  # the processor's files, the generation config and the licence note, as they are
+            if path.is_file() and path.name != "config.json" and not path.name.startswith("model"):
+                shutil.copy(path, staging / path.name)
         staging.rename(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -429,6 +429,7 @@ def check_serve_config(cfg: DictConfig) -> None:
     if isinstance(cfg.policies, str) or not cfg.policies:
         _fail("policies", cfg.policies, "must be a non-empty list of policy names, e.g. [none,dynamic]")
     _given(cfg, "policy", "the policy of requests that name none, e.g. policy=dynamic")
+    _choice(cfg, "allow_exit_layer", (True, False))
     _integer(cfg, "max_batch_size", 1)
     _number(cfg, "batch_timeout", 0.0, float("inf"), low_open=cfg.max_batch_size > 1)
     _integer(cfg, "max_tokens", 1)

@@ -49,7 +49,7 @@ from dyvte.serving.http import (
     head_timeout_protocol,
     install_error_handlers,
 )
-from dyvte.serving.requests import RequestLimits
+from dyvte.serving.requests import PromptLength, RequestLimits
 from dyvte.serving.worker import ExitChatAPI
 
 cli.register_resolvers()
@@ -115,15 +115,15 @@ def max_prompt_tokens(cfg, config) -> int:
     return cfg.max_prompt_tokens
 
 
-def request_processor(cfg):
-    """The model's processor for the HTTP process (prompt lengths, image sizes), checked to have an image-size rule
-    (`dyvte.images`) before any model time."""
+def request_prompt_length(cfg) -> PromptLength:
+    """The HTTP process's prompt counter (`PromptLength`) on the model's processor, whose image processor is checked
+    to have an image-size rule (`dyvte.images`), before any model time."""
     processor = read_model_settings(cfg).load_processor()
     try:
         check_image_processor(processor.image_processor)
-    except ValueError as error:
+        return PromptLength(processor)
+    except (ValueError, AttributeError, NotImplementedError) as error:
         raise SystemExit(f"model={cfg.model.name_or_path}: {error}") from None
-    return processor
 
 
 class _GracefulStop:
@@ -161,12 +161,14 @@ def main(cfg: DictConfig) -> None:
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path), revision=cfg.model.revision)
     check_heads(cfg, policies, config)
     check_policy_needs(cfg, parts, config)
+    num_layers = config.get_text_config(decoder=True).num_hidden_layers
     limits = RequestLimits(policies=policies, default_policy=cfg.policy, max_new_tokens=cfg.max_new_tokens,
                            max_tokens=cfg.max_tokens, max_prompt_tokens=max_prompt_tokens(cfg, config),
                            max_images=cfg.max_images, max_image_pixels=cfg.max_image_pixels,
-                           require_image=cfg.require_image, allow_local_paths=cfg.allow_local_paths)
-    stats = ServeStats(config.get_text_config(decoder=True).num_hidden_layers)
-    spec = ExitOpenAISpec(limits, stats, request_processor(cfg))
+                           require_image=cfg.require_image, allow_local_paths=cfg.allow_local_paths,
+                           allow_exit_layer=cfg.allow_exit_layer, num_layers=num_layers)
+    stats = ServeStats(num_layers)
+    spec = ExitOpenAISpec(limits, stats, request_prompt_length(cfg))
     api = ExitChatAPI(OmegaConf.to_container(cfg, resolve=True), read_model_settings(cfg), limits, spec,
                       cfg.max_batch_size, cfg.batch_timeout)
     body_limits = {"max_bytes": cfg.max_request_bytes, "read_timeout": cfg.read_timeout,

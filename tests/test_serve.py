@@ -37,6 +37,7 @@ from PIL import Image
 from benchmarks.serve_hostile import png_claiming
 from dyvte import ExitHeads, ExitHeadsConfig, load_mllm
 from dyvte.evaluation import PolicySettings, build_policy
+from dyvte.policies.exit import StaticExit
 from dyvte.prompts import chat_prompt
 from dyvte.testbed import DATA_DIR
 
@@ -51,7 +52,8 @@ MAX_TOKENS = 8
 def testbed_server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("serve-testbed")
     process, url, log = serve(workdir, f"heads={HEADS}", "policy=dynamic", f"policies=[{','.join(TESTBED_POLICIES)}]",
-                              "max_batch_size=16", "batch_timeout=1.0", "max_tokens=16", "max_images=1")
+                              "max_batch_size=16", "batch_timeout=1.0", "max_tokens=16", "max_images=1",
+                              "allow_exit_layer=true")
     yield process, url, log
     stop(process)
 
@@ -95,6 +97,60 @@ def test_batched_with_other_lengths_and_exits_equals_offline_generate(testbed_se
     assert len({e["exit_layer"] for e in dynamic}) > 1  # samples with different exits ...
     assert max(e["batch_size"] for e in dynamic) > 1  # ... answered in one batch
     assert len({response.json()["usage"]["prompt_tokens"] for response in responses}) > 1  # of different lengths
+
+
+STATIC_EXITS = (0, 3, 6, 12, 1, 9, 5, 12)  # case i's exit_layer: text only, middle layers, the full model
+
+
+@pytest.fixture(scope="module")
+def static_exit_offline(testbed_offline):
+    """(case, exit layer) -> `VisualExit.generate` alone with a static exit at that layer."""
+    model, processor = load_mllm("testbed")
+    cases, _ = testbed_offline
+    return {(i, k): offline(model, processor, StaticExit(k), cases[i][0], [cases[i][1]])
+            for i, k in enumerate(STATIC_EXITS)}
+
+
+def test_exit_layer_requests_batched_with_policies_and_bad_requests_equal_offline_static_exit(
+        testbed_server, testbed_offline, static_exit_offline):
+    _, url, _ = testbed_server
+    cases, expected = testbed_offline
+    good = [("exit", i) for i in range(len(cases))] + [("dynamic", i) for i in range(3)] + [("none", 3)]
+    bad = {  # an exit_layer the server refuses: (value, words its 400 must contain)
+        "-1": (-1, "exit_layer=-1 is not an integer in 0..12"), "L+1": (13, "exit_layer=13 is not an integer in 0..12"),
+        "2.5": (2.5, "exit_layer=2.5 is not"), "'3'": ("3", 'exit_layer="3" is not'),
+        "true": (True, "exit_layer=true is not"), "with a policy": (3, "exit_layer and policy='dynamic' are both"),
+    }
+
+    def body(job):
+        kind, i = job
+        if kind == "exit":
+            return chat_body(cases[i][0], [cases[i][1]], exit_layer=STATIC_EXITS[i])
+        if kind in bad:
+            return chat_body(cases[0][0], [cases[0][1]], "dynamic" if kind == "with a policy" else None,
+                             exit_layer=bad[kind][0])
+        return chat_body(cases[i][0], [cases[i][1]], kind)
+
+    jobs = [job for pair in zip(good, [(kind, 0) for kind in bad] + [None] * len(good)) for job in pair if job]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        responses = dict(zip(jobs, pool.map(lambda job: post(url, body(job)), jobs)))
+    for (kind, i), response in responses.items():
+        if kind in bad:
+            assert response.status_code == 400 and bad[kind][1] in response.json()["detail"], (kind, response.text)
+            continue
+        text, extension = answered(response)
+        if kind == "exit":
+            answer, exit_layer, _ = static_exit_offline[i, STATIC_EXITS[i]]
+            assert (text, extension["exit_layer"], extension["policy"]) == (answer, STATIC_EXITS[i], "exit_layer")
+            assert exit_layer == STATIC_EXITS[i]
+            if exit_layer == 12:  # the full model: the stock model's answer, nothing saved
+                assert text == expected["none", i][2] and extension["flops_saved"] == pytest.approx(0.0, abs=1e-12)
+            else:
+                assert extension["flops_saved"] > 0
+        else:
+            assert (text, extension["exit_layer"]) == expected[kind, i][:2], (kind, i)
+    exits = [answered(responses["exit", i])[1] for i in range(len(cases))]
+    assert max(e["batch_size"] for e in exits) > 2  # requests of different exit layers answered in one generate call
 
 
 def test_streaming_sends_the_same_answer_token_by_token(testbed_server, testbed_offline):
@@ -286,7 +342,7 @@ def test_real_format_served_answers_equal_offline_generate(name, tmp_path):
 
 
 def test_a_conversation_becomes_the_prompt_the_chat_template_writes():
-    from dyvte.serving.requests import BadRequest, ExitChatRequest, RequestLimits, parse_request
+    from dyvte.serving.requests import BadRequest, ExitChatRequest, PromptLength, RequestLimits, parse_request
 
     _, processor = load_mllm("testbed")
     image = Image.new("RGB", (32, 32), "red")
@@ -297,8 +353,8 @@ def test_a_conversation_becomes_the_prompt_the_chat_template_writes():
         {"role": "user", "content": "and its colour ?"}])
     limits = RequestLimits(policies=("dynamic",), default_policy="dynamic", max_new_tokens=4, max_tokens=8,
                            max_prompt_tokens=200, max_images=1, max_image_pixels=96 * 96, require_image=True,
-                           allow_local_paths=False)
-    parsed = parse_request(request, limits, processor)
+                           allow_local_paths=False, allow_exit_layer=False, num_layers=12)
+    parsed = parse_request(request, limits, PromptLength(processor))
     prompt = chat_prompt(processor, parsed.question, parsed.question_images, parsed.history)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it ?"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]},
@@ -311,9 +367,25 @@ def test_a_conversation_becomes_the_prompt_the_chat_template_writes():
         {"type": "image_url", "image_url": {"url": data_url(Image.new("RGB", (128, 128)))}},
         {"type": "text", "text": "what is it ?"}]}])
     with pytest.raises(BadRequest, match="128x128 = 16384 pixels, over this server's max_image_pixels=9216"):
-        parse_request(big, limits, processor)
+        parse_request(big, limits, PromptLength(processor))
     thin = big.model_copy(deep=True)  # 9216 pixels as sent; the processor would resize it to 96 x 4608
     thin.messages[0].content[0].image_url.url = data_url(Image.new("RGB", (192, 4)))
     with pytest.raises(BadRequest, match="192x4, which the model's image processor resizes to 442368 pixels, over "
                                          "this server's max_image_pixels=9216"):
-        parse_request(thin, limits, processor)
+        parse_request(thin, limits, PromptLength(processor))
+
+
+def test_exit_layer_is_refused_by_a_server_that_does_not_allow_it():
+    from dyvte.serving.requests import BadRequest, ExitChatRequest, PromptLength, RequestLimits, parse_request
+
+    _, processor = load_mllm("testbed")
+    body = chat_body("what is it ?", [Image.new("RGB", (32, 32), "red")], exit_layer=3)
+    limits = RequestLimits(policies=("dynamic",), default_policy="dynamic", max_new_tokens=4, max_tokens=8,
+                           max_prompt_tokens=200, max_images=1, max_image_pixels=96 * 96, require_image=True,
+                           allow_local_paths=False, allow_exit_layer=False, num_layers=12)
+    with pytest.raises(BadRequest, match="exit_layer is not allowed by this server; .* allow_exit_layer=true") as refused:
+        parse_request(ExitChatRequest.model_validate(body), limits, PromptLength(processor))
+    assert refused.value.status_code == 400
+    limits.allow_exit_layer = True
+    parsed = parse_request(ExitChatRequest.model_validate(body), limits, PromptLength(processor))
+    assert (parsed.policy, parsed.exit_layer) == ("exit_layer", 3)

@@ -15,13 +15,14 @@ import torch
 from fixtures.serving import HEADS, chat_body, first_test_samples, offline
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from PIL import Image
 from transformers import StoppingCriteria
 
 from dyvte import DynamicExit, ExitHeads, cli, load_mllm
 from dyvte.configs import read_model_settings
 from dyvte.serving import answers
 from dyvte.serving.answers import AnswerText, RequestSampler, prompt_groups
-from dyvte.serving.requests import ExitChatRequest, RequestLimits, parse_request
+from dyvte.serving.requests import ExitChatRequest, PromptLength, RequestLimits, parse_request
 from dyvte.serving.worker import ExitChatAPI
 from dyvte.testbed import DATA_DIR
 
@@ -196,7 +197,7 @@ def worker():
         cfg = compose("serve", overrides=[f"heads={HEADS}", "policies=[none,dynamic]", "max_tokens=16"])
     limits = RequestLimits(policies=("dynamic", "none"), default_policy="dynamic", max_new_tokens=8, max_tokens=16,
                            max_prompt_tokens=240, max_images=1, max_image_pixels=4096 ** 2, require_image=True,
-                           allow_local_paths=False)
+                           allow_local_paths=False, allow_exit_layer=False, num_layers=12)
     api = ExitChatAPI(OmegaConf.to_container(cfg, resolve=True), read_model_settings(cfg), limits, None, 8, 0.1)
     ctrl_c = signal.getsignal(signal.SIGINT)
     api.setup("cpu")  # as in the model worker, which leaves Ctrl-C to the main process
@@ -206,7 +207,7 @@ def worker():
     expected = [offline(model, processor, DynamicExit(ExitHeads.from_pretrained(HEADS)), q, [image], 16)[0]
                 for q, image in cases]
     requests = [parse_request(ExitChatRequest.model_validate(chat_body(q, [image], max_tokens=16, stream=i % 2 == 1)),
-                              limits, processor) for i, (q, image) in enumerate(cases)]
+                              limits, PromptLength(processor)) for i, (q, image) in enumerate(cases)]
     return api, requests, expected
 
 
@@ -298,3 +299,30 @@ def test_a_request_the_processor_refuses_in_a_batch_is_refused_alone(worker, mon
     results = answers_of(api, requests)
     assert results[0] == (400, "processor")
     assert [text for text, _ in results[1:]] == expected[1:]
+
+
+# --- prompt lengths without the image processor ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["testbed", "llava-1.5", "qwen2-vl", "qwen2.5-vl", "internvl3", "llava-onevision"])
+def test_prompt_length_equals_the_processors_count(name):
+    """`PromptLength` (tokenizer + image sizes) against the processor run on the prompt and the images themselves,
+    for every family, image sizes that resize differently, zero to two images and a conversation."""
+    from fixtures.real_format import fixture
+
+    from dyvte.loading import load_processor
+    from dyvte.prompts import chat_prompt
+
+    processor = load_mllm("testbed")[1] if name == "testbed" else load_processor(str(fixture(name)))
+    count = PromptLength(processor)
+    history = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it ?"}]},
+               {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]}]
+    sizes = [(56, 56), (224, 224), (500, 333), (30, 900), (1000, 1400)]
+    cases = [([], "describe nothing at all", 0, []), ([], "what colour is it ?", 1, [sizes[1]])]
+    cases += [([], "what is in the picture ?", 1, [size]) for size in sizes]
+    cases += [(history, "and this one ?", 1, [sizes[0], sizes[2]]), ([], "compare them", 2, [sizes[3], sizes[4]])]
+    for history_, question, question_images, image_sizes in cases:
+        images = [Image.new("RGB", size, "blue") for size in image_sizes]
+        prompt = chat_prompt(processor, question, question_images, history_)
+        expected = len(processor(text=[prompt], images=images or None, return_tensors="np")["input_ids"][0])
+        assert count(history_, question, question_images, images) == expected, (name, image_sizes)

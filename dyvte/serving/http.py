@@ -33,12 +33,20 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from dyvte.evaluation import ExitStats
 
-from .requests import BadRequest, ChatInput, ExitChatRequest, RequestLimits, parse_request, validation_message
+from .requests import (
+    BadRequest,
+    ChatInput,
+    ExitChatRequest,
+    PromptLength,
+    RequestLimits,
+    parse_request,
+    validation_message,
+)
 
 STATS_PATH = "/v1/dyvte/stats"
 CHAT_PATH = "/v1/chat/completions"
 OUTCOME_KEY = "dyvte.outcome"  # the ASGI scope key of a chat request's `Outcome`
-#: Requests parsed at once in the HTTP process (each may decode an image and run the processor on it).
+#: Requests parsed at once in the HTTP process (each may decode an image and tokenize its prompt).
 PARSE_THREADS = 2
 
 
@@ -253,13 +261,13 @@ class ExitOpenAISpec(OpenAISpec):
     gets its 4xx alone and never reaches a batch; the answer carries the `dyvte` extension and an honest
     `finish_reason`; `GET /v1/dyvte/stats` reports `ServeStats`."""
 
-    def __init__(self, limits: RequestLimits, stats: ServeStats, processor):
+    def __init__(self, limits: RequestLimits, stats: ServeStats, prompt_length: PromptLength):
         super().__init__()
-        self.limits, self.stats, self.processor = limits, stats, processor
+        self.limits, self.stats, self.prompt_length = limits, stats, prompt_length
         self._parser: ThreadPoolExecutor | None = None
 
     def __getstate__(self):  # the model worker gets the spec pickled; it needs none of the HTTP side's state
-        return {**super().__getstate__(), "processor": None, "_parser": None}
+        return {**super().__getstate__(), "prompt_length": None, "_parser": None}
 
     def pre_setup(self, lit_api):
         super().pre_setup(lit_api)
@@ -276,7 +284,7 @@ class ExitOpenAISpec(OpenAISpec):
         if self._parser is None:
             self._parser = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="dyvte-parse")
         chat = await asyncio.get_running_loop().run_in_executor(self._parser, parse_request, request, self.limits,
-                                                                self.processor)
+                                                                self.prompt_length)
         messages = self._worker_messages(chat)
         first = await anext(messages)  # the worker's refusal, if any, comes first: still a proper status
         if chat.stream:

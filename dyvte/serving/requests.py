@@ -4,13 +4,16 @@ naming the field (and the limit or the fix) and never reaches a batch.
 The body is parsed by `ExitChatRequest`, a strict schema: unknown fields, wrong types, non-finite numbers and content
 parts whose `type` does not match their fields are 400s naming the field (`validation_message`). `parse_request` then
 checks what the schema cannot: sampling settings that `generate` would refuse or cannot sample in float32, stop
-strings, `max_tokens`, the policy, the messages, each image (its size before and after the processor's resize, from
-its header, before decoding: `dyvte.images`) and the prompt's length in tokens as the processor counts it.
+strings, `max_tokens`, the policy or `exit_layer`, the messages, each image (its size before and after the
+processor's resize, from its header, before decoding: `dyvte.images`) and the prompt's length in tokens as the
+processor counts it (`PromptLength`, without running the image processor).
 """
 
 import base64
 import binascii
+import functools
 import io
+import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,8 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 2.0
 MAX_STOPS = 4
 #: `seed` is a signed 64-bit integer, as in OpenAI's API.
 SEED_RANGE = (-(2**63), 2**63 - 1)
+#: The policy name of a request with an `exit_layer` (a static exit at its layer; not a registered policy name).
+STATIC_EXIT = "exit_layer"
 
 
 class BadRequest(HTTPException):
@@ -83,7 +88,8 @@ class ExitChatMessage(_Strict):
 
 class ExitChatRequest(_Strict):
     """An OpenAI chat completion request, as far as this server answers it, and dyvte's `policy` (one of the
-    server's `policies`; None: its default `policy`). A field not listed here is refused, not ignored."""
+    server's `policies`; None: its default `policy`) or `exit_layer` (a static exit at that layer, where the server
+    allows it). A field not listed here is refused, not ignored."""
 
     model: str = ""
     messages: list[ExitChatMessage] = Field(min_length=1)
@@ -102,6 +108,7 @@ class ExitChatRequest(_Strict):
     user: str | None = None
     metadata: dict[str, str] | None = None
     policy: str | None = None
+    exit_layer: object = None  # any JSON value: `check_exit_layer` refuses a non-integer naming the range
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -149,13 +156,16 @@ class RequestLimits:
     max_image_pixels: int
     require_image: bool
     allow_local_paths: bool
+    allow_exit_layer: bool
+    num_layers: int  # the served model's decoder depth L: an exit layer is one of 0..L
 
 
 @dataclass
 class ChatInput:
     """One checked request, as the model worker gets it: the chat turns before the question, the question, its
-    images (decoded, in order), the policy, the prompt's length in tokens, how many tokens to generate and how
-    (temperature 0: greedy; else sampled with `seed`'s own generator), and where to cut the answer."""
+    images (decoded, in order), the policy (`STATIC_EXIT` with its `exit_layer`, or a served policy's name), the
+    prompt's length in tokens, how many tokens to generate and how (temperature 0: greedy; else sampled with
+    `seed`'s own generator), and where to cut the answer."""
 
     history: list[dict]
     question: str
@@ -169,6 +179,7 @@ class ChatInput:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
+    exit_layer: int | None = None  # the static exit of a `STATIC_EXIT` request
 
 
 # --- field by field ---------------------------------------------------------------------------------------------
@@ -230,6 +241,24 @@ def check_max_tokens(request: ExitChatRequest, limits: RequestLimits) -> int:
         raise BadRequest("max_tokens", f"{name}={value} is outside 1..{limits.max_tokens}, this server's limit (its "
                                        "max_tokens setting).")
     return value
+
+
+def check_exit_layer(request: ExitChatRequest, limits: RequestLimits) -> int | None:
+    """A request's `exit_layer` (None: it gives none): an integer in 0..L, where the server allows it."""
+    if request.exit_layer is None:
+        return None
+    if not limits.allow_exit_layer:
+        raise BadRequest("exit_layer", "exit_layer is not allowed by this server; leave it out, or start the server "
+                                       "with allow_exit_layer=true.")
+    layer = request.exit_layer
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= limits.num_layers:
+        raise BadRequest("exit_layer", f"exit_layer={json.dumps(layer)} is not an integer in 0..{limits.num_layers} "
+                                       f"(0: text only, {limits.num_layers}: the full model, which has "
+                                       f"{limits.num_layers} decoder layers).")
+    if request.policy is not None:
+        raise BadRequest("exit_layer", f"exit_layer and policy={request.policy!r} are both given; a request with an "
+                                       "exit_layer is answered by a static exit at that layer: give one of them.")
+    return layer
 
 
 def check_policy(request: ExitChatRequest, limits: RequestLimits) -> str:
@@ -320,30 +349,60 @@ def parse_messages(request: ExitChatRequest, limits: RequestLimits, image_proces
     return history, turns[-1][1], turns[-1][2], images
 
 
-def prompt_tokens(processor, history: list, question: str, question_images: int, images: list) -> int:
-    """The prompt's length in tokens, image tokens included, as the model's processor builds it (a 400 if the
-    processor refuses the request)."""
-    prompt = chat_prompt(processor, question, question_images, history)
-    try:
-        batch = processor(text=[prompt], images=images or None, return_tensors="np")
-    except Exception as error:  # noqa: BLE001 (whatever the processor raises is this request's problem)
-        raise BadRequest("processor", f"the model's processor refused the request: {type(error).__name__}: "
-                                      f"{error}") from None
-    return int(batch["attention_mask"].sum())
+class PromptLength:
+    """A prompt's length in tokens, image tokens included, as the model's processor builds it, counted without
+    running the image processor (which the model worker runs on the batch anyway): the chat prompt's tokens by the
+    tokenizer alone, plus per image the tokens the processor expands its placeholder to, from the image's size (the
+    processor's own `_get_num_multimodal_tokens`), plus two constants measured once, here, against the processor
+    itself: on a text-only prompt (what the processor adds to any prompt) and on a prompt with one probe image (what
+    it adds per image besides those tokens: the placeholder replaced, start and end tokens). A processor without
+    `_get_num_multimodal_tokens` fails here, at start-up."""
+
+    #: Image sizes whose token counts are kept (the processor's count validates its keyword arguments each call).
+    CACHED_SIZES = 4096
+
+    def __init__(self, processor):
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        self._tokens_of_size = functools.lru_cache(maxsize=self.CACHED_SIZES)(self._count_image_tokens)
+        text_only = chat_prompt(processor, "what is it ?", 0)
+        self.per_prompt = self._processor_length(text_only, []) - self._text_tokens(text_only)
+        with_image, probe = chat_prompt(processor, "what is it ?", 1), Image.new("RGB", (64, 48))
+        self.per_image = (self._processor_length(with_image, [probe]) - self._text_tokens(with_image)
+                          - self.per_prompt - self._image_tokens([probe])[0])
+
+    def _processor_length(self, prompt: str, images: list) -> int:
+        return len(self.processor(text=[prompt], images=images or None, return_tensors="np")["input_ids"][0])
+
+    def _text_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt)["input_ids"])
+
+    def _count_image_tokens(self, height: int, width: int) -> int:
+        return self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)]).num_image_tokens[0]
+
+    def _image_tokens(self, images: list[Image.Image]) -> list[int]:
+        return [self._tokens_of_size(image.height, image.width) for image in images]
+
+    def __call__(self, history: list, question: str, question_images: int, images: list[Image.Image]) -> int:
+        prompt = chat_prompt(self.processor, question, question_images, history)
+        image_tokens = sum(self._image_tokens(images)) if images else 0
+        return self._text_tokens(prompt) + self.per_prompt + image_tokens + self.per_image * len(images)
 
 
-def parse_request(request: ExitChatRequest, limits: RequestLimits, processor) -> ChatInput:
-    """The request as model input (`ChatInput`), or a `BadRequest` naming what is wrong with it."""
+def parse_request(request: ExitChatRequest, limits: RequestLimits, prompt_length: PromptLength) -> ChatInput:
+    """The request as model input (`ChatInput`), or a `BadRequest` naming what is wrong with it (a request the
+    processor refuses gets its 400 from the model worker, alone)."""
     check_unsupported(request)
     temperature, top_p, seed = check_sampling(request)
     stop = check_stop(request)
     max_new_tokens = check_max_tokens(request, limits)
-    policy = check_policy(request, limits)
-    history, question, question_images, images = parse_messages(request, limits, processor.image_processor)
-    length = prompt_tokens(processor, history, question, question_images, images)
+    exit_layer = check_exit_layer(request, limits)
+    policy = STATIC_EXIT if exit_layer is not None else check_policy(request, limits)
+    history, question, question_images, images = parse_messages(request, limits,
+                                                                prompt_length.processor.image_processor)
+    length = prompt_length(history, question, question_images, images)
     if length > limits.max_prompt_tokens:
         raise BadRequest("prompt_too_long", f"the prompt is {length} tokens (images included), over this server's "
                                             f"max_prompt_tokens={limits.max_prompt_tokens}; send a shorter one.")
     return ChatInput(history=history, question=question, question_images=question_images, images=images,
                      policy=policy, prompt_tokens=length, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_p=top_p, seed=seed, stop=stop, stream=request.stream)
+                     top_p=top_p, seed=seed, stop=stop, stream=request.stream, exit_layer=exit_layer)

@@ -1,7 +1,8 @@
 """The model worker: LitServe's `LitAPI` that answers a batch of checked requests (`ChatInput`s).
 
-A batch is split into generate calls by policy and prompt length (`prompt_groups`, shortest first), each answered
-by one `VisualExit.generate` in which every sample leaves at its own exit layer, greedy and sampled rows together
+A batch is split into generate calls by policy and prompt length (`prompt_groups`, shortest first; requests with an
+`exit_layer` form one policy, a static exit at each one's layer), each answered by one `VisualExit.generate` in which
+every sample leaves at its own exit layer, greedy and sampled rows together
 (`RequestSampler`). An exception fails only the request it belongs to: a group that raises is retried one request
 at a time, and a request that still fails alone gets its own error; the others are answered.
 
@@ -15,6 +16,7 @@ import logging
 import queue
 import signal
 import threading
+import time
 
 import litserve as ls
 import torch
@@ -22,14 +24,16 @@ from omegaconf import OmegaConf
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from dyvte import VisualExit, cli, flops
+from dyvte.engine import ExitPolicy
 from dyvte.engine.visual_exit import generation_eos_ids
 from dyvte.evaluation.policy_config import policy_settings
 from dyvte.loading import ModelSettings
+from dyvte.policies.exit import StaticExit
 from dyvte.policies.registry import build_policy
 from dyvte.prompts import chat_prompt
 
 from .answers import AnswerFeed, AnswerText, RequestSampler, prompt_groups
-from .requests import ChatInput, RequestLimits
+from .requests import STATIC_EXIT, ChatInput, RequestLimits
 
 log = logging.getLogger("serve")
 
@@ -143,13 +147,15 @@ class ExitChatAPI(ls.LitAPI):
         result = {}
 
         def run():
+            start = time.perf_counter()
             try:
                 result["out"] = self.engine.generate(
-                    **inputs, policy=self.policies[requests[0].policy], return_dict_in_generate=True, do_sample=False,
+                    **inputs, policy=self._policy(requests), return_dict_in_generate=True, do_sample=False,
                     max_new_tokens=max(r.max_new_tokens for r in requests),
                     logits_processor=processors, stopping_criteria=StoppingCriteriaList([feed]))
             except Exception as error:  # noqa: BLE001 (raised below, in the serving thread)
                 result["error"] = error
+            result["model_s"] = time.perf_counter() - start
             steps.put(None)
 
         thread = threading.Thread(target=run, name="dyvte-generate")
@@ -159,13 +165,22 @@ class ExitChatAPI(ls.LitAPI):
         thread.join()
         if "error" in result:
             raise result["error"]
-        yield self._final(requests, answers, inputs, result["out"])
+        yield self._final(requests, answers, inputs, result["out"], result["model_s"])
+
+    def _policy(self, requests: list[ChatInput]) -> ExitPolicy:
+        """The policy of a group: the served one its requests name, or for `STATIC_EXIT` requests a static exit at
+        each one's own `exit_layer` (one prefill, every sample leaving at its own layer)."""
+        if requests[0].policy == STATIC_EXIT:
+            return StaticExit([r.exit_layer for r in requests])
+        return self.policies[requests[0].policy]
 
     def _decode(self, tokens: list[int]) -> str:
         return self.processor.decode(tokens, skip_special_tokens=True)
 
-    def _final(self, requests, answers, inputs, out) -> list[dict]:
-        """The last message of each request: the rest of its text, why it finished, its usage, exit and FLOPs."""
+    def _final(self, requests, answers, inputs, out, model_s: float) -> list[dict]:
+        """The last message of each request: the rest of its text, why it finished, its usage, exit, FLOPs and the
+        wall time of the generate call that answered it (`model_s`, shared by its group: what the rest of the
+        request's latency is not)."""
         spent_per_sample, full_per_sample = flops.generated_prefill_flops(self.shape, out, inputs["attention_mask"])
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         messages = []
@@ -178,6 +193,6 @@ class ExitChatAPI(ls.LitAPI):
                 "dyvte": {"policy": request.policy, "exit_layer": int(out.exit_layer[i]),
                           "num_layers": self.shape.num_layers, "flops_saved": 1 - spent / full,
                           "batch_size": len(requests), "seed": request.seed,
-                          "lm_prefill_tflops": spent / 1e12, "full_model_tflops": full / 1e12},
+                          "lm_prefill_tflops": spent / 1e12, "full_model_tflops": full / 1e12, "model_s": model_s},
             })
         return messages
