@@ -21,7 +21,10 @@ of 12, scaled to round(k * L / 12): the same share of the decoder sees the visua
 Per cell besides the testbed's: time to first token, the whole request's FLOPs (vision tower + LM prefill at its
 exit + its decode steps, dyvte's convention: `dyvte.flops`), and for each exit arm its throughput gain over the full
 model's at the same concurrency beside its FLOPs-ideal gain (full FLOPs per request / its FLOPs per request), and
-the peak RSS of the model worker. Only loopback traffic; every loop is bounded by a request count and a deadline.
+the peak RSS of the model worker. The arms of a concurrency are interleaved in `--rounds` rounds, so that the
+machine's drift falls on each alike; before the server starts, the engine alone times a batch-1 prefill and generate
+of the full model and the L/2 exit in this process (`offline_batch_1`), what serving can at best deliver. Only
+loopback traffic; every loop is bounded by a request count and a deadline.
 """
 
 import argparse
@@ -46,7 +49,7 @@ from transformers import AutoConfig
 
 from benchmarks import qwen2vl2b_folder
 from benchmarks.common import environment
-from dyvte import DynamicExit, ExitHeads, NoExit, VisualExit, flops, load_mllm
+from dyvte import DynamicExit, ExitHeads, NoExit, StaticExit, VisualExit, flops, load_mllm
 from dyvte.loading import load_processor
 from dyvte.prompts import chat_prompt
 from dyvte.testbed import DATA_DIR
@@ -312,6 +315,29 @@ def request_flops(config, inputs: dict, exit_layer: int, completion_tokens: int)
                   for g in range(completion_tokens - 1)))
 
 
+@torch.no_grad()
+def offline_engine(folder: Path, inputs: dict, exits: dict[str, int], max_tokens: int, repeats: int = 3) -> dict:
+    """The engine alone, in this process, batch 1, before any server: per arm (a static exit layer), the mean wall
+    time of a prefill and of a `generate` of `max_tokens` tokens, the arms interleaved, after one untimed round."""
+    model, _ = load_mllm(str(folder), dtype="bfloat16")
+    engine = VisualExit(model)
+    times = {arm: {"prefill_s": [], "generate_s": []} for arm in exits}
+    for repeat in range(repeats + 1):
+        for arm, exit_layer in exits.items():
+            start = time.perf_counter()
+            engine.prefill(**inputs, policy=StaticExit(exit_layer))
+            prefill_s = time.perf_counter() - start
+            start = time.perf_counter()
+            engine.generate(**inputs, policy=StaticExit(exit_layer), max_new_tokens=max_tokens,
+                            min_new_tokens=max_tokens, do_sample=False)
+            if repeat:
+                times[arm]["prefill_s"].append(prefill_s)
+                times[arm]["generate_s"].append(time.perf_counter() - start)
+    del engine, model
+    return {arm: {key: round(statistics.fmean(values), 3) for key, values in timed.items()}
+            for arm, timed in times.items()}
+
+
 def real_width(args) -> dict:
     folder = qwen2vl2b_folder.build(qwen2vl2b_folder.default_folder())
     config = AutoConfig.from_pretrained(folder)
@@ -332,6 +358,10 @@ def real_width(args) -> dict:
               for (question, _), image in zip(samples, images)]
     inputs = [dict(processor(images=[image], text=[chat_prompt(processor, question, 1)], return_tensors="pt"))
               for (question, _), image in zip(samples, images)]
+    offline = offline_engine(folder, inputs[0], {"full": depth, "half": depth // 2}, args.max_tokens)
+    for arm, timed in offline.items():
+        timed["request_tflops"] = round(request_flops(config, inputs[0], arms[arm](0), args.max_tokens) / 1e12, 4)
+    print(json.dumps({"offline_batch_1": offline}), flush=True)
     port = free_port()
     server = start_server(port, args, model=(f"model={args.model}", f"model.name_or_path={folder}",
                                              "model.revision=null", "policy=none", "policies=[none]",
@@ -346,12 +376,20 @@ def real_width(args) -> dict:
                      concurrency, args.time_limit, stream=True)
         for concurrency in args.concurrency:
             requests = args.real_requests.get(concurrency, args.requests)
-            for arm, exit_of in arms.items():
-                results, wall = run_cell(url, lambda i, exit_of=exit_of: (
-                    i % len(bodies), {**bodies[i % len(bodies)], "exit_layer": exit_of(i)}),
-                                         concurrency, requests, args.time_limit, stream=True)
+            share = -(-requests // args.rounds)  # requests of one arm in one round
+            collected = {arm: ([], 0.0) for arm in arms}
+            for round_ in range(args.rounds):  # the arms interleaved, each round in a rotated order
+                names = list(arms)[round_ % len(arms):] + list(arms)[:round_ % len(arms)]
+                for arm in names:
+                    offset = round_ * share
+                    results, wall = run_cell(url, lambda i, exit_of=arms[arm], offset=offset: (
+                        (offset + i) % len(bodies), {**bodies[(offset + i) % len(bodies)],
+                                                     "exit_layer": exit_of(offset + i)}),
+                                             concurrency, share, args.time_limit, stream=True)
+                    collected[arm] = (collected[arm][0] + results, collected[arm][1] + wall)
+            for arm, (results, wall) in collected.items():
                 ok = [r for r in results if r["status"] == 200]
-                cell = {"concurrency": concurrency, "arm": arm, **summarize(results, wall, requests),
+                cell = {"concurrency": concurrency, "arm": arm, **summarize(results, wall, share * args.rounds),
                         "mean_request_tflops": round(statistics.fmean(
                             request_flops(config, inputs[r["sample"]], r["exit_layer"], r["completion_tokens"])
                             for r in ok) / 1e12, 4),
@@ -374,13 +412,15 @@ def real_width(args) -> dict:
     n_visual = int((inputs[0]["input_ids"] == config.image_token_id).sum())
     return {"folder": str(folder), "image_size": args.image_size, "visual_tokens_per_request": n_visual,
             "prompt_tokens": int(inputs[0]["input_ids"].shape[1]), "num_layers": depth,
+            "offline_batch_1": offline,
             "testbed_exit_histogram": {k: testbed_exits.count(k) for k in sorted(set(testbed_exits))},
             "replayed_exit_histogram": {k: replayed.count(k) for k in sorted(set(replayed))},
             "replay": f"request i exits at round(k * {depth} / {TESTBED_DEPTH}), k the shipped heads' exit layer on "
                       f"testbed test sample (i * {REPLAY_STRIDE}) mod {len(testbed_exits)}",
             "timing": "streamed requests; wall clock per request at the client (time.perf_counter) to the last "
-                      "chunk, time to first token to the first chunk with text; loopback HTTP, greedy decoding; the "
-                      "arms run one after the other at each concurrency, one server; served_gain is req/s over the "
+                      "chunk, time to first token to the first chunk with text; loopback HTTP, greedy decoding; at "
+                      "each concurrency the arms are interleaved in `rounds` rounds (each round in a rotated order, "
+                      "an arm's wall time the sum of its rounds'), one server; served_gain is req/s over the "
                       "full arm's, flops_ideal_gain the full arm's mean request FLOPs over the arm's, "
                       "served_over_ideal = (served_gain - 1) / (flops_ideal_gain - 1) (the share of the ideal "
                       "saving delivered) and served_over_ideal_ratio = served_gain / flops_ideal_gain",
@@ -393,6 +433,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--requests", type=int, default=48, help="requests per cell (concurrency x policy or arm)")
     parser.add_argument("--real-requests", default="1:16,4:32,16:64",
                         help="real width: requests per cell by concurrency (c:n,...; others take --requests)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="real width: rounds that interleave the arms at each concurrency (the machine's drift "
+                             "falls on every arm alike)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds per cell before it stops sending (60 on the testbed, 600 at a real width, where "
                              "it is also how long a request may wait in the server's queue)")
