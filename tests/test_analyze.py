@@ -230,6 +230,7 @@ def run_analyze(root: Path, *overrides: str, ok: bool = True) -> subprocess.Comp
     return result
 
 
+@pytest.mark.slow
 def test_analyze_end_to_end(testbed_shaped, tmp_path):
     _, _, root = testbed_shaped
     out = tmp_path / "analysis"
@@ -291,6 +292,7 @@ def test_bad_config_values_are_named(overrides, message):
         check_analyze_config(compose_analyze(*overrides))
 
 
+@pytest.mark.slow
 def test_bad_input_is_named(testbed_shaped, tmp_path):
     _, _, root = testbed_shaped
     past = run_analyze(root, "analysis.policy=vtw", "analysis.vtw_layer=5", f"out_dir={tmp_path}",

@@ -279,6 +279,7 @@ def test_stopping_finishes_the_requests_in_flight(testbed_server, testbed_offlin
 # --- start-up failures -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_start_up_failures_name_the_fix(tmp_path):
     ExitHeads(ExitHeadsConfig(hidden_size=64, num_layers=12, head_hidden=4)).save_pretrained(tmp_path / "other")
     with socket.socket() as taken:

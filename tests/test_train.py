@@ -332,6 +332,7 @@ def test_family_static_exit_is_each_familys_earliest_layer_keeping_agreement():
     assert report["agreement"] == pytest.approx(2 / 3)  # only b changes its answer (at exit 2); c runs in full
 
 
+@pytest.mark.slow
 def test_validate_stage_alone_validates_given_heads_quietly(trained_run, tmp_path):
     """`stages=[validate] heads=DIR` validates trained heads on the cached labels (it did nothing before), with
     the threshold grid from the config; and a run prints one progress bar per stage and dyvte's lines only."""
