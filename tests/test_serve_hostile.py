@@ -165,9 +165,15 @@ def test_a_seed_gives_the_same_sample_alone_and_beside_other_requests(served):
     alone = send(url + "/v1/chat/completions", body).json()
     neighbours = [chat_body(q, [im], "dynamic", max_tokens=16, temperature=1.0, seed=s) for s, (q, im) in
                   enumerate(cases[:5])] + [chat_body(q, [im], "none") for q, im in cases[5:8]]
-    with ThreadPoolExecutor(9) as pool:
-        batched = list(pool.map(lambda b: send(url + "/v1/chat/completions", b).json(), [body, *neighbours]))
-    assert batched[0]["choices"] == alone["choices"] and batched[0]["dyvte"]["batch_size"] > 1
+    batch_sizes = []
+    for _ in range(5):  # until LitServe's batching window puts it beside others (it may open on it alone)
+        with ThreadPoolExecutor(9) as pool:
+            batched = list(pool.map(lambda b: send(url + "/v1/chat/completions", b).json(), [body, *neighbours]))
+        assert batched[0]["choices"] == alone["choices"]
+        batch_sizes.append(batched[0]["dyvte"]["batch_size"])
+        if batch_sizes[-1] > 1:
+            break
+    assert max(batch_sizes) > 1, batch_sizes
     assert alone["dyvte"]["seed"] == 11
     seeds = [send(url + "/v1/chat/completions", {**body, "seed": seed}).json() for seed in range(6)]
     assert len({s["choices"][0]["message"]["content"] for s in seeds}) > 1  # the seed matters
