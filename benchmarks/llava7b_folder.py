@@ -138,12 +138,17 @@ def build_random_folder(folder: Path, fixture_name: str, make_config, model_clas
     return folder
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=default_folder())
+def folder_cli(build_folder, folder: Path, description: str) -> None:
+    """The command line of a random-weight folder builder: `--out DIR` (default `folder`) and `--shard-gib`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=folder)
     parser.add_argument("--shard-gib", type=float, default=2.0)
     args = parser.parse_args()
-    print(build(args.out, args.shard_gib))
+    print(build_folder(args.out, args.shard_gib))
+
+
+def main() -> None:
+    folder_cli(build, default_folder(), __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

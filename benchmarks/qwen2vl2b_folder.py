@@ -11,10 +11,9 @@ Built like `benchmarks.llava7b_folder` (never materialised: tensor by tensor, se
 about 4.4 GB under `$DYVTE_FIXTURES_CACHE` or `~/.cache/dyvte-fixtures/` (never committed).
 """
 
-import argparse
 from pathlib import Path
 
-from .llava7b_folder import build_random_folder, fixtures_cache
+from .llava7b_folder import build_random_folder, fixtures_cache, folder_cli
 
 
 def qwen2vl2b_config(small_config):
@@ -49,11 +48,7 @@ def build(folder: Path, shard_gib: float = 2.0) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=default_folder())
-    parser.add_argument("--shard-gib", type=float, default=2.0)
-    args = parser.parse_args()
-    print(build(args.out, args.shard_gib))
+    folder_cli(build, default_folder(), __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
